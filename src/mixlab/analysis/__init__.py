@@ -1,0 +1,1 @@
+"""Counting, timing and looking inside models."""

@@ -1,0 +1,107 @@
+"""Exact parameter counts, MACs/FLOPs and feature shapes of a model.
+
+Convention (stated everywhere mixlab prints a number): ``torch.utils.flop_counter`` counts
+the floating-point operations of convolutions and matrix products (plus attention kernels),
+with one multiply-add = 2 FLOPs; mixlab reports MACs = FLOPs / 2. Element-wise work
+(norms, activations, pooling) is not counted, as in the papers' tables.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+__all__ = ["count_params", "count_flops", "count_macs", "feature_shapes", "conv_backward_flop_fixed",
+           "flop_counter"]
+
+aten = torch.ops.aten
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; buffers such as BatchNorm statistics are not counted."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def conv_backward_flop_fixed(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                             transposed, _output_padding, groups, output_mask, out_shape=None) -> int:
+    """FLOPs of ``aten.convolution_backward`` counted per group.
+
+    torch's own formula (torch <= 2.15) builds the grad-input and grad-weight counts from
+    the full weight shape as if the convolution had one group, so a grouped convolution's
+    backward is counted ``groups`` times too high (a depthwise 256-channel conv: 256x); a
+    fix is proposed upstream (pytorch PR #183405). Each of the two gradients costs exactly
+    the forward's multiply-adds, which is what this counts.
+    """
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
+    return forward * int(bool(output_mask[0])) + forward * int(bool(output_mask[1]))
+
+
+def flop_counter(display: bool = False, depth: int | None = None, fix_grouped_backward: bool = True) -> FlopCounterMode:
+    """A ``FlopCounterMode`` with mixlab's correction for grouped-conv backward."""
+    custom = {aten.convolution_backward: conv_backward_flop_fixed} if fix_grouped_backward else {}
+    return FlopCounterMode(display=display, depth=depth, custom_mapping=custom)
+
+
+def _example_input(model: nn.Module, input_size, batch_size: int, device) -> torch.Tensor:
+    if isinstance(input_size, int):
+        input_size = (getattr(model, "in_chans", 3), input_size, input_size)
+    elif len(input_size) == 2:
+        input_size = (getattr(model, "in_chans", 3), *input_size)
+    return torch.zeros(batch_size, *input_size, device=device)
+
+
+def count_flops(model: nn.Module, input_size: int | Sequence[int], batch_size: int = 1) -> int:
+    """FLOPs of one forward pass (eval mode, no grad) at ``input_size`` = N, (H, W) or (C, H, W)."""
+    device = next(iter(model.parameters()), torch.zeros(())).device
+    x = _example_input(model, input_size, batch_size, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), flop_counter() as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def count_macs(model: nn.Module, input_size: int | Sequence[int], batch_size: int = 1) -> int:
+    """Multiply-accumulates of one forward pass: FLOPs / 2 (see the module docstring)."""
+    return count_flops(model, input_size, batch_size) // 2
+
+
+def feature_shapes(model: nn.Module, input_size: int | Sequence[int]) -> list[dict]:
+    """Shape of each stage's output, for models that declare ``feature_info`` (timm style).
+
+    Returns ``[{"module": name, "shape": [N, C, H, W], "reduction": r, "num_chs": c}, ...]``
+    for batch 1, or ``[]`` when the model declares no stages.
+    """
+    info = getattr(model, "feature_info", None)
+    if not info:
+        return []
+    entries = list(info) if isinstance(info, (list, tuple)) else [info.get_dicts()][0]
+    modules = dict(model.named_modules())
+    shapes: dict[str, list[int]] = {}
+    hooks = []
+    for entry in entries:
+        name = entry.get("module")
+        if name in modules:
+            def hook(_m, _inp, out, name=name):
+                t = out[0] if isinstance(out, (tuple, list)) else out
+                shapes[name] = list(t.shape)
+            hooks.append(modules[name].register_forward_hook(hook))
+    device = next(iter(model.parameters()), torch.zeros(())).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(_example_input(model, input_size, 1, device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return [dict(module=e.get("module"), shape=shapes.get(e.get("module")), reduction=e.get("reduction"),
+                 num_chs=e.get("num_chs")) for e in entries if e.get("module") in shapes]

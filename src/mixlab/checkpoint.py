@@ -1,0 +1,80 @@
+"""Loading weights into mixlab models: mixlab's own files and official checkpoints.
+
+``load_official`` converts a state_dict saved from a paper's official implementation to
+mixlab's layout. Each model family registers its converter with
+:func:`register_official_converter`; a family whose key names already match needs none.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .io import read_state_dict
+
+__all__ = ["load_weights", "load_official", "register_official_converter"]
+
+Converter = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+_CONVERTERS: dict[type, Converter] = {}
+
+
+def register_official_converter(*model_classes: type):
+    """Decorator: ``fn(official_state_dict, model) -> mixlab_state_dict`` for these classes."""
+
+    def decorator(fn: Converter) -> Converter:
+        for cls in model_classes:
+            _CONVERTERS[cls] = fn
+        return fn
+
+    return decorator
+
+
+def _as_state_dict(state_dict_or_path) -> dict[str, torch.Tensor]:
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        return read_state_dict(state_dict_or_path)
+    return dict(state_dict_or_path)
+
+
+def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        def few(items):
+            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        lines = [f"{what} does not match {type(model).__name__}:"]
+        if missing:
+            lines.append(f"  missing in the file: {few(missing)}")
+        if unexpected:
+            lines.append(f"  not in the model: {few(unexpected)}")
+        if shape:
+            lines.append(f"  shape mismatch: {few(shape)}")
+        lines.append("  (is it a checkpoint of another architecture or variant?)")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(sd, strict=True)
+
+
+def load_weights(model: nn.Module, state_dict_or_path) -> nn.Module:
+    """Load mixlab-layout weights (strict), from a dict or a safetensors/torch file."""
+    _strict_load(model, _as_state_dict(state_dict_or_path), "the weights")
+    return model
+
+
+def load_official(model: nn.Module, state_dict_or_path) -> nn.Module:
+    """Load a state_dict saved from the official implementation of ``model``'s paper.
+
+    Keys and layouts are converted where mixlab's differ, then matched strictly: every
+    tensor of the model must be in the file and nothing else may be.
+    """
+    sd = _as_state_dict(state_dict_or_path)
+    for cls in type(model).__mro__:
+        if cls in _CONVERTERS:
+            sd = _CONVERTERS[cls](sd, model)
+            break
+    _strict_load(model, sd, "the official checkpoint")
+    return model

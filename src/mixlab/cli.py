@@ -1,0 +1,84 @@
+"""The ``mixlab`` command line: a thin dispatcher over ``mixlab.commands.*``.
+
+Each subcommand lives in its own module and is imported only when it runs, so
+``mixlab models`` does not pay for the training stack's imports.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order of `mixlab --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("mixlab.commands.models", "list the registered models"),
+    "info": ("mixlab.commands.info", "exact parameters, MACs/FLOPs and feature shapes of a model"),
+    "bench": ("mixlab.commands.bench", "time training or inference steps (optionally against timm)"),
+    "recipes": ("mixlab.commands.recipes", "list the shipped training recipes"),
+    "train": ("mixlab.commands.train", "train a classifier (CIFAR-10/100 or an image folder)"),
+    "eval": ("mixlab.commands.eval", "evaluate a trained run: accuracy, per-class, confusion matrix"),
+}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="mixlab", formatter_class=_Formatter,
+        description="mixlab: vision backbones that mix patches with convolutions, MLPs and attention.",
+        epilog=f"commands:\n{lines}\n\nRun `mixlab COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("command", nargs="?", help="one of the commands below")
+    return parser
+
+
+def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
+    module = importlib.import_module(COMMANDS[command][0])
+    parser = argparse.ArgumentParser(prog=f"mixlab {command}", description=COMMANDS[command][1],
+                                     formatter_class=_Formatter)
+    module.configure(parser)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _top_parser().print_help()
+        return 0
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(f"mixlab {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        print(f"mixlab: unknown command {command!r}.{hint} Run `mixlab --help`.", file=sys.stderr)
+        return 2
+    from .runtime import tune_malloc
+
+    tune_malloc()  # before any large tensor is allocated; see runtime.py for why
+    parser, module = build_parser(command)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("\nmixlab: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        # Errors mixlab raises on bad input carry a message written for the user: show it,
+        # not a traceback. MIXLAB_DEBUG=1 shows the traceback.
+        import os
+
+        if os.environ.get("MIXLAB_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"mixlab {command}: error: {msg}", file=sys.stderr)
+        return 2

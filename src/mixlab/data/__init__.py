@@ -1,0 +1,1 @@
+"""Data sets, caches and on-device augmentation."""

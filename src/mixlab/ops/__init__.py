@@ -1,0 +1,1 @@
+"""Operations shared by several model families."""
