@@ -1,0 +1,150 @@
+"""Timing training and inference steps, optionally against another model in the same process.
+
+Method: build the step (the same `TrainStep` `mixlab train` runs), warm up (this also lets
+oneDNN / cuDNN pick their kernels and `torch.compile` compile), size a window so that it
+lasts about `window_seconds`, then time `windows` windows. With a second model, windows
+alternate A, B, A, B, ... so that drift in the machine (thermal, other processes) hits both
+sides alike; the ratio is taken between the medians.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..train.step import TrainStep, infer_step
+from .profile import flop_counter
+
+__all__ = ["BenchConfig", "bench_model", "bench_pair"]
+
+
+@dataclass
+class BenchConfig:
+    mode: str = "train"  # train | infer
+    batch_size: int = 128
+    img_size: tuple[int, int] = (32, 32)
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
+    warmup: int = 3
+    windows: int = 5
+    window_seconds: float = 2.0
+    count_flops: bool = True
+
+
+class _Runner:
+    """Holds one model's step and its inputs; `run(n)` executes n steps and syncs."""
+
+    def __init__(self, model: nn.Module, cfg: BenchConfig, in_chans: int, num_classes: int):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model = model.to(self.device, memory_format=memory_format)
+        self.model = model
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(cfg.batch_size, in_chans, *cfg.img_size, generator=gen).to(
+            self.device, memory_format=memory_format)
+        self.y = torch.randint(0, max(num_classes, 1), (cfg.batch_size,), generator=gen).to(self.device)
+        fn = torch.compile(model) if cfg.compile else model
+        if cfg.mode == "train":
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+            self.step = TrainStep(fn, opt, nn.CrossEntropyLoss(), self.device, cfg.precision)
+            self._call = lambda: self.step(self.x, self.y)
+        elif cfg.mode == "infer":
+            model.eval()
+            self._call = lambda: infer_step(fn, self.x, self.device, cfg.precision)
+        else:
+            raise ValueError(f"mode must be 'train' or 'infer', got {cfg.mode!r}")
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, n: int) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self._call()
+        self.sync()
+        return time.perf_counter() - t0
+
+    def flops_per_step(self) -> int:
+        """FLOPs of one step (forward, and backward in train mode), grouped-conv backward corrected."""
+        with flop_counter() as counter:
+            self._call()
+        return int(counter.get_total_flops())
+
+
+def _steps_per_window(runner: _Runner, seconds: float) -> int:
+    t = runner.run(1)
+    return max(1, round(seconds / max(t, 1e-6)))
+
+
+def _summary(times: list[float], steps: int, batch: int) -> dict:
+    ips = sorted(steps * batch / t for t in times)
+    return dict(images_per_sec_median=statistics.median(ips), images_per_sec_min=ips[0],
+                images_per_sec_max=ips[-1], windows=len(times), steps_per_window=steps,
+                ms_per_step_median=1000 * statistics.median(times) / steps)
+
+
+def _peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return dict(peak_memory_mib=torch.cuda.max_memory_allocated(device) / 2**20,
+                    peak_memory_kind="CUDA max_memory_allocated")
+    # ru_maxrss is KiB on Linux: the whole process's peak resident set, model build included
+    return dict(peak_memory_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                peak_memory_kind="process peak RSS")
+
+
+def _num_classes(model: nn.Module) -> int:
+    return int(getattr(model, "num_classes", 0) or 1000)
+
+
+def bench_pair(model: nn.Module, cfg: BenchConfig, other: nn.Module | None = None,
+               in_chans: int = 3) -> dict:
+    """Time `model` (and `other`, alternating windows). Returns a dict for printing or JSON."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runners = [_Runner(model, cfg, in_chans, _num_classes(model))]
+    if other is not None:
+        runners.append(_Runner(other, cfg, in_chans, _num_classes(other)))
+    for r in runners:
+        r.run(cfg.warmup)
+    steps = [_steps_per_window(r, cfg.window_seconds) for r in runners]
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(cfg.windows):
+        for i, r in enumerate(runners):
+            times[i].append(r.run(steps[i]))
+    results = []
+    for i, r in enumerate(runners):
+        res = _summary(times[i], steps[i], cfg.batch_size)
+        if cfg.count_flops:
+            fps = r.flops_per_step()
+            res["flops_per_step"] = fps
+            res["achieved_tflops"] = fps * res["images_per_sec_median"] / cfg.batch_size / 1e12
+        results.append(res)
+    out = dict(config=dict(cfg.__dict__, img_size=list(cfg.img_size)), result=results[0], **_peak_memory(device))
+    if other is not None:
+        out["other"] = results[1]
+        out["ratio"] = results[0]["images_per_sec_median"] / results[1]["images_per_sec_median"]
+    return out
+
+
+def bench_model(model: nn.Module, mode: str = "infer", batch_size: int = 32, img_size=(224, 224),
+                device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
+                compile: bool = False, windows: int = 5, window_seconds: float = 2.0,
+                in_chans: int = 3) -> dict:
+    """Convenience wrapper: time one model; returns ``bench_pair``'s ``result`` dict."""
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    cfg = BenchConfig(mode=mode, batch_size=batch_size, img_size=tuple(img_size), device=device,
+                      precision=precision, channels_last=channels_last, compile=compile, windows=windows,
+                      window_seconds=window_seconds, count_flops=False)
+    return bench_pair(model, cfg, in_chans=in_chans)["result"]

@@ -1,0 +1,103 @@
+"""`mixlab info MODEL`: exact size and cost of one forward pass."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+CONVENTION = ("MACs and FLOPs of one forward pass at batch 1, counted by torch.utils.flop_counter "
+              "(convolutions and matrix products); FLOPs = 2 x MACs.")
+
+
+def configure(p):
+    p.add_argument("model", help="a registered model name (see `mixlab models`)")
+    p.add_argument("--img-size", type=int, nargs="+", metavar="N",
+                   help="input size: N, or H W (default: the model's own)")
+    p.add_argument("--num-classes", type=int, help="number of classes (default: the model's own)")
+    p.add_argument("--in-chans", type=int, help="input channels (default: the model's own)")
+    p.add_argument("--model-kwargs", default="", metavar="K=V,...",
+                   help="architecture arguments, e.g. kernel_size=9,patch_size=1")
+    p.add_argument("--per-layer", action="store_true", help="parameters and MACs of every module")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def parse_kv(text: str) -> dict:
+    """'a=1,b=x,c=0.5,d=true' -> {'a': 1, 'b': 'x', 'c': 0.5, 'd': True} (values parsed as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def describe(name: str, img_size=None, num_classes=None, in_chans=None, model_kwargs=None) -> dict:
+    """Everything `mixlab info` prints, as a dict."""
+    from .. import create_model, model_info
+    from ..analysis.profile import count_flops, count_params, feature_shapes
+
+    info = model_info(name)
+    if img_size is None:
+        hw = tuple(info.input_size[1:])
+    else:
+        hw = (img_size[0], img_size[0]) if len(img_size) == 1 else tuple(img_size[:2])
+    kwargs = dict(model_kwargs or {})
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans,
+                         img_size=hw if img_size is not None else None, **kwargs)
+    model.eval()
+    chans = in_chans or getattr(model, "in_chans", info.input_size[0])
+    total, trainable = count_params(model)
+    flops = count_flops(model, (chans, *hw))
+    with torch.no_grad():
+        out = model(torch.zeros(1, chans, *hw))
+    out_shape = list(out.shape) if isinstance(out, torch.Tensor) else [list(o.shape) for o in out]
+    return dict(
+        name=name, family=info.family, paper=info.paper, params=total, trainable_params=trainable,
+        macs=flops // 2, flops=flops, input_size=[1, chans, *hw], output_shape=out_shape,
+        stages=feature_shapes(model, (chans, *hw)), paper_figures=info.paper_figures,
+        model_kwargs=kwargs, convention=CONVENTION, _model=model,
+    )
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return str(int(n))
+
+
+def run(args) -> int:
+    d = describe(args.model, args.img_size, args.num_classes, args.in_chans, parse_kv(args.model_kwargs))
+    model = d.pop("_model")
+    if args.per_layer:
+        from ..analysis.per_layer import format_per_layer, per_layer_table
+
+        rows = per_layer_table(model, d["input_size"][1:])
+        if args.json:
+            print(json.dumps(dict(d, layers=rows), indent=2))
+        else:
+            print(format_per_layer(rows))
+            print(f"total: {d['params']:,} params, {d['macs']:,} MACs")
+        return 0
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"{d['name']}  ({d['paper']})")
+    print(f"  input             {' x '.join(map(str, d['input_size']))}")
+    print(f"  output            {d['output_shape']}")
+    print(f"  params            {d['params']:,} ({_human(d['params'])}), trainable {d['trainable_params']:,}")
+    print(f"  MACs              {d['macs']:,} ({_human(d['macs'])})")
+    print(f"  FLOPs             {d['flops']:,} ({_human(d['flops'])})")
+    if d["paper_figures"]:
+        figs = ", ".join(f"{k}={_human(v) if isinstance(v, (int, float)) and v > 1000 else v}"
+                         for k, v in d["paper_figures"].items())
+        print(f"  paper             {figs}")
+    if d["stages"]:
+        print("  stages:")
+        for s in d["stages"]:
+            print(f"    {s['module']:<20} {s['shape']}  (stride {s['reduction']})")
+    print(f"  ({CONVENTION})")
+    return 0

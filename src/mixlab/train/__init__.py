@@ -1,0 +1,1 @@
+"""Training: configs and recipes, the training loop, checkpoints and run directories."""

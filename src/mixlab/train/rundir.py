@@ -1,0 +1,135 @@
+"""A run directory: what `mixlab train` writes, and reading it back.
+
+    config.yaml        the full resolved configuration
+    metrics.jsonl      one JSON line per finished epoch
+    summary.json       the run's result so far (finished: false until the end)
+    last.safetensors   model weights (with BatchNorm statistics) after the last finished epoch
+    last_state.pt      optimizer, schedule, EMA, RNG states, epoch, best so far (tensors and
+                       plain values only: read back with torch.load(weights_only=True))
+    best.safetensors   the weights with the best validation accuracy
+    curves.png         loss and accuracy per epoch
+
+Every file is written atomically (temp file + rename), so a crash or a full disk while
+saving leaves the previous checkpoint whole.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text, read_state_dict
+
+CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
+LAST, LAST_STATE, BEST, CURVES = "last.safetensors", "last_state.pt", "best.safetensors", "curves.png"
+
+
+def read_config(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a mixlab run directory (no {CONFIG}); "
+                                "pass the --out folder of a `mixlab train` run")
+    return yaml.safe_load(path.read_text())
+
+
+def write_config(run_dir: Path, cfg: dict) -> None:
+    atomic_write_text(run_dir / CONFIG, yaml.safe_dump(cfg, sort_keys=False))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    atomic_write_json(run_dir / SUMMARY, summary)
+
+
+def save_weights(path: Path, model: torch.nn.Module, model_name: str) -> None:
+    atomic_save_safetensors(model.state_dict(), path, metadata={"model": model_name, "format": "mixlab"})
+
+
+def save_state(run_dir: Path, state: dict) -> None:
+    atomic_torch_save(state, run_dir / LAST_STATE)
+
+
+def load_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / LAST_STATE, map_location="cpu", weights_only=True)
+
+
+def weights_model_name(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("model")
+
+
+def build_model_for(cfg: dict, num_classes: int, img_size: int | None = None):
+    """The model a run's config describes (architecture only, fresh weights)."""
+    from .. import create_model
+
+    kwargs = dict(cfg.get("model_kwargs") or {})
+    if cfg.get("drop_path_rate") is not None:
+        kwargs["drop_path_rate"] = cfg["drop_path_rate"]
+    return create_model(cfg["model"], num_classes=num_classes, img_size=img_size, **kwargs)
+
+
+def load_run_model(run_dir: str | Path, which: str = "best"):
+    """(model in eval mode with the run's weights, config). ``which``: best | last."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    path = run_dir / (BEST if which == "best" else LAST)
+    if which == "best" and not path.is_file():
+        path = run_dir / LAST  # runs without a validation split keep only the last weights
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no weights yet ({BEST} / {LAST}); has it finished an epoch?")
+    stored = weights_model_name(path)
+    if stored and stored != cfg["model"]:
+        raise ValueError(f"{path} holds weights of {stored!r} but {run_dir / CONFIG} says model {cfg['model']!r}")
+    model = build_model_for({**cfg, "drop_path_rate": None}, cfg["num_classes"], cfg.get("img_size"))
+    from ..checkpoint import load_weights
+
+    load_weights(model, read_state_dict(path))
+    return model.eval(), cfg
+
+
+def plot_curves(run_dir: Path, rows: list[dict], title: str) -> None:
+    """curves.png: loss and accuracy per epoch, train and validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        if any(r.get(key) is not None for r in rows):
+            ax1.plot(epochs, [r.get(key) for r in rows], marker="o", label=label)
+    for key, label in (("train_acc", "train"), ("val_acc", "val")):
+        if any(r.get(key) is not None for r in rows):
+            ax2.plot(epochs, [r.get(key) for r in rows], marker="o", label=label)
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    from ..io import atomic_path
+
+    with atomic_path(run_dir / CURVES, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

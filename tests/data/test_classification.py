@@ -1,0 +1,117 @@
+"""Reading classification data: folder trees, the pickle release, the cache, bad input."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mixlab.data.classification import DataError, holdout, load_dataset
+
+
+def test_folder_tree_round_trip(make_folder_dataset):
+    root = make_folder_dataset(n_classes=3, per_class=(8, 4), size=16)
+    d = load_dataset("folder", root, val_split=0.0, verbose=False)
+    assert d.classes == ["class0", "class1", "class2"]
+    assert d.train.images.shape == (24, 3, 16, 16) and d.train.images.dtype == torch.uint8
+    assert d.test.images.shape == (12, 3, 16, 16)
+    assert d.train.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+    # pixels equal what PIL reads from the file
+    ref = np.array(Image.open(root / "train" / "class1" / "0003.png").convert("RGB"))
+    assert torch.equal(d.train.images[8 + 3], torch.from_numpy(ref).permute(2, 0, 1))
+
+
+def test_cifar_name_finds_a_folder_tree_under_the_root(make_folder_dataset, tmp_path):
+    make_folder_dataset(n_classes=10, per_class=(2, 1), size=32, root=tmp_path / "data" / "cifar10", fmt="jpg")
+    d = load_dataset("cifar10", tmp_path / "data", val_split=0.0, verbose=False)
+    assert len(d.train) == 20 and d.image_size == (32, 32)
+
+
+@pytest.mark.parametrize("kind,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_pickle_release(make_cifar_pickle, kind, classes):
+    root = make_cifar_pickle(kind, n_train=50, n_test=20)
+    d = load_dataset(kind, root, val_split=0.0, verbose=False)
+    assert d.num_classes == classes and len(d.train) == 50 and len(d.test) == 20
+    assert d.train.images.shape[1:] == (3, 32, 32)
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": Evil()}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_dataset("cifar10", tmp_path, verbose=False)
+
+
+def test_env_var_and_missing_message(make_folder_dataset, tmp_path, monkeypatch):
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path / "nowhere", verbose=False)
+    assert "nowhere" in str(e.value) and "--data" in str(e.value) and "MIXLAB_DATA" in str(e.value)
+    root = make_folder_dataset(n_classes=10, per_class=(1, 1), size=8, root=tmp_path / "env" / "cifar10")
+    monkeypatch.setenv("MIXLAB_DATA", str(root.parent))
+    assert len(load_dataset("cifar10", None, val_split=0.0, verbose=False).train) == 10
+
+
+def test_cache_is_used_then_rebuilt_when_the_source_changes(make_folder_dataset, tmp_path):
+    root = make_folder_dataset(n_classes=2, per_class=(4, 2), size=8)
+    load_dataset("folder", root, val_split=0.0, verbose=False)
+    cached = list((tmp_path / "cache" / "datasets").glob("*.safetensors"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    d = load_dataset("folder", root, val_split=0.0, verbose=False)
+    assert cached[0].stat().st_mtime_ns == mtime and len(d.train) == 8  # read, not rewritten
+    time.sleep(0.01)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "class0" / "extra.png")
+    d = load_dataset("folder", root, val_split=0.0, verbose=False)
+    assert len(d.train) == 9  # a new file: decoded again
+
+
+def test_bad_image_error_or_counted_skip(make_folder_dataset):
+    root = make_folder_dataset(n_classes=2, per_class=(4, 2), size=8)
+    (root / "train" / "class1" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="notes.txt.*on_bad_image=skip"):
+        load_dataset("folder", root, verbose=False)
+    d = load_dataset("folder", root, val_split=0.0, on_bad_image="skip", verbose=False)
+    assert len(d.train) == 8 and len(d.skipped) == 1 and "notes.txt" in d.skipped[0]
+
+
+def test_wrong_size_image(make_folder_dataset):
+    root = make_folder_dataset(n_classes=2, per_class=(4, 2), size=8)
+    Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(root / "train" / "class1" / "odd.png")
+    with pytest.raises(DataError, match="odd.png.*8x9.*data.resize"):
+        load_dataset("folder", root, verbose=False)
+    d = load_dataset("folder", root, val_split=0.0, resize=8, verbose=False)
+    assert len(d.train) == 9
+
+
+def test_class_missing_from_test(make_folder_dataset):
+    import shutil
+
+    root = make_folder_dataset(n_classes=3, per_class=(2, 2), size=8)
+    shutil.rmtree(root / "test" / "class2")
+    with pytest.raises(DataError, match="class2.*missing"):
+        load_dataset("folder", root, verbose=False)
+
+
+def test_holdout_is_seeded_disjoint_and_complete():
+    from mixlab.data.classification import Split
+
+    s = Split(torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1), torch.arange(100))
+    tr, va = holdout(s, 0.1, seed=3)
+    tr2, va2 = holdout(s, 0.1, seed=3)
+    assert torch.equal(va.labels, va2.labels) and len(va) == 10 and len(tr) == 90
+    assert sorted(tr.labels.tolist() + va.labels.tolist()) == list(range(100))
+    _, first = holdout(s, 0.1, seed=3, mode="first")
+    assert first.labels.tolist() == list(range(10))
+    assert holdout(s, 0.0, seed=0)[1] is None
