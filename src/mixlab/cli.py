@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recipes": ("mixlab.commands.recipes", "list the shipped training recipes"),
     "train": ("mixlab.commands.train", "train a classifier (CIFAR-10/100 or an image folder)"),
     "eval": ("mixlab.commands.eval", "evaluate a trained run: accuracy, per-class, confusion matrix"),
+    "compare": ("mixlab.commands.compare", "train several models with one recipe and seed, resumably"),
+    "report": ("mixlab.commands.report", "one table and plots over training runs (params, MACs, speed, accuracy)"),
+    "viz": ("mixlab.commands.viz", "pictures inside a model: filters, kernels, feature maps, saliency"),
+    "rf": ("mixlab.commands.rf", "receptive fields: dilated-stack counts, HDC checks, model and effective RF"),
 }
 
 

@@ -103,5 +103,8 @@ def feature_shapes(model: nn.Module, input_size: int | Sequence[int]) -> list[di
         model.train(was_training)
         for h in hooks:
             h.remove()
+    if str(getattr(model, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC"):
+        # Swin-style stages work in (N, H, W, C); report every stage as (N, C, H, W)
+        shapes = {k: [v[0], v[3], v[1], v[2]] if len(v) == 4 else v for k, v in shapes.items()}
     return [dict(module=e.get("module"), shape=shapes.get(e.get("module")), reduction=e.get("reduction"),
                  num_chs=e.get("num_chs")) for e in entries if e.get("module") in shapes]

@@ -14,7 +14,8 @@ def configure(p):
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--out", help="run directory to write (must not hold another run)")
+    p.add_argument("--out", help="run directory to write (must not hold another run; "
+                   "default: runs/MODEL-YYYYMMDD-HHMMSS)")
     p.add_argument("--recipe", help="a shipped recipe (see `mixlab recipes`)")
     p.add_argument("--config", help="a YAML file of settings (same keys as the recipes)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -48,17 +49,20 @@ def run(args) -> int:
             cfg["data"]["root"] = args.data
         run_training(cfg, run_dir, resume=True)
         return 0
-    if not args.out:
-        raise ValueError("--out RUN_DIR is required (the folder the run writes its checkpoints and metrics to)")
-    out = Path(args.out)
-    if (out / rd.CONFIG).exists():
-        raise ValueError(f"{out} already holds a run; continue it with `mixlab train --resume {out}` "
-                         "or choose another --out (nothing was overwritten)")
     overrides = list(args.set)
     cfg = resolve_config(model=args.model, recipe=args.recipe, config_file=args.config, overrides=overrides,
                          data=args.data, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                          seed=args.seed, device=args.device, precision=args.precision, compile=args.compile,
                          model_kwargs=parse_kv(args.model_kwargs) or None)
+    if args.out:
+        out = Path(args.out)
+    else:
+        import time
+
+        out = Path("runs") / f"{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / rd.CONFIG).exists():
+        raise ValueError(f"{out} already holds a run; continue it with `mixlab train --resume {out}` "
+                         "or choose another --out (nothing was overwritten)")
     if args.download:
         cfg["data"]["download"] = True
     run_training(cfg, out)

@@ -1,1 +1,4 @@
 """Operations shared by several model families."""
+from .axial_shift import axial_shift
+
+__all__ = ["axial_shift"]

@@ -202,6 +202,8 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
         wall_before = float(state.get("wall_seconds", 0.0))
         rows = rd.read_metrics(out_dir)[:start_epoch]
         say(f"resuming {out_dir} after epoch {start_epoch}/{cfg['epochs']}")
+        if main:
+            rd.write_config(out_dir, cfg)  # --epochs may have extended the run
     elif main:
         out_dir.mkdir(parents=True, exist_ok=True)
         rd.write_config(out_dir, cfg)

@@ -1,0 +1,165 @@
+"""``mixlab rf``: receptive fields and the gridding effect of dilated convolutions.
+
+Three modes:
+  mixlab rf --kernel 3 --dilations 1,2,5        utilisation counts of a dilated stack + HDC checks
+  mixlab rf --model NAME | --checkpoint RUN_DIR  the stem + depthwise stack of a model
+  mixlab rf --effective --checkpoint RUN_DIR     the effective RF, from input gradients
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from .viz import add_source_args, emit, load_model, load_test_split, model_input_size, normalisation, to_model_input
+
+_JSON_CELLS = 128 * 128  # matrices larger than this are summarised, not listed, in --json
+
+
+def _rates(text: str) -> list[int]:
+    try:
+        rates = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"dilations must be comma-separated integers like 1,2,5, got {text!r}")
+    if not rates or any(r < 1 for r in rates):
+        raise argparse.ArgumentTypeError(f"dilations must be positive integers like 1,2,5, got {text!r}")
+    return rates
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel", type=int, default=3, metavar="K", help="kernel size of every layer")
+    parser.add_argument("--dilations", type=_rates, metavar="R1,R2,...",
+                        help="dilation rate of each layer, first layer first")
+    parser.add_argument("--size", type=int, metavar="N",
+                        help="show an N x N input window around the receptive field; none: the RF itself")
+    add_source_args(parser, required=False)
+    parser.add_argument("--effective", action="store_true",
+                        help="measure the effective receptive field from input gradients (with --checkpoint/--model)")
+    parser.add_argument("--images", type=int, default=64, metavar="N",
+                        help="--effective: test images averaged over (a run's test split)")
+    parser.add_argument("--random-inputs", action="store_true",
+                        help="--effective: average over N(0,1) inputs instead of test images")
+    parser.add_argument("--layer", default="auto",
+                        help="the spatial map whose centre unit is analysed (auto: the last spatial stage)")
+    parser.add_argument("--out", metavar="FILE.png",
+                        help="the PNG to write; none: RUN_DIR/viz/..., or rf_....png here")
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNG")
+
+
+def run(args) -> int:
+    if args.dpi < 10:
+        raise ValueError(f"--dpi must be at least 10, got {args.dpi}")
+    has_model = bool(args.model or args.checkpoint)
+    if args.effective:
+        if not has_model:
+            raise ValueError("--effective needs --checkpoint RUN_DIR (or --model NAME with --random-inputs)")
+        return _effective(args)
+    if has_model:
+        return _model(args)
+    if not args.dilations:
+        raise ValueError("give --dilations R1,R2,... (with --kernel K), or --model NAME, "
+                         "or --effective --checkpoint RUN_DIR")
+    return _stack(args)
+
+
+def _out(args, stem: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    if args.checkpoint:
+        return Path(args.checkpoint) / "viz" / f"{stem}.png"
+    return Path(f"{stem}.png")
+
+
+def _stack(args) -> int:
+    from ..analysis.receptive_field import plot_rf_counts, rf_report
+    from ..analysis.viz import save_figure
+
+    if args.kernel < 1:
+        raise ValueError(f"--kernel must be at least 1, got {args.kernel}")
+    if args.size is not None and args.size < 1:
+        raise ValueError(f"--size must be at least 1, got {args.size}")
+    report = rf_report(args.kernel, args.dilations, args.size)
+    out = save_figure(plot_rf_counts(report, dpi=args.dpi),
+                      _out(args, f"rf_k{args.kernel}_d{'-'.join(map(str, args.dilations))}"))
+    hdc = report["hdc"]
+    side = report["rf_size"]
+    lines = [f"kernel {args.kernel}, dilations {args.dilations}: receptive field {side}x{side}",
+             f"never used inside the receptive field (gridding): {100 * report['gridding_share']:.1f}%",
+             f"HDC rule 1, no common factor > 1: {'pass' if hdc['no_common_factor'] else 'FAIL'} "
+             f"(gcd {hdc['common_factor']})",
+             "HDC rule 2, M_2 <= K: " + ("n/a (one layer)" if hdc["M2"] is None else
+                                         f"{'pass' if hdc['m2_ok'] else 'FAIL'} (M = {hdc['M']}, M_2 = {hdc['M2']}, "
+                                         f"K = {args.kernel})"),
+             f"HDC: {'passes' if hdc['passes'] else 'fails'}"]
+    if len(report["counts"]) <= 25:
+        width = len(str(report["max_count"]))
+        lines += ["counts (rows top to bottom):"] + [" ".join(f"{v:>{width}}" for v in row) for row in report["counts"]]
+    lines.append(f"wrote {out}")
+    emit(args, dict(command="rf", **report, out=str(out)), lines)
+    return 0
+
+
+def _model(args) -> int:
+    from ..analysis.receptive_field import model_rf_report, plot_model_rf
+    from ..analysis.viz import save_figure
+
+    model, config, name = load_model(args)
+    size = model_input_size(model, config)
+    report = model_rf_report(model, size, target=None if args.layer == "auto" else args.layer)
+    label = config.get("model") if config else args.model
+    out = save_figure(plot_model_rf(report, name, dpi=args.dpi), _out(args, f"rf_{label}"))
+    result = {k: v for k, v in report.items() if k not in ("counts", "frame_counts")}
+    if report["counts"].size <= _JSON_CELLS:
+        result["counts"] = report["counts"].tolist()
+    result.update(command="rf", model=name, input_size=list(size), out=str(out))
+    kinds = {}
+    for layer in report["layers"]:
+        kinds[layer["kind"]] = kinds.get(layer["kind"], 0) + 1
+    lines = [f"{name} at {size[0]}x{size[1]}: centre unit of '{report['target']}'",
+             "spatial layers: " + ", ".join(f"{v} {k}" for k, v in kinds.items()),
+             f"receptive field: {report['rf_size']}x{report['rf_size']} input pixels (stride {report['jump']})",
+             f"never used inside it: {100 * report['gridding_share']:.1f}%"]
+    if report.get("note"):
+        lines.append("note: " + report["note"])
+    lines.append(f"wrote {out}")
+    emit(args, result, lines)
+    return 0
+
+
+def _effective(args) -> int:
+    from ..analysis.receptive_field import effective_rf, plot_erf
+    from ..analysis.viz import save_figure
+
+    model, config, name = load_model(args)
+    size = model_input_size(model, config)
+    if args.images < 1:
+        raise ValueError(f"--images must be at least 1, got {args.images}")
+    if args.random_inputs or config is None:
+        if not args.random_inputs:
+            raise ValueError("an untrained --model has no test split: add --random-inputs")
+        images, source = None, "N(0,1) random inputs"
+    else:
+        all_images, _, _ = load_test_split(config, size)
+        pick = all_images[: args.images]
+        images = to_model_input(pick, *normalisation(model, config))
+        source = "test images"
+    report = effective_rf(model, images, size, target=None if args.layer == "auto" else args.layer,
+                          n_random=args.images)
+    label = config.get("model") if config else args.model
+    out = save_figure(plot_erf(report, name, source, dpi=args.dpi), _out(args, f"erf_{label}"))
+    result = {k: v for k, v in report.items() if k != "map"}
+    if report["map"].size <= _JSON_CELLS:
+        result["map"] = np.round(report["map"] / max(report["map"].max(), 1e-30), 5).tolist()
+    result.update(command="rf --effective", model=name, images=source, out=str(out))
+    lines = [f"{name}: effective receptive field of the centre unit of '{report['target']}' "
+             f"over {report['n_images']} {source}",
+             f"50% / 90% / 95% of the gradient mass within centred squares of "
+             f"{report['side_50']} / {report['side_90']} / {report['side_95']} px"]
+    if "mass_inside_theoretical" in report:
+        lines.append(f"inside the theoretical receptive field: {100 * report['mass_inside_theoretical']:.1f}%")
+    lines.append(f"wrote {out}")
+    emit(args, result, lines)
+    return 0
+

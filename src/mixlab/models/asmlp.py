@@ -1,0 +1,325 @@
+"""AS-MLP ("AS-MLP: An Axial Shifted MLP Architecture for Vision", Lian et al., ICLR 2022).
+
+The network of the official code (svip-lab/AS-MLP, ``models/as_mlp.py``), with the same module
+names, so an official state_dict loads as is, and the official CUDA-only cupy shift replaced by
+:func:`mixlab.ops.axial_shift` (same result, runs on CPU and GPU, see that module for the
+formulation and its timings).
+
+Layout, all in NCHW: 4x4 patch convolution + GroupNorm(1 group); four stages of axial-shifted
+blocks, stages 1-3 ending with patch merging (2x2 neighbours concatenated, GroupNorm, 1x1 conv
+4C -> 2C without bias); GroupNorm, global average pool, linear head. Every "norm" of the
+official model is a GroupNorm with one group (LayerNorm over C, H and W), every channel
+projection a 1x1 convolution.
+
+Block: ``x + AxialShift(norm1(x))`` then ``x + Mlp(norm2(x))``, where AxialShift is conv1, norm1,
+GELU, then a W-shift branch (shift, conv2_1, GELU) and an H-shift branch (shift, conv2_2, GELU)
+whose sum goes through norm2 and conv3.
+
+Ablation switches (the paper's section 4.3), all constructor arguments: ``shift_size``,
+``dilation``, ``padding`` (zero / reflect / replicate / circular) and ``connection``
+(``parallel``, the paper's default, or ``serial``: the H shift applied to the output of the
+W branch instead of to the block input; mixlab's choice of order, the paper does not say which
+comes first). With the defaults the model is the official one.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from timm.layers import DropPath, GroupNorm1, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.models._builder import build_model_with_cfg
+from timm.models._features import feature_take_indices
+from timm.models._registry import generate_default_cfgs
+
+from ..checkpoint import register_official_converter
+from ..data.constants import CIFAR_MEAN, CIFAR_STD
+from ..ops.axial_shift import PADDING_MODES, axial_shift
+from ..registry import register_model
+
+__all__ = ["ASMLP", "AxialShift", "AxialShiftedBlock", "PatchMerging"]
+
+PAPER = "AS-MLP: An Axial Shifted MLP Architecture for Vision (Lian et al., ICLR 2022)"
+CONNECTIONS = ("parallel", "serial")
+
+
+class AxialShift(nn.Module):
+    """The token-mixing part of an AS-MLP block (official name and parameter names)."""
+
+    def __init__(self, dim: int, shift_size: int = 5, dilation: int = 1, padding: str = "zero",
+                 connection: str = "parallel", as_bias: bool = True, act_layer=nn.GELU):
+        super().__init__()
+        self.dim = dim
+        self.shift_size = shift_size
+        self.dilation = dilation
+        self.padding = padding
+        self.connection = connection
+        self.conv1 = nn.Conv2d(dim, dim, 1, bias=as_bias)
+        self.conv2_1 = nn.Conv2d(dim, dim, 1, bias=as_bias)  # after the shift along W
+        self.conv2_2 = nn.Conv2d(dim, dim, 1, bias=as_bias)  # after the shift along H
+        self.conv3 = nn.Conv2d(dim, dim, 1, bias=as_bias)
+        self.actn = act_layer()
+        self.norm1 = GroupNorm1(dim)
+        self.norm2 = GroupNorm1(dim)
+
+    def _shift(self, x, dim):
+        return axial_shift(x, self.shift_size, dim, self.dilation, self.padding)
+
+    def forward(self, x):
+        x = self.actn(self.norm1(self.conv1(x)))
+        x_lr = self.actn(self.conv2_1(self._shift(x, 3)))
+        if self.connection == "parallel":
+            x = x_lr + self.actn(self.conv2_2(self._shift(x, 2)))
+        else:
+            x = self.actn(self.conv2_2(self._shift(x_lr, 2)))
+        return self.conv3(self.norm2(x))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, shift_size={self.shift_size}, dilation={self.dilation}, "
+                f"padding={self.padding}, connection={self.connection}")
+
+
+class AxialShiftedBlock(nn.Module):
+    def __init__(self, dim: int, shift_size: int = 5, dilation: int = 1, padding: str = "zero",
+                 connection: str = "parallel", mlp_ratio: float = 4.0, as_bias: bool = True,
+                 drop: float = 0.0, drop_path: float = 0.0, act_layer=nn.GELU):
+        super().__init__()
+        self.norm1 = GroupNorm1(dim)
+        self.axial_shift = AxialShift(dim, shift_size, dilation, padding, connection, as_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = GroupNorm1(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop, use_conv=True)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.axial_shift(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours concatenated in the official order, GroupNorm, 1x1 conv 4C -> 2C."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.norm = GroupNorm1(4 * dim)
+        self.reduction = nn.Conv2d(4 * dim, 2 * dim, 1, bias=False)
+
+    def forward(self, x):
+        x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], 1)
+        return self.reduction(self.norm(x))
+
+
+class ASMLPStage(nn.Module):
+    """Blocks, then (stages 1-3) patch merging: the official ``BasicLayer`` and its key names."""
+
+    def __init__(self, dim: int, depth: int, downsample: bool, drop_path, **block_kwargs):
+        super().__init__()
+        # a Sequential (same state_dict keys as the official ModuleList) so the stage output
+        # before merging can be hooked as a feature map
+        self.blocks = nn.Sequential(*[
+            AxialShiftedBlock(dim, drop_path=drop_path[i], **block_kwargs) for i in range(depth)])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x):
+        x = self.blocks(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class ASMLP(nn.Module):
+    """AS-MLP.
+
+    Args:
+        img_size: the size the model is built for; any height and width that are multiples of
+            ``patch_size * 2 ** (len(depths) - 1)`` are accepted at run time.
+        patch_size, in_chans, num_classes, embed_dim, depths, mlp_ratio, as_bias, drop_rate,
+            drop_path_rate, patch_norm: as in the official model.
+        shift_size: channel groups of the axial shift (5 in the paper's models).
+        dilation: spacing of the shift offsets (paper ablation; 1 = official).
+        padding: ``zero`` (official), ``reflect``, ``replicate`` or ``circular``.
+        connection: ``parallel`` (official) or ``serial`` horizontal and vertical shifts.
+        global_pool: ``avg`` or ``''`` (no pooling: the head sees the map).
+    """
+
+    def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 96, depths=(2, 2, 6, 2), shift_size: int = 5, dilation: int = 1,
+                 padding: str = "zero", connection: str = "parallel", mlp_ratio: float = 4.0,
+                 as_bias: bool = True, drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 patch_norm: bool = True, global_pool: str = "avg"):
+        super().__init__()
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {', '.join(PADDING_MODES)}, got {padding!r}")
+        if connection not in CONNECTIONS:
+            raise ValueError(f"connection must be one of {', '.join(CONNECTIONS)}, got {connection!r}")
+        if int(shift_size) != shift_size or shift_size < 1 or int(dilation) != dilation or dilation < 1:
+            raise ValueError(f"shift_size and dilation must be positive integers, got {shift_size!r}, {dilation!r}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.patch_size = patch_size
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.shift_size, self.dilation, self.padding = int(shift_size), int(dilation), padding
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.global_pool = global_pool
+        self.img_size = to_2tuple(img_size)
+        self.check_input_size(*self.img_size)
+
+        self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                                      norm_layer=GroupNorm1 if patch_norm else None, output_fmt="NCHW")
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # works under a meta device too
+        block_kwargs = dict(shift_size=self.shift_size, dilation=self.dilation, padding=padding,
+                            connection=connection, mlp_ratio=mlp_ratio, as_bias=as_bias, drop=drop_rate)
+        self.layers = nn.ModuleList()
+        self.feature_info = []
+        for i, depth in enumerate(depths):
+            dim = embed_dim * 2 ** i
+            self.layers.append(ASMLPStage(dim, depth, i < self.num_layers - 1,
+                                          dpr[sum(depths[:i]):sum(depths[:i + 1])], **block_kwargs))
+            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}.blocks"))
+        self.norm = GroupNorm1(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        # the official init touches Linear and LayerNorm only: its 1x1 convolutions keep
+        # PyTorch's default init, and so do mixlab's
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def check_input_size(self, h: int, w: int) -> None:
+        """Raise ValueError unless (h, w) is a size this model can take."""
+        mult = self.patch_size * 2 ** (self.num_layers - 1)
+        if h <= 0 or w <= 0 or h % mult or w % mult:
+            raise ValueError(f"AS-MLP with patch {self.patch_size} and {self.num_layers} stages needs height and "
+                             f"width that are multiples of {mult}, got {h}x{w}")
+        last = min(h, w) // mult
+        pad = (self.shift_size // 2) * self.dilation
+        if (self.padding == "reflect" and pad >= last) or (self.padding == "circular" and pad > last):
+            bound = "larger than" if self.padding == "reflect" else "at least"
+            raise ValueError(f"{self.padding} padding with shift_size {self.shift_size} and dilation {self.dilation} "
+                             f"pads {pad} positions, so the last stage's map must be {bound} {pad}; got "
+                             f"{last} for a {h}x{w} input (use a larger input, or a smaller shift or dilation)")
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Stage outputs before patch merging (timm's feature API); ``norm`` normalises the last."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"AS-MLP features are NCHW, got output_fmt={output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        x = self.pos_drop(self.patch_embed(x))
+        intermediates = []
+        stages = self.layers[:max_index + 1] if stop_early else self.layers
+        for i, stage in enumerate(stages):
+            x = stage.blocks(x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm and i == self.num_layers - 1 else x)
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        self.layers[-1].downsample = None
+        if prune_norm or max_index < self.num_layers - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    def forward_features(self, x):
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        x = self.pos_drop(self.patch_embed(x))
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        if self.global_pool == "avg":
+            x = x.mean((2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@register_official_converter(ASMLP)
+def _convert_official(state_dict, model):
+    """Official AS-MLP checkpoints already use mixlab's key names (mixlab keeps the official layout)."""
+    return dict(state_dict)
+
+
+def _cfg(input_size=(3, 224, 224), num_classes=1000, crop_pct=0.9, **kwargs):
+    return dict(input_size=input_size, num_classes=num_classes, pool_size=None, crop_pct=crop_pct,
+                interpolation="bicubic", first_conv="patch_embed.proj", classifier="head",
+                paper_name=PAPER, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    "asmlp_t": _cfg(),
+    "asmlp_s": _cfg(),
+    "asmlp_b": _cfg(),
+    "asmlp_t_cifar": _cfg(input_size=(3, 32, 32), num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, crop_pct=1.0),
+})
+
+
+def _create(variant: str, pretrained: bool, defaults: dict, **kwargs):
+    # features come from forward_intermediates: the stage outputs sit inside layers.i (before merging)
+    feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3))
+    return build_model_with_cfg(ASMLP, variant, pretrained, feature_cfg=feature_cfg, **{**defaults, **kwargs})
+
+
+_register = partial(register_model, family="asmlp", paper=PAPER, model_cls=ASMLP)
+
+
+@_register(paper_figures=dict(params=28e6, macs=4.4e9, top1=81.3, throughput=1047))
+def asmlp_t(pretrained=False, **kwargs):
+    """AS-MLP-T: C=96, depths (2, 2, 6, 2), shift 5, 224x224 (official drop_path_rate 0.2 for training)."""
+    return _create("asmlp_t", pretrained, dict(embed_dim=96, depths=(2, 2, 6, 2)), **kwargs)
+
+
+@_register(paper_figures=dict(params=50e6, macs=8.5e9, top1=83.1, throughput=619))
+def asmlp_s(pretrained=False, **kwargs):
+    """AS-MLP-S: C=96, depths (2, 2, 18, 2), shift 5, 224x224 (official drop_path_rate 0.3 for training)."""
+    return _create("asmlp_s", pretrained, dict(embed_dim=96, depths=(2, 2, 18, 2)), **kwargs)
+
+
+@_register(paper_figures=dict(params=88e6, macs=15.2e9, top1=83.3, throughput=455))
+def asmlp_b(pretrained=False, **kwargs):
+    """AS-MLP-B: C=128, depths (2, 2, 18, 2), shift 5, 224x224 (official drop_path_rate 0.5 for training)."""
+    return _create("asmlp_b", pretrained, dict(embed_dim=128, depths=(2, 2, 18, 2)), **kwargs)
+
+
+@_register(input_size=(3, 32, 32), num_classes=10,
+           cifar="AS-MLP-T blocks (C=96, depths 2-2-6-2, shift 5) with patch 2 instead of 4: stages at 16/8/4/2 "
+                 "instead of 8/4/2/1, so every stage keeps a map the axial shifts can move along")
+def asmlp_t_cifar(pretrained=False, **kwargs):
+    """AS-MLP-T for 32x32 inputs and 10 classes.
+
+    Patch 4 (the ImageNet stem) would leave a 1x1 map in the last stage, where every shift is
+    either the identity or all zeros, and a 2x2 map in stage 3. Patch 2 gives 16x16, 8x8, 4x4 and
+    2x2 maps, the same four stages and widths as AS-MLP-T, at about a quarter of the MACs that
+    patch 1 would cost; inputs must be multiples of 16.
+    """
+    defaults = dict(embed_dim=96, depths=(2, 2, 6, 2), patch_size=2, img_size=32, num_classes=10)
+    return _create("asmlp_t_cifar", pretrained, defaults, **kwargs)
