@@ -1,0 +1,385 @@
+"""UNeXt ("UNeXt: MLP-based Rapid Medical Image Segmentation Network", Valanarasu & Patel, MICCAI 2022).
+
+The network as the official code (jeya-maria-jose/UNeXt-pytorch, ``archs.py``, classes
+``UNext`` and ``UNext_S``) builds it, channels C1..C5:
+
+* three convolutional encoder stages ``relu(maxpool2(bn(conv3x3(x))))`` to C1, C2, C3
+  (reductions 2, 4, 8);
+* two tokenized-MLP stages: an overlapping patch embedding (3x3 stride-2 conv to C4, then
+  C5, and a LayerNorm over the tokens), one shifted block ``x + shiftedMLP(LN(x))`` and a
+  LayerNorm (reductions 16 and 32). The shifted MLP shifts ``shift_size`` = 5 channel
+  groups by -2..2 positions along the height, applies a token-wise linear layer, a 3x3
+  depthwise conv, GELU, shifts along the width, and a second linear layer;
+* a decoder mirroring it: ``relu(upsample2(bn(conv3x3(x)))) + skip`` back up to C4, C3
+  (each followed by a shifted block and a LayerNorm), C2, C1; then a last
+  conv-upsample-ReLU at C1 and a 1x1 conv to ``num_classes`` logits at full resolution.
+
+The official ``UNext`` uses C1..C5 = 16, 32, 128, 160, 256 (1,471,921 parameters for one
+class; the paper's text gives C1, C2 = 32, 64, but the released code and its parameter count
+are what this reproduces) and ``UNext_S`` 8, 16, 32, 64, 128 (253,561).
+
+The shift is :func:`mixlab.ops.axial_shift` (zero filling), whose grouping (``torch.chunk``:
+groups of ``ceil(C / 5)`` channels, the last one smaller) and offsets (group ``g`` moves by
+``g - 2``, ``out[h] = in[h - offset]``) are the official pad / chunk / roll / narrow result.
+
+Module names and parameter shapes are the official ones, so an official state_dict loads
+as it is (:func:`mixlab.load_official`). Differences that change no key and no output:
+``in_chans`` is honoured (the official first conv always takes 3 channels), the stage
+outputs pass through parameter-free ``taps`` (hook points for stage shapes and features),
+and the whole network runs channels-last (input, activations and conv weights; the official
+code runs NCHW and copies every token map back to NCHW), and in eval mode each BatchNorm is
+folded into the conv before it; on CPU this makes it about 2x faster than the official
+implementation, with outputs equal to it within float32 rounding (tested to 1e-5).
+
+Input sizes: the encoder halves the size five times and the decoder doubles it back and
+adds the skips, so height and width must be multiples of 32.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import DropPath, trunc_normal_
+from timm.models._builder import build_model_with_cfg
+from timm.models._features import feature_take_indices
+from timm.models._registry import generate_default_cfgs
+
+from ..checkpoint import register_official_converter
+from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
+from ..ops import axial_shift
+from ..registry import register_model
+
+__all__ = ["UNeXt", "ShiftedMLP", "ShiftedBlock", "OverlapPatchEmbed", "DWConv"]
+
+PAPER = "UNeXt: MLP-based Rapid Medical Image Segmentation Network (Valanarasu & Patel, MICCAI 2022)"
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The official initialisation of the token stages (the plain convs keep PyTorch's)."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _tokens_as_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H*W, C) tokens -> (B, C, H, W) view in channels-last memory (no copy)."""
+    return x.reshape(x.shape[0], h, w, x.shape[2]).permute(0, 3, 1, 2)
+
+
+def _map_as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C); free when ``x`` is channels-last."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Run the whole network channels-last.
+
+    On CPU (torch 2.x, oneDNN) this is what makes UNeXt fast: in NCHW the 3-channel first
+    conv, the 2x2 max-pools and the bilinear upsamplings are each 3-15x slower than in
+    channels-last, and the token stages are channels-last anyway (their tokens are (B, H*W, C)).
+    """
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``bn(conv(x))``; with running statistics in use (eval mode) the BatchNorm is folded into
+    the conv's weights, which skips one pass over the (largest, full-resolution) activations."""
+    if bn.training or bn.running_mean is None:
+        return bn(conv(x))
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = -bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class DWConv(nn.Module):
+    """3x3 depthwise conv on a token sequence (the official wrapper, kept for its key names)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return _map_as_tokens(self.dwconv(_tokens_as_map(x, h, w)))
+
+
+class ShiftedMLP(nn.Module):
+    """Shift along H -> linear -> depthwise conv -> GELU -> shift along W -> linear (official ``shiftmlp``)."""
+
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None, out_features: Optional[int] = None,
+                 drop: float = 0.0, shift_size: int = 5):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.dwconv = DWConv(hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+        self.shift_size = shift_size
+
+    def _shift(self, x: torch.Tensor, h: int, w: int, dim: int) -> torch.Tensor:
+        return _map_as_tokens(axial_shift(_tokens_as_map(x, h, w), self.shift_size, dim))
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = self.fc1(self._shift(x, h, w, dim=2))
+        x = self.drop(self.act(self.dwconv(x, h, w)))
+        x = self.fc2(self._shift(x, h, w, dim=3))
+        return self.drop(x)
+
+
+class ShiftedBlock(nn.Module):
+    """``x + drop_path(ShiftedMLP(LayerNorm(x)))`` (official ``shiftedBlock``; its norm is ``norm2``)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 1.0, drop: float = 0.0, drop_path: float = 0.0,
+                 shift_size: int = 5):
+        super().__init__()
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = ShiftedMLP(dim, int(dim * mlp_ratio), drop=drop, shift_size=shift_size)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return x + self.drop_path(self.mlp(self.norm2(x), h, w))
+
+
+class OverlapPatchEmbed(nn.Module):
+    """3x3 stride-2 conv to tokens, then LayerNorm; returns (tokens, H, W)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int = 3, stride: int = 2):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+        x = self.proj(x)
+        h, w = x.shape[-2:]
+        return self.norm(_map_as_tokens(x)), h, w
+
+
+class UNeXt(nn.Module):
+    """UNeXt: convolutional encoder, shifted-MLP bottleneck, convolutional decoder with skips.
+
+    Args:
+        num_classes: output channels (independent sigmoid logits; 1 for binary masks).
+        in_chans: input channels.
+        dims: channels C1..C5 of the five resolutions (reductions 2, 4, 8, 16, 32).
+        shift_size: channel groups of the shifted MLP (offsets -shift_size//2 .. shift_size//2).
+        mlp_ratio: hidden width of the shifted MLP over its input width (1 in the official code).
+        drop_rate: dropout inside the shifted MLPs.
+        drop_path_rate: stochastic depth; as the official code, the 16x16 blocks (``block1``,
+            ``dblock1``) get 0 and the others ``drop_path_rate / 2``.
+    """
+
+    def __init__(self, num_classes: int = 1, in_chans: int = 3, dims: Sequence[int] = (16, 32, 128, 160, 256),
+                 shift_size: int = 5, mlp_ratio: float = 1.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+        super().__init__()
+        if len(dims) != 5:
+            raise ValueError(f"dims must give the 5 channel counts C1..C5, got {tuple(dims)}")
+        c1, c2, c3, c4, c5 = dims
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.dims = tuple(dims)
+        self.num_features = self.head_hidden_size = c1
+        # the official code spaces 3 rates over its 4 blocks and uses the first two
+        dpr = [drop_path_rate * i / 2 for i in range(3)]
+
+        def block(dim, rate):
+            return nn.ModuleList([ShiftedBlock(dim, mlp_ratio, drop_rate, rate, shift_size)])
+
+        self.encoder1 = nn.Conv2d(in_chans, c1, 3, stride=1, padding=1)
+        self.encoder2 = nn.Conv2d(c1, c2, 3, stride=1, padding=1)
+        self.encoder3 = nn.Conv2d(c2, c3, 3, stride=1, padding=1)
+        self.ebn1, self.ebn2, self.ebn3 = nn.BatchNorm2d(c1), nn.BatchNorm2d(c2), nn.BatchNorm2d(c3)
+        self.norm3, self.norm4 = nn.LayerNorm(c4), nn.LayerNorm(c5)
+        self.dnorm3, self.dnorm4 = nn.LayerNorm(c4), nn.LayerNorm(c3)
+        self.block1 = block(c4, dpr[0])
+        self.block2 = block(c5, dpr[1])
+        self.dblock1 = block(c4, dpr[0])
+        self.dblock2 = block(c3, dpr[1])
+        self.patch_embed3 = OverlapPatchEmbed(c3, c4)
+        self.patch_embed4 = OverlapPatchEmbed(c4, c5)
+        self.decoder1 = nn.Conv2d(c5, c4, 3, stride=1, padding=1)
+        self.decoder2 = nn.Conv2d(c4, c3, 3, stride=1, padding=1)
+        self.decoder3 = nn.Conv2d(c3, c2, 3, stride=1, padding=1)
+        self.decoder4 = nn.Conv2d(c2, c1, 3, stride=1, padding=1)
+        self.decoder5 = nn.Conv2d(c1, c1, 3, stride=1, padding=1)
+        self.dbn1, self.dbn2, self.dbn3, self.dbn4 = (nn.BatchNorm2d(c) for c in (c4, c3, c2, c1))
+        self.final = nn.Conv2d(c1, num_classes, kernel_size=1) if num_classes > 0 else nn.Identity()
+        # parameter-free hook points at the five encoder outputs (stage shapes, hook features)
+        self.taps = nn.ModuleList([nn.Identity() for _ in range(5)])
+        self.feature_info = [dict(num_chs=c, reduction=2 ** (i + 1), module=f"taps.{i}") for i, c in enumerate(dims)]
+        for m in (self.block1, self.block2, self.dblock1, self.dblock2, self.patch_embed3, self.patch_embed4):
+            m.apply(_init_weights)
+        # conv weights stored channels-last like the activations: otherwise every call copies
+        # each weight into that layout first (~1.5 ms of a ~10 ms CPU forward)
+        self.to(memory_format=torch.channels_last)
+
+    # -- sizes -------------------------------------------------------------------------------
+    def check_input_size(self, height: int, width: int) -> None:
+        """Five halvings on the way down and skips on the way up: multiples of 32 only."""
+        if height < 32 or width < 32 or height % 32 or width % 32:
+            raise ValueError(f"UNeXt needs a height and width that are multiples of 32, got {height}x{width}")
+
+    # -- head --------------------------------------------------------------------------------
+    def get_classifier(self) -> nn.Module:
+        return self.final
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the 1x1 output conv (``global_pool`` does not apply to a dense head)."""
+        self.num_classes = num_classes
+        self.final = nn.Conv2d(self.num_features, num_classes, kernel_size=1) if num_classes > 0 else nn.Identity()
+
+    # -- forward -----------------------------------------------------------------------------
+    @staticmethod
+    def _token_stage(x: torch.Tensor, embed: OverlapPatchEmbed, blocks: nn.ModuleList, norm: nn.LayerNorm):
+        x, h, w = embed(x)
+        for blk in blocks:
+            x = blk(x, h, w)
+        return _tokens_as_map(norm(x), h, w)
+
+    def _encode(self, x: torch.Tensor, upto: int = 4) -> List[torch.Tensor]:
+        """The encoder outputs at reductions 2, 4, 8, 16, 32 (up to index ``upto``)."""
+        feats = []
+        for i, (conv, bn) in enumerate(((self.encoder1, self.ebn1), (self.encoder2, self.ebn2),
+                                        (self.encoder3, self.ebn3))):
+            x = self.taps[i](F.relu(F.max_pool2d(_conv_bn(x, conv, bn), 2, 2), inplace=True))
+            feats.append(x)
+            if i == upto:
+                return feats
+        x = self.taps[3](self._token_stage(x, self.patch_embed3, self.block1, self.norm3))
+        feats.append(x)
+        if upto == 3:
+            return feats
+        feats.append(self.taps[4](self._token_stage(x, self.patch_embed4, self.block2, self.norm4)))
+        return feats
+
+    @staticmethod
+    def _up(x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``relu(upsample2x(x)) + skip``, reusing the upsampled buffer where autograd allows."""
+        x = F.relu(F.interpolate(x, scale_factor=(2, 2), mode="bilinear"), inplace=True)
+        if skip is None:
+            return x
+        # relu's backward reads its output, so the in-place add is for inference only
+        return x + skip if torch.is_grad_enabled() else x.add_(skip)
+
+    @staticmethod
+    def _token_refine(x: torch.Tensor, blocks: nn.ModuleList, norm: nn.LayerNorm) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        t = _map_as_tokens(x)
+        for blk in blocks:
+            t = blk(t, h, w)
+        return _tokens_as_map(norm(t), h, w)
+
+    def _decode(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        t1, t2, t3, t4, x = feats
+        x = self._up(_conv_bn(x, self.decoder1, self.dbn1), t4)
+        x = self._token_refine(x, self.dblock1, self.dnorm3)
+        x = self._up(_conv_bn(x, self.decoder2, self.dbn2), t3)
+        x = self._token_refine(x, self.dblock2, self.dnorm4)
+        x = self._up(_conv_bn(x, self.decoder3, self.dbn3), t2)
+        x = self._up(_conv_bn(x, self.decoder4, self.dbn4), t1)
+        return self._up(self.decoder5(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder output before the 1x1 head: (B, C1, H, W)."""
+        self.check_input_size(*x.shape[-2:])
+        return self._decode(self._encode(_channels_last(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.final(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's intermediate-feature API: the encoder outputs ``feature_info[i]``.
+
+        Returns ``(logits, features)``; with ``stop_early`` the deepest feature taken stands in
+        for the logits (the decoder is skipped); ``norm`` has no effect.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"UNeXt returns NCHW features only, got output_fmt={output_fmt!r}")
+        self.check_input_size(*x.shape[-2:])
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        early = intermediates_only or stop_early
+        x = _channels_last(x)
+        feats = self._encode(x, max_index if early else len(self.feature_info) - 1)
+        picked = [feats[i] for i in take_indices]
+        if intermediates_only:
+            return picked
+        if stop_early:
+            return feats[-1], picked
+        return self.forward_head(self._decode(feats)), picked
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """The decoder is not needed for encoder features; the encoder is kept whole."""
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        return take_indices
+
+
+@register_official_converter(UNeXt)
+def convert_official_unext(state_dict: dict, model: nn.Module) -> dict:
+    """Official UNext/UNext_S keys are mixlab's; only a DataParallel ``module.`` prefix is removed."""
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+
+
+# -- configurations ------------------------------------------------------------------------------
+
+def _cfg(**kwargs):
+    return dict(input_size=(3, 256, 256), num_classes=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                first_conv="encoder1", classifier="final", paper_name=PAPER, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    "unext": _cfg(),
+    "unext_s": _cfg(),
+})
+
+
+def _create(variant: str, pretrained: bool, defaults: dict, **kwargs) -> UNeXt:
+    return build_model_with_cfg(UNeXt, variant, pretrained,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3, 4), feature_cls="getter"),
+                                **{**defaults, **kwargs})
+
+
+@register_model(family="unext", paper=PAPER, model_cls=UNeXt, input_size=(3, 256, 256), num_classes=1,
+                # the paper's "0.57 GFLOPs" are multiply-adds (flop_counter: 0.562 G MACs at 256x256)
+                paper_figures=dict(params=1.47e6, macs=0.57e9, iou_busi=66.95, dice_busi=79.37),
+                task="segmentation")
+def unext(pretrained=False, **kwargs):
+    """UNeXt (official ``UNext``): C1..C5 = 16, 32, 128, 160, 256; 256x256 inputs in the paper."""
+    return _create("unext", pretrained, dict(dims=(16, 32, 128, 160, 256)), **kwargs)
+
+
+@register_model(family="unext", paper=PAPER, model_cls=UNeXt, input_size=(3, 256, 256), num_classes=1,
+                paper_figures=dict(), task="segmentation")
+def unext_s(pretrained=False, **kwargs):
+    """UNeXt-S (official ``UNext_S``, the smaller model of the official code): C1..C5 = 8, 16, 32, 64, 128."""
+    return _create("unext_s", pretrained, dict(dims=(8, 16, 32, 64, 128)), **kwargs)
