@@ -107,11 +107,21 @@ def test_class_missing_from_test(make_folder_dataset):
 def test_holdout_is_seeded_disjoint_and_complete():
     from mixlab.data.classification import Split
 
-    s = Split(torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1), torch.arange(100))
+    s = Split(torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1), torch.arange(100) % 10)
+    ids = lambda split: split.images.flatten().tolist()  # noqa: E731  image i holds the value i
     tr, va = holdout(s, 0.1, seed=3)
     tr2, va2 = holdout(s, 0.1, seed=3)
-    assert torch.equal(va.labels, va2.labels) and len(va) == 10 and len(tr) == 90
-    assert sorted(tr.labels.tolist() + va.labels.tolist()) == list(range(100))
+    assert ids(va) == ids(va2) and len(va) == 10 and len(tr) == 90
+    assert sorted(ids(tr) + ids(va)) == list(range(100))
+    assert ids(holdout(s, 0.1, seed=4)[1]) != ids(va)
     _, first = holdout(s, 0.1, seed=3, mode="first")
-    assert first.labels.tolist() == list(range(10))
+    assert ids(first) == list(range(10))
     assert holdout(s, 0.0, seed=0)[1] is None
+
+
+def test_first_holdout_of_a_class_sorted_source_is_refused():
+    from mixlab.data.classification import Split
+
+    s = Split(torch.zeros(20, 1, 1, 1, dtype=torch.uint8), torch.tensor([0] * 10 + [1] * 10))
+    with pytest.raises(DataError, match="sorted by class"):
+        holdout(s, 0.25, seed=0, mode="first")

@@ -299,6 +299,12 @@ def holdout(split: Split, fraction: float, seed: int, mode: str = "random") -> t
     else:
         raise DataError(f"val_holdout must be 'random' or 'first', got {mode!r}")
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
+    missing = set(split.labels[train_idx].tolist()) - set(split.labels[val_idx].tolist())
+    if mode == "first" and missing:
+        raise DataError(
+            f"val_holdout 'first' would hold out the first {n_val} images, which miss class(es) "
+            f"{sorted(missing)[:5]}: the source is sorted by class (an image-folder tree). "
+            "Use val_holdout: random (a fixed, seeded holdout)")
     return (Split(split.images[train_idx], split.labels[train_idx]),
             Split(split.images[val_idx], split.labels[val_idx]))
 
