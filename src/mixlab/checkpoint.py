@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .io import read_state_dict
+from .io import normalize_state_dict, read_state_dict
 
 __all__ = ["load_weights", "load_official", "register_official_converter"]
 
@@ -34,7 +34,7 @@ def register_official_converter(*model_classes: type):
 def _as_state_dict(state_dict_or_path) -> dict[str, torch.Tensor]:
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         return read_state_dict(state_dict_or_path)
-    return dict(state_dict_or_path)
+    return normalize_state_dict(state_dict_or_path)
 
 
 def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:

@@ -17,7 +17,7 @@ import torch
 
 __all__ = [
     "atomic_path", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-    "atomic_save_safetensors", "read_state_dict",
+    "atomic_save_safetensors", "read_state_dict", "normalize_state_dict",
 ]
 
 
@@ -97,12 +97,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"checkpoint): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
                 "Re-save it as a state_dict of tensors, or as .safetensors."
             ) from None
+    return normalize_state_dict(sd, str(path))
+
+
+def normalize_state_dict(sd, source: str = "the state_dict") -> dict[str, torch.Tensor]:
+    """Unwrap ``{"model": ...}``-style checkpoints and strip a DataParallel/DDP ``module.`` prefix."""
     for key in ("model", "state_dict", "model_state", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
             break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state_dict of tensors")
+        raise ValueError(f"{source} does not hold a state_dict of tensors")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return dict(sd)

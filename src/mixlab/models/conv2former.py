@@ -47,7 +47,6 @@ from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
-from ..checkpoint import register_official_converter
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..registry import register_model
 
@@ -318,12 +317,6 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-
-
-@register_official_converter(Conv2Former)
-def convert_official_conv2former(state_dict: dict, model: nn.Module) -> dict:
-    """Official Conv2Former keys are mixlab's; only a DataParallel ``module.`` prefix is removed."""
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
 
 
 # -- configurations ------------------------------------------------------------------------------

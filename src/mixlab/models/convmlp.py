@@ -42,7 +42,6 @@ from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
-from ..checkpoint import register_official_converter
 from ..registry import register_model
 
 __all__ = ["ConvMLP", "ConvTokenizer", "ConvStage", "ConvMLPBlock", "ConvMLPStage"]
@@ -336,12 +335,6 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.BatchNorm2d):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-
-
-@register_official_converter(ConvMLP)
-def convert_official_convmlp(state_dict: dict, model: nn.Module) -> dict:
-    """Official ConvMLP keys are mixlab's; only a DataParallel ``module.`` prefix is removed."""
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
 
 
 # -- configurations ------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
-from ..checkpoint import register_official_converter
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..registry import register_model
 
@@ -273,12 +272,6 @@ class SwinMLP(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
-
-
-@register_official_converter(SwinMLP)
-def _convert_official(state_dict, model):
-    """Official Swin-MLP checkpoints already use mixlab's key names (mixlab keeps the official layout)."""
-    return dict(state_dict)
 
 
 def _cfg(input_size=(3, 224, 224), num_classes=1000, crop_pct=0.9, **kwargs):

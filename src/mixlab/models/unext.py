@@ -47,7 +47,6 @@ from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
-from ..checkpoint import register_official_converter
 from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
 from ..ops import axial_shift
 from ..registry import register_model
@@ -342,12 +341,6 @@ class UNeXt(nn.Module):
         """The decoder is not needed for encoder features; the encoder is kept whole."""
         take_indices, _ = feature_take_indices(len(self.feature_info), indices)
         return take_indices
-
-
-@register_official_converter(UNeXt)
-def convert_official_unext(state_dict: dict, model: nn.Module) -> dict:
-    """Official UNext/UNext_S keys are mixlab's; only a DataParallel ``module.`` prefix is removed."""
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
 
 
 # -- configurations ------------------------------------------------------------------------------
