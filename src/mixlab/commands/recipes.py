@@ -18,5 +18,6 @@ def run(args) -> int:
     recipes = list_recipes()
     width = max(map(len, recipes))
     for name, desc in recipes.items():
-        print(f"{name:<{width}}  {desc}")
+        seg = load_recipe(name).get("task") == "segmentation"
+        print(f"{name:<{width}}  {'[mixlab seg train] ' if seg else ''}{desc}")
     return 0

@@ -16,6 +16,7 @@ import yaml
 from ..data.augment import AugmentConfig
 
 DEFAULTS: dict = {
+    "task": "classification",
     "model": None,
     "model_kwargs": {},
     "num_classes": None,  # from the data set
@@ -29,7 +30,10 @@ DEFAULTS: dict = {
              "download": False},
     "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": False,
                   "betas": [0.9, 0.999], "eps": 1e-8},
-    "schedule": {"name": "constant", "warmup_epochs": 0.0, "min_lr": 0.0},
+    # min_lr: the learning rate the cosine schedule ends at (absolute, like torch's eta_min);
+    # per_epoch: hold the rate for a whole epoch (torch schedulers stepped once per epoch, as
+    # the UNeXt code does) instead of updating it every step
+    "schedule": {"name": "constant", "warmup_epochs": 0.0, "min_lr": 0.0, "per_epoch": False},
     "loss": {"label_smoothing": 0.0},
     "augment": {k: (list(v) if isinstance(v, tuple) else v) for k, v in AugmentConfig().__dict__.items()},
     "drop_path_rate": None,
@@ -45,6 +49,44 @@ DEFAULTS: dict = {
     "description": "",
     "recipe": None,
 }
+
+# `mixlab seg train`: the same machinery (optimizer, schedule, precision, run directory) with
+# segmentation data, joint image/mask augmentation, a segmentation loss and IoU/Dice.
+SEG_DEFAULTS: dict = {
+    "task": "segmentation",
+    "model": None,
+    "model_kwargs": {},
+    "num_classes": None,  # from the masks (one channel per masks/<k> folder)
+    "img_size": 256,  # images and masks are resized to this on reading; null keeps the files' size
+    "seed": 41,
+    "epochs": 400,
+    "batch_size": 8,
+    "eval_batch_size": None,  # default: batch_size (the paper's validation loader uses the training batch size)
+    "data": {"root": None, "val_split": 0.2, "split_seed": 41, "train_split_file": None, "val_split_file": None,
+             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "optimizer": copy.deepcopy(DEFAULTS["optimizer"]),
+    "schedule": copy.deepcopy(DEFAULTS["schedule"]),
+    "loss": {"name": "bce_dice"},
+    "augment": {"hflip": 0.5, "vflip": 0.5, "rot90": True, "crop_scale": None, "crop_p": 1.0,
+                "brightness": 0.0, "contrast": 0.0},
+    "threshold": 0.5,
+    "drop_last": True,  # the official loader drops the last incomplete batch
+    "drop_path_rate": None,
+    "clip_grad": None,
+    "ema": {"enabled": False, "decay": 0.9998},
+    "device": "auto",
+    "precision": "auto",
+    "channels_last": "auto",
+    "compile": False,
+    "num_threads": None,
+    "select": "best_val",  # best_val (highest validation IoU, as the paper's code keeps) | last
+    "progress": True,
+    "description": "",
+    "recipe": None,
+}
+TASK_DEFAULTS = {"classification": DEFAULTS, "segmentation": SEG_DEFAULTS}
+_TASK_COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train"}
+
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -86,8 +128,9 @@ def _check_keys(d: dict, schema: dict, where: str) -> None:
 
 
 def merge(base: dict, update: dict, where: str = "") -> dict:
-    """Deep-merge ``update`` into a copy of ``base`` after checking its keys against DEFAULTS."""
-    _check_keys(update, DEFAULTS if not where else base, where)
+    """Deep-merge ``update`` into a copy of ``base`` (a full configuration) after checking its
+    keys against ``base``'s."""
+    _check_keys(update, base, where)
     out = copy.deepcopy(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "model_kwargs":
@@ -114,20 +157,31 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def _check_task(settings: dict, task: str, where: str) -> None:
+    other = settings.get("task", "classification")
+    if other != task:
+        raise ValueError(f"{where} is a {other} recipe; run it with `{_TASK_COMMAND.get(other, other)}`, "
+                         f"not `{_TASK_COMMAND[task]}`")
+
+
 def resolve_config(model: str | None = None, recipe: str | None = None, config_file: str | Path | None = None,
-                   overrides: list[str] | None = None, **explicit) -> dict:
+                   overrides: list[str] | None = None, task: str = "classification", **explicit) -> dict:
     """The full training configuration. ``explicit`` holds CLI flags given (None = not given);
-    ``data`` / ``dataset`` map to ``data.root`` / ``data.dataset``."""
-    cfg = copy.deepcopy(DEFAULTS)
+    ``data`` / ``dataset`` map to ``data.root`` / ``data.dataset``. ``task`` picks the defaults
+    (``classification``: :data:`DEFAULTS`, ``segmentation``: :data:`SEG_DEFAULTS`)."""
+    cfg = copy.deepcopy(TASK_DEFAULTS[task])
     if recipe:
         r = load_recipe(recipe)
+        _check_task(r, task, f"recipe {recipe!r}")
         cfg = merge(cfg, r)
         cfg["recipe"] = recipe
     if config_file:
         path = Path(config_file)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        cfg = merge(cfg, yaml.safe_load(path.read_text()) or {})
+        settings = yaml.safe_load(path.read_text()) or {}
+        _check_task(settings, task, f"config file {path}")
+        cfg = merge(cfg, settings)
     flags: dict = {}
     data_root, dataset = explicit.pop("data", None), explicit.pop("dataset", None)
     if data_root is not None or dataset is not None:
@@ -137,6 +191,8 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
     flags.update({k: v for k, v in explicit.items() if v is not None})
     cfg = merge(cfg, flags)
     cfg = merge(cfg, parse_set(overrides or []))
+    if cfg["task"] != task:
+        raise ValueError(f"task cannot be changed to {cfg['task']!r} here; use `{_TASK_COMMAND.get(cfg['task'], 'mixlab')}`")
     validate(cfg)
     return cfg
 
@@ -152,6 +208,16 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"select must be 'best_val' or 'last', got {cfg['select']!r}")
     if int(cfg["epochs"]) < 1 or int(cfg["batch_size"]) < 1:
         raise ValueError("epochs and batch_size must be at least 1")
+    if float(cfg["schedule"].get("min_lr") or 0) > float(cfg["optimizer"]["lr"]):
+        raise ValueError(f"schedule.min_lr ({cfg['schedule']['min_lr']}) is above optimizer.lr "
+                         f"({cfg['optimizer']['lr']}); min_lr is the rate the schedule ends at")
+    if cfg.get("task", "classification") == "segmentation":
+        from ..seg.losses import build_loss
+
+        build_loss(cfg["loss"]["name"])  # raises on an unknown loss, naming the choices
+        if not 0.0 < float(cfg["threshold"]) < 1.0:
+            raise ValueError(f"threshold must be between 0 and 1, got {cfg['threshold']}")
+        return
     AugmentConfig.from_dict(cfg["augment"])  # raises on bad augmentation keys/values
 
 

@@ -106,8 +106,15 @@ def load_run_model(run_dir: str | Path, which: str = "best"):
     return model.eval(), cfg
 
 
-def plot_curves(run_dir: Path, rows: list[dict], title: str) -> None:
-    """curves.png: loss and accuracy per epoch, train and validation."""
+ACCURACY_CURVES = (("train_acc", "train"), ("val_acc", "val"))
+
+
+def plot_curves(run_dir: Path, rows: list[dict], title: str, score_curves=ACCURACY_CURVES,
+                score_label: str = "accuracy (%)") -> None:
+    """curves.png: loss and a score per epoch (accuracy by default), train and validation.
+
+    ``score_curves``: (metrics.jsonl key, legend label) pairs for the right-hand plot.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,12 +124,13 @@ def plot_curves(run_dir: Path, rows: list[dict], title: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
         if any(r.get(key) is not None for r in rows):
-            ax1.plot(epochs, [r.get(key) for r in rows], marker="o", label=label)
-    for key, label in (("train_acc", "train"), ("val_acc", "val")):
+            ax1.plot(epochs, [r.get(key) for r in rows], marker="o" if len(rows) <= 60 else None, label=label)
+    marker = "o" if len(rows) <= 60 else None  # a 400-epoch run would be all markers
+    for key, label in score_curves:
         if any(r.get(key) is not None for r in rows):
-            ax2.plot(epochs, [r.get(key) for r in rows], marker="o", label=label)
+            ax2.plot(epochs, [r.get(key) for r in rows], marker=marker, label=label)
     ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    ax2.set(xlabel="epoch", ylabel=score_label, title=score_label.split(" (")[0])
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()

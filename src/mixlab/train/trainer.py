@@ -82,16 +82,22 @@ def build_optimizer(model: nn.Module, opt: dict) -> torch.optim.Optimizer:
                            nesterov=bool(opt["nesterov"]))
 
 
-def lr_factor(sched: dict, epochs: int, progress: float) -> float:
+def lr_factor(sched: dict, epochs: int, progress: float, base_lr: float | None = None) -> float:
     """Learning-rate multiplier at ``progress`` (epochs done, fractional).
 
     Written as a plain function of progress rather than a stateful scheduler so that a
     resumed run needs nothing but the step count. ``onecycle`` is the piecewise-linear
     schedule of the public ConvMixer CIFAR-10 script (0 -> max at 2/5 -> max/20 at 4/5 -> 0,
     knots at integer epochs as its np.interp uses them), which is not torch's cosine
-    OneCycleLR; ``cosine`` is linear warmup then cosine decay to min_lr.
+    OneCycleLR; ``cosine`` is linear warmup then cosine decay to ``min_lr`` (an absolute rate,
+    as torch's ``eta_min``; ``base_lr`` is the optimizer's rate it is relative to). With
+    ``per_epoch`` the rate is held for each whole epoch at its value at the epoch's start, as
+    a torch scheduler stepped once per epoch gives it (``progress`` is where a step ends, so
+    a step with progress in (e, e + 1] belongs to epoch e).
     """
     name = sched["name"]
+    if sched.get("per_epoch"):
+        progress = float(max(0, math.ceil(progress - 1e-9) - 1))
     if name == "constant":
         warm = float(sched.get("warmup_epochs") or 0)
         return min(1.0, progress / warm) if warm > 0 else 1.0
@@ -102,7 +108,8 @@ def lr_factor(sched: dict, epochs: int, progress: float) -> float:
     if warm > 0 and progress < warm:
         return progress / warm
     t = min(1.0, (progress - warm) / max(epochs - warm, 1e-8))
-    floor = float(sched.get("min_lr") or 0.0)
+    min_lr = float(sched.get("min_lr") or 0.0)
+    floor = min_lr / base_lr if base_lr else min_lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -145,6 +152,10 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     from ..data.constants import CIFAR_MEAN, CIFAR_STD
 
     out_dir = Path(out_dir)
+    if model_info(cfg["model"]).task != "classification":
+        raise ValueError(f"{cfg['model']} is a {model_info(cfg['model']).task} model; train it with `mixlab seg "
+                         f"train --model {cfg['model']} --data DIR` (`mixlab models --task classification` lists "
+                         "classifiers)")
     dist = Distributed.from_env()
     device = pick_device(cfg["device"], dist)
     if cfg.get("num_threads"):
@@ -247,7 +258,8 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
             b = order[i * int(cfg["batch_size"]):(i + 1) * int(cfg["batch_size"])].to(device)
             if len(b) == 0:
                 break
-            factor = lr_factor(cfg["schedule"], int(cfg["epochs"]), epoch + (i + 1) / steps_per_epoch)
+            factor = lr_factor(cfg["schedule"], int(cfg["epochs"]), epoch + (i + 1) / steps_per_epoch,
+                               float(cfg["optimizer"]["lr"]))
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * factor
             y_hard = train_y[b]

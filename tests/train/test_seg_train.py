@@ -1,0 +1,190 @@
+"""`mixlab seg train / eval / predict` end to end on a tiny generated UNeXt-layout folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mixlab.cli import main
+from mixlab.train import rundir as rd
+from mixlab.train.config import resolve_config
+from mixlab.train.seg_trainer import SPLIT_TRAIN, SPLIT_VAL, run_seg_training
+from mixlab.train.trainer import lr_factor
+
+# unext_s at 32x32 in fp32 on one thread: a few seconds per run
+TINY = ["--model", "unext_s", "--batch-size", "4", "--precision", "fp32", "--set", "img_size=32",
+        "--set", "progress=false", "--set", "data.val_split=0.25"]
+
+
+def _make_busi_like(root: Path, n: int = 12, size: int = 32) -> Path:
+    """Images with a bright blob on noise; the mask is the blob (so IoU can rise above chance)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+        y, x = rng.integers(2, size // 2, 2)
+        h, w = rng.integers(6, size // 2, 2)
+        mask = np.zeros((size, size), np.uint8)
+        mask[y:y + h, x:x + w] = 1
+        img[mask == 1] += 150
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks" / "0").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray(mask * 255).save(root / "masks" / "0" / f"case{i:02d}.png")
+    return root
+
+
+def seg(*args) -> None:
+    assert main(["seg", *args]) == 0
+
+
+def metrics_without_timing(run: Path) -> list[dict]:
+    drop = {"epoch_seconds", "train_seconds", "images_per_sec"}
+    return [{k: v for k, v in r.items() if k not in drop} for r in rd.read_metrics(run)]
+
+
+def test_seg_run_directory_eval_and_predict(tmp_path, capsys):
+    data = _make_busi_like(tmp_path / "busi")
+    out = tmp_path / "run"
+    seg("train", *TINY, "--data", str(data), "--epochs", "2", "--out", str(out))
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "best.safetensors", "last.safetensors",
+                 "last_state.pt", "curves.png", SPLIT_TRAIN, SPLIT_VAL):
+        assert (out / name).is_file(), name
+    train_names = (out / SPLIT_TRAIN).read_text().split()
+    val_names = (out / SPLIT_VAL).read_text().split()
+    assert len(val_names) == 3 and len(train_names) == 9  # ceil(12 * 0.25) held out
+    assert sorted(train_names + val_names) == [f"case{i:02d}" for i in range(12)]
+    rows = rd.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(0 <= r["val_iou"] <= 100 and 0 <= r["val_dice"] <= 100 for r in rows)
+    summary = rd.read_summary(out)
+    assert summary["finished"] and summary["task"] == "segmentation" and summary["params"] == 253_561
+    assert summary["best_val_iou"] == max(r["val_iou"] for r in rows)
+    assert Image.open(out / "curves.png").format == "PNG"
+
+    # eval of the best weights on the run's own val split gives the summary's figures
+    capsys.readouterr()
+    seg("eval", "--checkpoint", str(out), "--json")
+    r = json.loads(capsys.readouterr().out)
+    assert r["images"] == 3 and r["official_batch_size"] == 4
+    assert 100 * r["iou"] == pytest.approx(summary["val"]["iou"], abs=1e-9)
+    assert 100 * r["dice"] == pytest.approx(summary["val"]["dice"], abs=1e-9)
+    assert r["per_image"]["name"] == val_names and len(r["per_image"]["iou"]) == 3
+
+    # predict on the data folder: a 0/255 mask per image at the image's size, and overlays
+    pred = tmp_path / "pred"
+    capsys.readouterr()
+    seg("predict", "--checkpoint", str(out), "--input", str(data), "--out", str(pred), "--json")
+    p = json.loads(capsys.readouterr().out)
+    assert p["images"] == 12 and p["with_truth"] == 12 and p["masks"] == 12 and p["overlays"] == 12
+    m = np.asarray(Image.open(pred / "masks" / "0" / "case00.png"))
+    assert m.shape == (32, 32) and set(np.unique(m)) <= {0, 255}
+    assert Image.open(pred / "overlays" / "case00.png").format == "PNG"
+
+
+def test_interrupted_and_resumed_seg_run_equals_uninterrupted(tmp_path, monkeypatch):
+    data = _make_busi_like(tmp_path / "busi")
+    extra = ["--data", str(data), "--epochs", "3", "--set", "schedule.name=cosine",
+             "--set", "schedule.min_lr=0.0001", "--set", "augment.crop_scale=[0.5,1.0]",
+             "--set", "augment.brightness=0.2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    seg("train", *TINY, *extra, "--out", str(full))
+
+    import mixlab.train.seg_trainer as st
+
+    real_evaluate, calls = st.evaluate_seg, {"n": 0}
+
+    def interrupt_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after epoch 2's training steps, before its checkpoint
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(st, "evaluate_seg", interrupt_in_epoch_2)
+    assert main(["seg", "train", *TINY, *extra, "--out", str(part)]) == 130
+    assert len(rd.read_metrics(part)) == 1 and not rd.read_summary(part)["finished"]
+    monkeypatch.setattr(st, "evaluate_seg", real_evaluate)
+    seg("train", "--resume", str(part))
+    assert metrics_without_timing(part) == metrics_without_timing(full)
+    assert rd.read_summary(part)["val"] == rd.read_summary(full)["val"]
+
+
+def test_split_files_are_used_and_checked(tmp_path, capsys):
+    data = _make_busi_like(tmp_path / "busi")
+    (tmp_path / "val.txt").write_text("# held out\ncase00\ncase01.png\n")
+    out = tmp_path / "run"
+    seg("train", *TINY, "--data", str(data), "--epochs", "1", "--val-split", str(tmp_path / "val.txt"),
+        "--out", str(out))
+    assert (out / SPLIT_VAL).read_text().split() == ["case00", "case01"]
+    assert len((out / SPLIT_TRAIN).read_text().split()) == 10
+    (tmp_path / "bad.txt").write_text("case00\nnot_a_case\n")
+    assert main(["seg", "train", *TINY, "--data", str(data), "--epochs", "1", "--val-split",
+                 str(tmp_path / "bad.txt"), "--out", str(tmp_path / "r2")]) == 2
+    assert "not_a_case" in capsys.readouterr().err
+
+
+def test_wrong_task_and_bad_settings_are_refused_with_a_message(tmp_path, capsys):
+    data = _make_busi_like(tmp_path / "busi", n=8)  # 6 train / 2 val
+    cases = [
+        (["seg", "train", "--model", "convmixer_256_8", "--data", str(data), "--out", str(tmp_path / "a")],
+         "classification model"),
+        (["train", "--recipe", "unext-busi", "--out", str(tmp_path / "b")], "mixlab seg train"),
+        (["seg", "train", "--recipe", "seed-convmixer-keras", "--data", str(data)], "`mixlab train`"),
+        (["seg", "train", "--model", "unext", "--set", "loss.name=jaccard", "--data", str(data)], "bce_dice"),
+        (["seg", "train", "--model", "unext", "--set", "augment.mixup_alpha=0.2", "--data", str(data)],
+         "mixup_alpha"),
+        (["seg", "train", "--model", "unext"], "--data"),
+        (["seg", "train", *TINY, "--data", str(data), "--set", "img_size=40", "--out", str(tmp_path / "c")],
+         "multiples of 32"),
+        (["seg", "train", *TINY, "--data", str(data), "--batch-size", "8", "--out", str(tmp_path / "e")],
+         "fewer than one batch"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+    cfg = resolve_config(model="unext", task="classification", overrides=["progress=false"])
+    from mixlab.train.trainer import run_training
+
+    with pytest.raises(ValueError, match="mixlab seg train"):
+        run_training(cfg, tmp_path / "d")
+    assert not any((tmp_path / d).exists() for d in "ace")
+
+
+def test_a_classification_run_is_not_resumed_or_evaluated_as_segmentation(tmp_path, make_folder_dataset, capsys):
+    data = make_folder_dataset(n_classes=2, per_class=(4, 2), size=8)
+    out = tmp_path / "cls"
+    assert main(["train", "--model", "convmixer_256_8", "--model-kwargs", "dim=8,depth=1", "--data", str(data),
+                 "--dataset", "folder", "--epochs", "1", "--batch-size", "4", "--set", "progress=false",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["seg", "train", "--resume", str(out)]) == 2
+    assert "mixlab train --resume" in capsys.readouterr().err
+    assert main(["seg", "eval", "--checkpoint", str(out)]) == 2
+    assert "mixlab eval" in capsys.readouterr().err
+
+
+def test_per_epoch_cosine_equals_torch_cosine_annealing_stepped_each_epoch():
+    """The unext-busi schedule: CosineAnnealingLR(T_max=epochs, eta_min=1e-5), stepped per epoch."""
+    sched = dict(name="cosine", min_lr=1e-5, per_epoch=True)
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-4)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40, eta_min=1e-5)
+    steps = 7
+    for epoch in range(40):
+        expected = opt.param_groups[0]["lr"]
+        for i in range(steps):  # every step of the epoch gets the epoch's rate
+            assert 1e-4 * lr_factor(sched, 40, epoch + (i + 1) / steps, 1e-4) == pytest.approx(expected, rel=1e-12)
+        opt.step()
+        ref.step()
+    # min_lr is absolute: per-step cosine ends exactly at it
+    assert 1e-4 * lr_factor(dict(name="cosine", min_lr=1e-5), 40, 40, 1e-4) == pytest.approx(1e-5)
+
+
+def test_unext_busi_recipe_is_the_papers_setup():
+    cfg = resolve_config(recipe="unext-busi", task="segmentation")
+    assert cfg["model"] == "unext" and cfg["batch_size"] == 8 and cfg["img_size"] == 256
+    assert cfg["optimizer"]["name"] == "adam" and cfg["optimizer"]["lr"] == 1e-4
+    assert cfg["schedule"] == dict(name="cosine", warmup_epochs=0.0, min_lr=1e-5, per_epoch=True)
+    assert cfg["loss"]["name"] == "bce_dice" and cfg["data"]["val_split"] == 0.2
