@@ -59,7 +59,6 @@ def test_seg_run_directory_eval_and_predict(tmp_path, capsys):
     assert sorted(train_names + val_names) == [f"case{i:02d}" for i in range(12)]
     rows = rd.read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert all(0 <= r["val_iou"] <= 100 and 0 <= r["val_dice"] <= 100 for r in rows)
     summary = rd.read_summary(out)
     assert summary["finished"] and summary["task"] == "segmentation" and summary["params"] == 253_561
     assert summary["best_val_iou"] == max(r["val_iou"] for r in rows)
@@ -73,6 +72,11 @@ def test_seg_run_directory_eval_and_predict(tmp_path, capsys):
     assert 100 * r["iou"] == pytest.approx(summary["val"]["iou"], abs=1e-9)
     assert 100 * r["dice"] == pytest.approx(summary["val"]["dice"], abs=1e-9)
     assert r["per_image"]["name"] == val_names and len(r["per_image"]["iou"]) == 3
+    # the last epoch's logged val IoU/Dice are those of the last weights
+    seg("eval", "--checkpoint", str(out), "--weights", "last", "--json")
+    last = json.loads(capsys.readouterr().out)
+    assert 100 * last["iou"] == pytest.approx(rows[-1]["val_iou"], abs=1e-9)
+    assert 100 * last["dice"] == pytest.approx(rows[-1]["val_dice"], abs=1e-9)
 
     # predict on the data folder: a 0/255 mask per image at the image's size, and overlays
     pred = tmp_path / "pred"
@@ -145,11 +149,13 @@ def test_wrong_task_and_bad_settings_are_refused_with_a_message(tmp_path, capsys
     for argv, needle in cases:
         assert main(argv) == 2, argv
         assert needle in capsys.readouterr().err, argv
-    cfg = resolve_config(model="unext", task="classification", overrides=["progress=false"])
-    from mixlab.train.trainer import run_training
-
-    with pytest.raises(ValueError, match="mixlab seg train"):
-        run_training(cfg, tmp_path / "d")
+    with pytest.raises(ValueError, match="mixlab seg train"):  # e.g. `mixlab compare --models unext,...`
+        resolve_config(model="unext", task="classification")
+    for bad, needle in ((["schedule.name=cosine", "schedule.per_epoch=true", "schedule.warmup_epochs=2"], "per_epoch"),
+                        (["augment.crop_scale=0.5"], "crop_scale"), (["loss.name=null"], "loss.name"),
+                        (["threshold=null"], "threshold")):
+        with pytest.raises(ValueError, match=needle):
+            resolve_config(model="unext", task="segmentation", overrides=bad)
     assert not any((tmp_path / d).exists() for d in "ace")
 
 
@@ -188,3 +194,83 @@ def test_unext_busi_recipe_is_the_papers_setup():
     assert cfg["optimizer"]["name"] == "adam" and cfg["optimizer"]["lr"] == 1e-4
     assert cfg["schedule"] == dict(name="cosine", warmup_epochs=0.0, min_lr=1e-5, per_epoch=True)
     assert cfg["loss"]["name"] == "bce_dice" and cfg["data"]["val_split"] == 0.2
+
+
+def test_native_size_run_without_val_split_resumes_evaluates_and_predicts(tmp_path, capsys):
+    """img_size null keeps the files' size ([H, W] in config.yaml); val_split 0 trains on everything."""
+    data = _make_busi_like(tmp_path / "busi", n=8)
+    out = tmp_path / "run"
+    seg("train", *TINY, "--data", str(data), "--epochs", "1", "--set", "img_size=null", "--set", "data.val_split=0",
+        "--out", str(out))
+    assert rd.read_config(out)["img_size"] == [32, 32] and not (out / SPLIT_VAL).exists()
+    assert not (out / "best.safetensors").exists() and rd.read_summary(out)["val_images"] == 0
+    seg("train", "--resume", str(out), "--epochs", "2")
+    assert [r["epoch"] for r in rd.read_metrics(out)] == [1, 2] and rd.read_summary(out)["epochs_done"] == 2
+    assert main(["seg", "eval", "--checkpoint", str(out)]) == 2
+    assert "--data" in capsys.readouterr().err
+    seg("eval", "--checkpoint", str(out), "--data", str(data), "--json")
+    assert json.loads(capsys.readouterr().out)["images"] == 8
+    seg("predict", "--checkpoint", str(out), "--input", str(data / "images" / "case03.png"), "--out", str(tmp_path / "p"))
+    assert np.asarray(Image.open(tmp_path / "p" / "masks" / "0" / "case03.png")).shape == (32, 32)
+
+
+def test_predict_refuses_ground_truth_with_other_classes_before_writing(tmp_path, capsys):
+    data = _make_busi_like(tmp_path / "busi", n=8)
+    out = tmp_path / "run"
+    seg("train", *TINY, "--data", str(data), "--epochs", "1", "--out", str(out))
+    two = tmp_path / "two"
+    (two / "images").mkdir(parents=True)
+    for k in (0, 1):
+        (two / "masks" / str(k)).mkdir(parents=True)
+    img = np.asarray(Image.open(data / "images" / "case00.png"))
+    Image.fromarray(img).save(two / "images" / "x.png")
+    for k in (0, 1):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(two / "masks" / str(k) / "x.png")
+    capsys.readouterr()
+    assert main(["seg", "predict", "--checkpoint", str(out), "--input", str(two), "--out", str(tmp_path / "p")]) == 2
+    assert "2" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_seg_runs_are_refused_by_classification_commands_and_left_out_of_reports(tmp_path, capsys):
+    from mixlab.analysis.report import collect_runs
+
+    data = _make_busi_like(tmp_path / "busi", n=8)
+    out = tmp_path / "runs" / "seg"
+    seg("train", *TINY, "--data", str(data), "--epochs", "1", "--out", str(out))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out)]) == 2
+    assert "mixlab seg eval" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "mixlab seg train --resume" in capsys.readouterr().err
+    assert collect_runs(tmp_path / "runs") == []
+
+
+def test_diverged_seg_training_prints_a_message_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    import mixlab.train.seg_trainer as st
+
+    data = _make_busi_like(tmp_path / "busi", n=8)
+    out = tmp_path / "run"
+    real_call = st.TrainStep.__call__
+
+    def nan_in_epoch_2(self, x, y):
+        loss, logits = real_call(self, x, y)
+        return (loss * float("nan") if len(rd.read_metrics(out)) >= 1 else loss), logits
+
+    monkeypatch.setattr(st.TrainStep, "__call__", nan_in_epoch_2)
+    assert main(["seg", "train", *TINY, "--data", str(data), "--epochs", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "last good checkpoint (epoch 1)" in err and "Traceback" not in err
+    assert torch.load(out / "last_state.pt", weights_only=True)["epoch"] == 1
+
+
+def test_resume_refuses_last_weights_and_state_of_different_epochs(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    data = _make_busi_like(tmp_path / "busi", n=8)
+    out = tmp_path / "run"
+    seg("train", *TINY, "--data", str(data), "--epochs", "1", "--out", str(out))
+    weights = load_file(str(out / "last.safetensors"))
+    save_file(weights, str(out / "last.safetensors"), metadata={"model": "unext_s", "format": "mixlab", "epoch": "2"})
+    capsys.readouterr()
+    assert main(["seg", "train", "--resume", str(out), "--epochs", "3"]) == 2
+    assert "epoch 2" in capsys.readouterr().err and len(rd.read_metrics(out)) == 1

@@ -145,6 +145,9 @@ def load_run(run_dir: str | Path, root: str | Path | None = None) -> RunRecord:
         raise ValueError(f"{run_dir} is not a mixlab run directory (none of {', '.join(_RUN_FILES)})")
     summary = _read_json(run_dir / "summary.json") or {}
     config = _read_config(run_dir / "config.yaml")
+    if config.get("task") == "segmentation":
+        raise ValueError(f"{run_dir} is a segmentation run; `mixlab report` tabulates classification runs "
+                         f"(see `mixlab seg eval --checkpoint {run_dir}`)")
     metrics = _read_metrics(run_dir / "metrics.jsonl")
     vals = [(int(r["epoch"]), r.get("val_acc")) for r in metrics if "epoch" in r]
     val_numbers = [(e, v) for e, v in vals if v is not None]
@@ -189,7 +192,9 @@ def collect_runs(paths: Iterable[str | Path] | str | Path) -> list[RunRecord]:
     """Every run under ``paths`` (folders or run directories), as :class:`RunRecord`."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    return [load_run(d, root) for d, root in find_run_dirs(paths)]
+    # segmentation runs (`mixlab seg train`) have no accuracy to tabulate: left out
+    return [load_run(d, root) for d, root in find_run_dirs(paths)
+            if _read_config(d / "config.yaml").get("task") != "segmentation"]
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -122,7 +122,7 @@ def load_seg_run(run_dir, weights: str = "best"):
     from ..checkpoint import load_weights
     from ..io import read_state_dict
     from ..train import rundir as rd
-    from ..train.seg_trainer import build_seg_model
+    from ..train.seg_trainer import build_seg_model, image_hw
 
     run_dir = Path(run_dir)
     cfg = rd.read_config(run_dir)
@@ -136,8 +136,7 @@ def load_seg_run(run_dir, weights: str = "best"):
     stored = rd.weights_model_name(path)
     if stored and stored != cfg["model"]:
         raise ValueError(f"{path} holds weights of {stored!r} but {run_dir / rd.CONFIG} says model {cfg['model']!r}")
-    size = cfg.get("img_size")
-    size = (int(size), int(size)) if isinstance(size, int) else tuple(size)
+    size = image_hw(cfg.get("img_size"))
     model = build_seg_model({**cfg, "drop_path_rate": None}, int(cfg["num_classes"]), size)
     load_weights(model, read_state_dict(path))
     return model.eval(), cfg
@@ -150,7 +149,7 @@ def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_si
     from ..seg.data import load_segmentation_data
     from ..seg.losses import build_loss
     from ..train.distributed import Distributed
-    from ..train.seg_trainer import evaluate_seg, load_seg_data
+    from ..train.seg_trainer import evaluate_seg, image_hw, load_seg_data
     from ..train.trainer import pick_channels_last, pick_device, pick_precision
 
     model, cfg = load_seg_run(run_dir, weights)
@@ -159,9 +158,7 @@ def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_si
     if data:
         from ..data.classification import default_cache_dir
 
-        size = cfg.get("img_size")
-        size = (int(size),) * 2 if isinstance(size, int) else tuple(size)
-        part = load_segmentation_data(data, size=size, cache_dir=default_cache_dir() / "seg")
+        part = load_segmentation_data(data, size=image_hw(cfg.get("img_size")), cache_dir=default_cache_dir() / "seg")
         split = f"all {len(part)} images of {data}"
     else:
         _, part = load_seg_data(cfg, run_dir)
@@ -169,7 +166,8 @@ def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_si
             raise ValueError(f"{run_dir} was trained without a validation split: pass --data DIR to evaluate")
         split = f"validation split of {cfg['data']['root']} ({len(part)} images)"
     if part.num_classes != cfg["num_classes"]:
-        raise ValueError(f"the run predicts {cfg['num_classes']} mask class(es) but {data} has {part.num_classes}")
+        raise ValueError(f"the run predicts {cfg['num_classes']} mask class(es) but the {split} has "
+                         f"{part.num_classes}")
     dev = pick_device(device, Distributed())
     precision = pick_precision(cfg.get("precision", "auto"), dev)
     mf = torch.channels_last if pick_channels_last(cfg.get("channels_last", "auto"), model) else torch.contiguous_format
@@ -178,7 +176,8 @@ def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_si
                      keep_per_image=keep_per_image)
     if keep_per_image:
         r["per_image"]["name"] = list(part.names)
-    return dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, autocast=precision, **r)
+    return dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, autocast=precision,
+                threshold=float(cfg["threshold"]), **r)
 
 
 def _eval(args) -> int:
@@ -187,7 +186,7 @@ def _eval(args) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{r['model']} ({r['weights']} weights) on the {r['split']}, threshold 0.5:")
+    print(f"{r['model']} ({r['weights']} weights) on the {r['split']}, threshold {r['threshold']:g}:")
     print(f"  IoU   {100 * r['iou']:6.2f}   Dice {100 * r['dice']:6.2f}   "
           f"(the paper's code: pixels pooled per batch of {r['official_batch_size']}, batches averaged)")
     print(f"  IoU   {100 * r['iou_per_image']:6.2f}   Dice {100 * r['dice_per_image']:6.2f}   (mean over images)")
@@ -211,8 +210,16 @@ def _predict(args) -> int:
         raise ValueError(f"--threshold must be between 0 and 1, got {threshold}")
     names, images, truths = read_predict_inputs(args.input)
     dev = pick_device(args.device, Distributed())
-    size = cfg.get("img_size")
-    size = (int(size),) * 2 if isinstance(size, int) else tuple(size)
+    k = int(cfg["num_classes"])
+    mismatched = [n for n, t in zip(names, truths) if t is not None and t.shape[0] != k]
+    if mismatched:
+        raise ValueError(f"the run predicts {k} mask class(es) but the ground truth of {mismatched[0]!r}"
+                         f"{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''} has "
+                         f"{truths[names.index(mismatched[0])].shape[0]}; predict from an images folder without masks, "
+                         "or from data with the run's mask classes (nothing was written)")
+    from ..train.seg_trainer import image_hw
+
+    size = image_hw(cfg.get("img_size"))
     probs = predict_images(model.to(dev), images, size=size, batch_size=int(cfg["batch_size"]),
                            mean=cfg["data"]["mean"], std=cfg["data"]["std"], device=dev)
     written = write_predictions(args.out, names, images, probs, truths, threshold, overlays=not args.no_overlays)

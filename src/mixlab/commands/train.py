@@ -34,6 +34,8 @@ def run(args) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         cfg = rd.read_config(run_dir)
+        if cfg.get("task") == "segmentation":
+            raise ValueError(f"{run_dir} is a segmentation run; resume it with `mixlab seg train --resume {run_dir}`")
         if args.model and args.model != cfg["model"]:
             raise ValueError(f"--model {args.model} does not match the run being resumed, which trains "
                              f"{cfg['model']} ({run_dir / rd.CONFIG}); drop --model or start a new --out")

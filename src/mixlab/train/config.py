@@ -194,7 +194,29 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
     if cfg["task"] != task:
         raise ValueError(f"task cannot be changed to {cfg['task']!r} here; use `{_TASK_COMMAND.get(cfg['task'], 'mixlab')}`")
     validate(cfg)
+    from .. import model_info
+
+    model_task = model_info(cfg["model"]).task
+    if model_task != task:
+        raise ValueError(f"{cfg['model']} is a {model_task} model; train it with `{_TASK_COMMAND[model_task]}` "
+                         f"(`mixlab models --task {task}` lists the {task} models)")
     return cfg
+
+
+def seg_augment(a: dict):
+    """The JointAugment a segmentation config's ``augment`` describes (checked: clear errors)."""
+    from ..seg.data import JointAugment
+
+    crop = a.get("crop_scale")
+    if crop is not None and not (isinstance(crop, (list, tuple)) and len(crop) == 2
+                                 and all(isinstance(v, (int, float)) for v in crop)):
+        raise ValueError(f"augment.crop_scale must be [min, max] (e.g. [0.5, 1.0]) or null, got {crop!r}")
+    try:
+        return JointAugment(hflip=float(a["hflip"]), vflip=float(a["vflip"]), rot90=bool(a["rot90"]),
+                            crop_scale=tuple(crop) if crop else None, crop_p=float(a["crop_p"]),
+                            brightness=float(a["brightness"]), contrast=float(a["contrast"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad segmentation augmentation settings {a}: {e}") from None
 
 
 def validate(cfg: dict) -> None:
@@ -208,15 +230,21 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"select must be 'best_val' or 'last', got {cfg['select']!r}")
     if int(cfg["epochs"]) < 1 or int(cfg["batch_size"]) < 1:
         raise ValueError("epochs and batch_size must be at least 1")
+    if cfg["schedule"].get("per_epoch") and float(cfg["schedule"].get("warmup_epochs") or 0) > 0:
+        raise ValueError("schedule.per_epoch holds each epoch's rate from its start, so a warmup would give the "
+                         "first epoch a rate of 0: use per_epoch with warmup_epochs 0, or per-step warmup")
     if float(cfg["schedule"].get("min_lr") or 0) > float(cfg["optimizer"]["lr"]):
         raise ValueError(f"schedule.min_lr ({cfg['schedule']['min_lr']}) is above optimizer.lr "
                          f"({cfg['optimizer']['lr']}); min_lr is the rate the schedule ends at")
     if cfg.get("task", "classification") == "segmentation":
         from ..seg.losses import build_loss
 
+        if not isinstance(cfg["loss"]["name"], str):
+            raise ValueError(f"loss.name must be a name (bce_dice, dice, bce, focal), got {cfg['loss']['name']!r}")
         build_loss(cfg["loss"]["name"])  # raises on an unknown loss, naming the choices
-        if not 0.0 < float(cfg["threshold"]) < 1.0:
-            raise ValueError(f"threshold must be between 0 and 1, got {cfg['threshold']}")
+        if not isinstance(cfg["threshold"], (int, float)) or not 0.0 < float(cfg["threshold"]) < 1.0:
+            raise ValueError(f"threshold must be a number between 0 and 1, got {cfg['threshold']!r}")
+        seg_augment(cfg["augment"])  # raises on bad augmentation values, naming them
         return
     AugmentConfig.from_dict(cfg["augment"])  # raises on bad augmentation keys/values
 

@@ -58,8 +58,24 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     atomic_write_json(run_dir / SUMMARY, summary)
 
 
-def save_weights(path: Path, model: torch.nn.Module, model_name: str) -> None:
-    atomic_save_safetensors(model.state_dict(), path, metadata={"model": model_name, "format": "mixlab"})
+def save_weights(path: Path, model: torch.nn.Module, model_name: str, epoch: int | None = None) -> None:
+    meta = {"model": model_name, "format": "mixlab"}
+    if epoch is not None:
+        meta["epoch"] = str(epoch)
+    atomic_save_safetensors(model.state_dict(), path, metadata=meta)
+
+
+def check_last_matches_state(run_dir: Path, state: dict) -> None:
+    """Refuse to resume from last weights and a state file of different epochs (a crash
+    between the two atomic writes), which would silently train one epoch twice."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(run_dir) / LAST), "pt") as f:
+        saved = (f.metadata() or {}).get("epoch")
+    if saved is not None and int(saved) != int(state["epoch"]):
+        raise ValueError(f"{run_dir}: {LAST} holds the weights after epoch {saved} but {LAST_STATE} the state after "
+                         f"epoch {state['epoch']} (the run stopped between the two writes), so resuming would train an epoch twice; start a new run "
+                         f"(both weight files are intact and nothing was changed)")
 
 
 def save_state(run_dir: Path, state: dict) -> None:
@@ -91,6 +107,9 @@ def load_run_model(run_dir: str | Path, which: str = "best"):
     """(model in eval mode with the run's weights, config). ``which``: best | last."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
+    if cfg.get("task") == "segmentation":
+        raise ValueError(f"{run_dir} is a segmentation run: use `mixlab seg eval --checkpoint {run_dir}` or "
+                         f"`mixlab seg predict --checkpoint {run_dir} ...`")
     path = run_dir / (BEST if which == "best" else LAST)
     if which == "best" and not path.is_file():
         path = run_dir / LAST  # runs without a validation split keep only the last weights

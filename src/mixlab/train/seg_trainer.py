@@ -27,7 +27,8 @@ from torch import nn
 from . import rundir as rd
 from .distributed import Distributed
 from .step import TrainStep, autocast
-from .trainer import (TrainingDiverged, _progress, build_optimizer, epoch_seed, lr_factor, pick_channels_last,
+from ..errors import TrainingDiverged
+from .trainer import (_progress, build_optimizer, epoch_seed, lr_factor, pick_channels_last,
                       pick_device, pick_precision)
 
 SPLIT_TRAIN, SPLIT_VAL = "split_train.txt", "split_val.txt"
@@ -50,7 +51,7 @@ def load_seg_data(cfg: dict, run_dir: Path | None = None, verbose: bool = False)
         raise ValueError("no data folder given: pass --data DIR, a folder in the UNeXt layout "
                          "(images/<name>.png with masks/0/<name>.png) or images/ + masks/ with matching names; "
                          "on this project's machines: --data ../shared/data/busi")
-    size = (int(cfg["img_size"]),) * 2 if cfg.get("img_size") else None
+    size = image_hw(cfg.get("img_size"))
     t0 = time.perf_counter()
     ds = load_segmentation_data(d["root"], size=size, cache_dir=default_cache_dir() / "seg")
     seconds = time.perf_counter() - t0
@@ -70,6 +71,17 @@ def load_seg_data(cfg: dict, run_dir: Path | None = None, verbose: bool = False)
         print(f"data: {ds.source} ({seconds:.2f} s): {len(train)} train, {len(val) if val else 0} val, "
               f"{ds.num_classes} mask class(es), {ds.image_size[0]}x{ds.image_size[1]} px")
     return train, val
+
+
+def image_hw(value) -> tuple[int, int] | None:
+    """A config's img_size (an int, [h, w], or null) as (h, w) or None."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"img_size must be N or [H, W], got {value!r}")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
 
 
 def _read_names(path: Path) -> list[str]:
@@ -137,7 +149,8 @@ def evaluate_seg(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, cf
 
 def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     from ..analysis.profile import count_macs, count_params
-    from ..seg.data import JointAugment, write_split_file
+    from ..seg.data import write_split_file
+    from .config import seg_augment
     from ..seg.losses import build_loss
     from ..seg.metrics import confusion_counts, scores_from_counts
 
@@ -193,6 +206,7 @@ def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> di
         from ..io import read_state_dict
 
         state = rd.load_state(out_dir)
+        rd.check_last_matches_state(out_dir, state)
         load_weights(model, read_state_dict(out_dir / rd.LAST))
         model.to(device, memory_format=memory_format)
         optimizer.load_state_dict(state["optimizer"])
@@ -217,11 +231,7 @@ def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> di
     if cfg["compile"]:
         net = torch.compile(net)
     step = TrainStep(net, optimizer, loss_fn, device, precision, cfg["clip_grad"])
-    a = cfg["augment"]
-    augment = JointAugment(hflip=float(a["hflip"]), vflip=float(a["vflip"]), rot90=bool(a["rot90"]),
-                           crop_scale=tuple(a["crop_scale"]) if a.get("crop_scale") else None,
-                           crop_p=float(a["crop_p"]), brightness=float(a["brightness"]),
-                           contrast=float(a["contrast"]))
+    augment = seg_augment(cfg["augment"])
     norm = _normalizer(cfg, device)
     say(f"model: {cfg['model']} ({params:,} params, {macs / 1e9:.3f} GMACs at {size[0]}x{size[1]}); device {device}"
         f"{f' x {dist.world_size} ranks' if dist.enabled else ''}, {precision}"
@@ -258,6 +268,8 @@ def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> di
             loss, logits = step(x, m.float())
             if ema is not None:
                 ema.update(model)
+            if dist.enabled:  # every rank decides together, or one would wait forever in the next all-reduce
+                loss = dist.all_reduce_(loss.detach().clone().float()) / dist.world_size
             loss_value = float(loss)  # per step: segmentation steps are few and long
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
@@ -301,13 +313,13 @@ def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> di
         if main:
             if improved:
                 rd.save_weights(out_dir / rd.BEST, eval_model, cfg["model"])
-            rd.save_weights(out_dir / rd.LAST, model, cfg["model"])
+            rd.save_weights(out_dir / rd.LAST, model, cfg["model"], epoch=epoch + 1)
             state = dict(epoch=epoch + 1, optimizer=optimizer.state_dict(), best_val=best_val, best_epoch=best_epoch,
                          wall_seconds=wall_before + time.perf_counter() - t_run, rng_cpu=torch.get_rng_state())
             if ema is not None:
                 state["ema"] = ema.module.state_dict()
+            rd.write_metrics(out_dir, rows)  # before the state: resume keeps the rows the state covers
             rd.save_state(out_dir, state)  # after the weights: a state file always has its weights
-            rd.write_metrics(out_dir, rows)
             rd.plot_curves(out_dir, rows, f"{cfg['model']} on {Path(str(cfg['data']['root'])).name}",
                            SEG_CURVES, "IoU / Dice (%)")
             rd.write_summary(out_dir, dict(summary, best_val_iou=best_val if has_val else None,

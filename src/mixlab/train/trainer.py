@@ -27,8 +27,7 @@ from .distributed import Distributed
 from .step import TrainStep, autocast
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+from ..errors import TrainingDiverged  # noqa: E402,F401  (re-exported: mixlab.train.trainer.TrainingDiverged)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -109,7 +108,9 @@ def lr_factor(sched: dict, epochs: int, progress: float, base_lr: float | None =
         return progress / warm
     t = min(1.0, (progress - warm) / max(epochs - warm, 1e-8))
     min_lr = float(sched.get("min_lr") or 0.0)
-    floor = min_lr / base_lr if base_lr else min_lr
+    if min_lr and not base_lr:
+        raise ValueError("lr_factor needs base_lr (the optimizer's rate) when schedule.min_lr is set")
+    floor = min_lr / base_lr if min_lr else 0.0
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -201,6 +202,7 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     # --- resume or start
     if resume:
         state = rd.load_state(out_dir)
+        rd.check_last_matches_state(out_dir, state)
         from ..checkpoint import load_weights
         from ..io import read_state_dict
 
@@ -306,14 +308,14 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
         if main:
             if improved:
                 rd.save_weights(out_dir / rd.BEST, eval_model, cfg["model"])
-            rd.save_weights(out_dir / rd.LAST, model, cfg["model"])
+            rd.save_weights(out_dir / rd.LAST, model, cfg["model"], epoch=epoch + 1)
             state = dict(epoch=epoch + 1, optimizer=optimizer.state_dict(), best_val=best_val, best_epoch=best_epoch,
                          wall_seconds=wall_before + time.perf_counter() - t_run,
                          rng_cpu=torch.get_rng_state())
             if ema is not None:
                 state["ema"] = ema.module.state_dict()
+            rd.write_metrics(out_dir, rows)  # before the state: resume keeps the rows the state covers
             rd.save_state(out_dir, state)  # after the weights: a state file always has its weights
-            rd.write_metrics(out_dir, rows)
             rd.plot_curves(out_dir, rows, f"{cfg['model']} on {data.name}")
             rd.write_summary(out_dir, dict(summary, best_val_acc=best_val if has_val else None,
                                            best_epoch=best_epoch if has_val else None, test_acc=None,
