@@ -63,25 +63,11 @@ def _train(args) -> int:
     from .info import parse_kv
 
     if args.resume:
-        run_dir = Path(args.resume)
-        cfg = rd.read_config(run_dir)
-        if cfg.get("task") != "segmentation":
-            raise ValueError(f"{run_dir} is a {cfg.get('task', 'classification')} run; resume it with "
-                             f"`mixlab train --resume {run_dir}`")
-        if args.model and args.model != cfg["model"]:
-            raise ValueError(f"--model {args.model} does not match the run being resumed, which trains "
-                             f"{cfg['model']} ({run_dir / rd.CONFIG}); drop --model or start a new --out")
-        if not (run_dir / rd.LAST_STATE).is_file():
-            raise FileNotFoundError(f"{run_dir} has no checkpoint yet ({rd.LAST_STATE}); start it again without --resume")
-        if args.epochs:
-            cfg["epochs"] = args.epochs
-        summary = rd.read_summary(run_dir) or {}
-        if summary.get("finished") and summary.get("epochs_done", 0) >= cfg["epochs"]:
-            print(f"{run_dir} already finished {cfg['epochs']} epochs")
+        cfg = rd.resume_config(args.resume, "segmentation", args.model, args.epochs, args.data)
+        if cfg is None:
+            print(f"{args.resume} already finished {rd.read_summary(args.resume)['epochs_done']} epochs")
             return 0
-        if args.data:
-            cfg["data"]["root"] = args.data
-        run_seg_training(cfg, run_dir, resume=True)
+        run_seg_training(cfg, Path(args.resume), resume=True)
         return 0
     overrides = list(args.set)
     if args.train_split:
@@ -92,27 +78,9 @@ def _train(args) -> int:
                          task="segmentation", data=args.data, epochs=args.epochs, batch_size=args.batch_size,
                          seed=args.seed, device=args.device, precision=args.precision, compile=args.compile,
                          model_kwargs=parse_kv(args.model_kwargs) or None)
-    _check_segmentation_model(cfg["model"])  # before any data is read
-    if args.out:
-        out = Path(args.out)
-    else:
-        import time
-
-        out = Path("runs") / f"{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / rd.CONFIG).exists():
-        raise ValueError(f"{out} already holds a run; continue it with `mixlab seg train --resume {out}` "
-                         "or choose another --out (nothing was overwritten)")
+    out = rd.new_run_dir(args.out, cfg["model"], "mixlab seg train")
     run_seg_training(cfg, out)
     return 0
-
-
-def _check_segmentation_model(name: str) -> None:
-    from .. import list_models, model_info
-
-    info = model_info(name)
-    if info.task != "segmentation":
-        raise ValueError(f"{name} is a {info.task} model; `mixlab seg train` trains segmentation models: "
-                         f"{', '.join(list_models(task='segmentation'))} (classifiers: `mixlab train`)")
 
 
 # ----------------------------------------------------------------------------- eval / predict

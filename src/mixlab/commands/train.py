@@ -32,39 +32,20 @@ def run(args) -> int:
     from .info import parse_kv
 
     if args.resume:
-        run_dir = Path(args.resume)
-        cfg = rd.read_config(run_dir)
-        if cfg.get("task") == "segmentation":
-            raise ValueError(f"{run_dir} is a segmentation run; resume it with `mixlab seg train --resume {run_dir}`")
-        if args.model and args.model != cfg["model"]:
-            raise ValueError(f"--model {args.model} does not match the run being resumed, which trains "
-                             f"{cfg['model']} ({run_dir / rd.CONFIG}); drop --model or start a new --out")
-        if not (run_dir / rd.LAST_STATE).is_file():
-            raise FileNotFoundError(f"{run_dir} has no checkpoint yet ({rd.LAST_STATE}); start it again without --resume")
-        if args.epochs:
-            cfg["epochs"] = args.epochs  # extending a finished run is allowed
-        summary = rd.read_summary(run_dir) or {}
-        if summary.get("finished") and summary.get("epochs_done", 0) >= cfg["epochs"]:
-            print(f"{run_dir} already finished {cfg['epochs']} epochs: test accuracy {summary.get('test_acc'):.2f}%")
+        cfg = rd.resume_config(args.resume, "classification", args.model, args.epochs, args.data)
+        if cfg is None:
+            summary = rd.read_summary(args.resume)
+            print(f"{args.resume} already finished {summary['epochs_done']} epochs: test accuracy "
+                  f"{summary.get('test_acc'):.2f}%")
             return 0
-        if args.data:
-            cfg["data"]["root"] = args.data
-        run_training(cfg, run_dir, resume=True)
+        run_training(cfg, Path(args.resume), resume=True)
         return 0
     overrides = list(args.set)
     cfg = resolve_config(model=args.model, recipe=args.recipe, config_file=args.config, overrides=overrides,
                          data=args.data, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                          seed=args.seed, device=args.device, precision=args.precision, compile=args.compile,
                          model_kwargs=parse_kv(args.model_kwargs) or None)
-    if args.out:
-        out = Path(args.out)
-    else:
-        import time
-
-        out = Path("runs") / f"{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / rd.CONFIG).exists():
-        raise ValueError(f"{out} already holds a run; continue it with `mixlab train --resume {out}` "
-                         "or choose another --out (nothing was overwritten)")
+    out = rd.new_run_dir(args.out, cfg["model"], "mixlab train")
     if args.download:
         cfg["data"]["download"] = True
     run_training(cfg, out)

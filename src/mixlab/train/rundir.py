@@ -86,6 +86,97 @@ def load_state(run_dir: Path) -> dict:
     return torch.load(run_dir / LAST_STATE, map_location="cpu", weights_only=True)
 
 
+def restore_checkpoint(run_dir: Path, model, optimizer, ema=None) -> dict:
+    """Load a run's last checkpoint into ``model`` / ``optimizer`` / ``ema`` (in place).
+
+    Returns what the training loop carries on with: ``epoch`` (epochs done), ``best_val``,
+    ``best_epoch``, ``wall_seconds`` and the metrics ``rows`` of those epochs.
+    """
+    from ..checkpoint import load_weights
+
+    state = load_state(run_dir)
+    check_last_matches_state(run_dir, state)
+    load_weights(model, read_state_dict(run_dir / LAST))
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and "ema" in state:
+        ema.module.load_state_dict(state["ema"])
+    epoch = int(state["epoch"])
+    return dict(epoch=epoch, best_val=float(state["best_val"]), best_epoch=int(state["best_epoch"]),
+                wall_seconds=float(state.get("wall_seconds", 0.0)), rows=read_metrics(run_dir)[:epoch])
+
+
+def open_run(run_dir: Path, cfg: dict, resume: bool, model, optimizer, ema, write: bool) -> dict:
+    """Start a run directory (config, empty metrics) or restore its last checkpoint into the
+    model / optimizer / EMA; returns the loop's starting point as :func:`restore_checkpoint`.
+    Only the process with ``write`` (rank 0) writes files."""
+    start = dict(epoch=0, best_val=-1.0, best_epoch=0, wall_seconds=0.0, rows=[])
+    if resume:
+        start = restore_checkpoint(run_dir, model, optimizer, ema)
+        print(f"resuming {run_dir} after epoch {start['epoch']}/{cfg['epochs']}") if write else None
+    elif write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_metrics(run_dir, [])
+    if write:
+        write_config(run_dir, cfg)  # on resume too: --epochs may have extended the run
+    return start
+
+
+def new_run_dir(out: str | None, model_name: str, command: str) -> Path:
+    """``--out``, or runs/MODEL-YYYYMMDD-HHMMSS; refuses a folder that already holds a run."""
+    import time
+
+    path = Path(out) if out else Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (path / CONFIG).exists():
+        raise ValueError(f"{path} already holds a run; continue it with `{command} --resume {path}` "
+                         "or choose another --out (nothing was overwritten)")
+    return path
+
+
+def save_checkpoint(run_dir: Path, model_name: str, model, optimizer, ema, rows: list[dict], best_val: float,
+                    best_epoch: int, wall_seconds: float, best_model=None) -> None:
+    """Write one finished epoch: best weights (when ``best_model`` is given), last weights, the
+    metrics, then the state. Each write is atomic; the order keeps a crash between two of them
+    resumable (the state, written last, never points past its weights or its metrics rows)."""
+    epoch = rows[-1]["epoch"]
+    if best_model is not None:
+        save_weights(run_dir / BEST, best_model, model_name)
+    save_weights(run_dir / LAST, model, model_name, epoch=epoch)
+    state = dict(epoch=epoch, optimizer=optimizer.state_dict(), best_val=best_val, best_epoch=best_epoch,
+                 wall_seconds=wall_seconds, rng_cpu=torch.get_rng_state())
+    if ema is not None:
+        state["ema"] = ema.module.state_dict()
+    write_metrics(run_dir, rows)
+    save_state(run_dir, state)
+
+
+_COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train"}
+
+
+def resume_config(run_dir: str | Path, task: str, model: str | None = None, epochs: int | None = None,
+                  data: str | None = None) -> dict | None:
+    """The configuration to resume ``run_dir`` with, checked against the command's task and
+    ``--model``; ``epochs`` may extend the run, ``data`` move its data root. None when the run
+    has already finished its epochs (the caller prints its result)."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    run_task = cfg.get("task", "classification")
+    if run_task != task:
+        raise ValueError(f"{run_dir} is a {run_task} run; resume it with `{_COMMAND[run_task]} --resume {run_dir}`")
+    if model and model != cfg["model"]:
+        raise ValueError(f"--model {model} does not match the run being resumed, which trains "
+                         f"{cfg['model']} ({run_dir / CONFIG}); drop --model or start a new --out")
+    if not (run_dir / LAST_STATE).is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet ({LAST_STATE}); start it again without --resume")
+    if epochs:
+        cfg["epochs"] = epochs  # extending a finished run is allowed
+    summary = read_summary(run_dir) or {}
+    if summary.get("finished") and summary.get("epochs_done", 0) >= cfg["epochs"]:
+        return None
+    if data:
+        cfg["data"]["root"] = data
+    return cfg
+
+
 def weights_model_name(path: Path) -> str | None:
     from safetensors import safe_open
 

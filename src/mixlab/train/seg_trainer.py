@@ -198,30 +198,12 @@ def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> di
     loss_fn = build_loss(cfg["loss"]["name"])
     per_rank = len(train) // dist.world_size
     steps_per_epoch = per_rank // batch_size if cfg["drop_last"] else math.ceil(per_rank / batch_size)
-    start_epoch, best_val, best_epoch, rows, wall_before = 0, -1.0, 0, [], 0.0
-
     # --- resume or start
-    if resume:
-        from ..checkpoint import load_weights
-        from ..io import read_state_dict
-
-        state = rd.load_state(out_dir)
-        rd.check_last_matches_state(out_dir, state)
-        load_weights(model, read_state_dict(out_dir / rd.LAST))
-        model.to(device, memory_format=memory_format)
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and "ema" in state:
-            ema.module.load_state_dict(state["ema"])
-        start_epoch, best_val, best_epoch = int(state["epoch"]), float(state["best_val"]), int(state["best_epoch"])
-        wall_before = float(state.get("wall_seconds", 0.0))
-        rows = rd.read_metrics(out_dir)[:start_epoch]
-        say(f"resuming {out_dir} after epoch {start_epoch}/{cfg['epochs']}")
-        if main:
-            rd.write_config(out_dir, cfg)
-    elif main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rd.write_config(out_dir, cfg)
-        rd.write_metrics(out_dir, [])
+    r = rd.open_run(out_dir, cfg, resume, model, optimizer, ema, write=main)
+    model.to(device, memory_format=memory_format)
+    start_epoch, best_val, best_epoch, wall_before, rows = (r["epoch"], r["best_val"], r["best_epoch"],
+                                                            r["wall_seconds"], r["rows"])
+    if main and not resume:
         write_split_file(out_dir / SPLIT_TRAIN, train.names)
         if has_val:
             write_split_file(out_dir / SPLIT_VAL, val.names)
@@ -311,15 +293,8 @@ def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> di
         if improved:
             best_val, best_epoch = row["val_iou"], epoch + 1
         if main:
-            if improved:
-                rd.save_weights(out_dir / rd.BEST, eval_model, cfg["model"])
-            rd.save_weights(out_dir / rd.LAST, model, cfg["model"], epoch=epoch + 1)
-            state = dict(epoch=epoch + 1, optimizer=optimizer.state_dict(), best_val=best_val, best_epoch=best_epoch,
-                         wall_seconds=wall_before + time.perf_counter() - t_run, rng_cpu=torch.get_rng_state())
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
-            rd.write_metrics(out_dir, rows)  # before the state: resume keeps the rows the state covers
-            rd.save_state(out_dir, state)  # after the weights: a state file always has its weights
+            rd.save_checkpoint(out_dir, cfg["model"], model, optimizer, ema, rows, best_val, best_epoch,
+                               wall_before + time.perf_counter() - t_run, eval_model if improved else None)
             rd.plot_curves(out_dir, rows, f"{cfg['model']} on {Path(str(cfg['data']['root'])).name}",
                            SEG_CURVES, "IoU / Dice (%)")
             rd.write_summary(out_dir, dict(summary, best_val_iou=best_val if has_val else None,

@@ -197,30 +197,11 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     optimizer = build_optimizer(model, cfg["optimizer"])
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     steps_per_epoch = math.ceil(len(train_y) / dist.world_size / int(cfg["batch_size"]))
-    start_epoch, best_val, best_epoch, rows, wall_before = 0, -1.0, 0, [], 0.0
-
     # --- resume or start
-    if resume:
-        state = rd.load_state(out_dir)
-        rd.check_last_matches_state(out_dir, state)
-        from ..checkpoint import load_weights
-        from ..io import read_state_dict
-
-        load_weights(model, read_state_dict(out_dir / rd.LAST))
-        model.to(device, memory_format=memory_format)
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and "ema" in state:
-            ema.module.load_state_dict(state["ema"])
-        start_epoch, best_val, best_epoch = int(state["epoch"]), float(state["best_val"]), int(state["best_epoch"])
-        wall_before = float(state.get("wall_seconds", 0.0))
-        rows = rd.read_metrics(out_dir)[:start_epoch]
-        say(f"resuming {out_dir} after epoch {start_epoch}/{cfg['epochs']}")
-        if main:
-            rd.write_config(out_dir, cfg)  # --epochs may have extended the run
-    elif main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rd.write_config(out_dir, cfg)
-        rd.write_metrics(out_dir, [])
+    r = rd.open_run(out_dir, cfg, resume, model, optimizer, ema, write=main)
+    model.to(device, memory_format=memory_format)
+    start_epoch, best_val, best_epoch, wall_before, rows = (r["epoch"], r["best_val"], r["best_epoch"],
+                                                            r["wall_seconds"], r["rows"])
     dist.barrier()
 
     net = dist.wrap(model, device)
@@ -306,16 +287,8 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
         if improved:
             best_val, best_epoch = val["acc"], epoch + 1
         if main:
-            if improved:
-                rd.save_weights(out_dir / rd.BEST, eval_model, cfg["model"])
-            rd.save_weights(out_dir / rd.LAST, model, cfg["model"], epoch=epoch + 1)
-            state = dict(epoch=epoch + 1, optimizer=optimizer.state_dict(), best_val=best_val, best_epoch=best_epoch,
-                         wall_seconds=wall_before + time.perf_counter() - t_run,
-                         rng_cpu=torch.get_rng_state())
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
-            rd.write_metrics(out_dir, rows)  # before the state: resume keeps the rows the state covers
-            rd.save_state(out_dir, state)  # after the weights: a state file always has its weights
+            rd.save_checkpoint(out_dir, cfg["model"], model, optimizer, ema, rows, best_val, best_epoch,
+                               wall_before + time.perf_counter() - t_run, eval_model if improved else None)
             rd.plot_curves(out_dir, rows, f"{cfg['model']} on {data.name}")
             rd.write_summary(out_dir, dict(summary, best_val_acc=best_val if has_val else None,
                                            best_epoch=best_epoch if has_val else None, test_acc=None,
