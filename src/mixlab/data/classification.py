@@ -144,7 +144,8 @@ def _list_folder(root: Path) -> tuple[dict[str, list[tuple[Path, int]]], list[st
 def _fingerprint_folder(root: Path) -> str:
     # Folder mtimes and the sorted listing, not a stat of every file: 60,000 stats cost about
     # a second, a listing about 30 ms. Files added, removed or renamed change the key; a file
-    # overwritten in place keeps its folder's mtime, so --rebuild-cache covers that case.
+    # overwritten in place keeps its folder's mtime: load_dataset(rebuild_cache=True), or deleting the
+    # cache file under ~/.cache/mixlab/datasets, covers that case.
     h = hashlib.sha256(str(root.resolve()).encode())
     for s in ("train", "val", "test"):
         base = root / s
