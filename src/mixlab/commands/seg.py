@@ -6,27 +6,18 @@ from pathlib import Path
 
 
 def configure(p):
+    from .train import add_run_options
+
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     t = sub.add_parser("train", help="train a segmentation model and write a run directory")
-    t.add_argument("--model", help="a segmentation model (`mixlab models --task segmentation`): unext, unext_s")
-    t.add_argument("--data", help="data folder: UNeXt layout (images/, masks/0/) or images/ + masks/ "
-                   "with matching names, e.g. ../shared/data/busi")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    t.add_argument("--out", help="run directory to write (default: runs/MODEL-YYYYMMDD-HHMMSS)")
-    t.add_argument("--recipe", help="a shipped segmentation recipe (`mixlab recipes`), e.g. unext-busi")
-    t.add_argument("--config", help="a YAML file of settings (same keys as the recipes)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set loss.name=dice --set data.val_split=0.3")
+    add_run_options(t, model_help="a segmentation model (`mixlab models --task segmentation`): unext, unext_s",
+                    data_help="data folder: UNeXt layout (images/, masks/0/) or images/ + masks/ with matching "
+                    "names, e.g. ../shared/data/busi",
+                    recipe_help="a shipped segmentation recipe (`mixlab recipes`), e.g. unext-busi",
+                    set_example="--set loss.name=dice --set data.val_split=0.3")
     t.add_argument("--train-split", metavar="FILE", help="names of the training cases, one per line")
     t.add_argument("--val-split", metavar="FILE", help="names of the validation cases, one per line")
-    t.add_argument("--model-kwargs", default="", metavar="K=V,...", help="architecture arguments")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
 
     e = sub.add_parser("eval", help="IoU, Dice, precision, recall of a trained run")
     e.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a `mixlab seg train` run directory")
@@ -58,9 +49,8 @@ def run(args) -> int:
 
 def _train(args) -> int:
     from ..train import rundir as rd
-    from ..train.config import resolve_config
     from ..train.seg_trainer import run_seg_training
-    from .info import parse_kv
+    from .train import config_from_args
 
     if args.resume:
         cfg = rd.resume_config(args.resume, "segmentation", args.model, args.epochs, args.data)
@@ -74,10 +64,7 @@ def _train(args) -> int:
         overrides.append(f"data.train_split_file={args.train_split}")
     if args.val_split:
         overrides.append(f"data.val_split_file={args.val_split}")
-    cfg = resolve_config(model=args.model, recipe=args.recipe, config_file=args.config, overrides=overrides,
-                         task="segmentation", data=args.data, epochs=args.epochs, batch_size=args.batch_size,
-                         seed=args.seed, device=args.device, precision=args.precision, compile=args.compile,
-                         model_kwargs=parse_kv(args.model_kwargs) or None)
+    cfg = config_from_args(args, "segmentation", overrides)
     out = rd.new_run_dir(args.out, cfg["model"], "mixlab seg train")
     run_seg_training(cfg, out)
     return 0

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def configure(p):
-    p.add_argument("--model", help="registered model name (see `mixlab models`)")
-    p.add_argument("--data", help="data root (default: $MIXLAB_DATA, then ~/.cache/mixlab/data)")
-    p.add_argument("--dataset", help="cifar10 (default), cifar100, or folder (any train/<class>/, test/<class>/ tree)")
+def add_run_options(p, model_help: str, data_help: str, recipe_help: str, set_example: str) -> None:
+    """The options `mixlab train` and `mixlab seg train` share (help texts per command)."""
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--data", help=data_help)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
@@ -16,20 +16,37 @@ def configure(p):
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--out", help="run directory to write (must not hold another run; "
                    "default: runs/MODEL-YYYYMMDD-HHMMSS)")
-    p.add_argument("--recipe", help="a shipped recipe (see `mixlab recipes`)")
+    p.add_argument("--recipe", help=recipe_help)
     p.add_argument("--config", help="a YAML file of settings (same keys as the recipes)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set optimizer.lr=0.01 --set augment.hflip=0")
+                   help=f"override any setting, e.g. {set_example}")
     p.add_argument("--model-kwargs", default="", metavar="K=V,...", help="architecture arguments")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+
+
+def config_from_args(args, task: str, overrides: list[str], **explicit) -> dict:
+    """resolve_config from the shared options, ``overrides`` (the --set items) and ``explicit`` flags."""
+    from ..train.config import resolve_config
+    from .info import parse_kv
+
+    return resolve_config(model=args.model, recipe=args.recipe, config_file=args.config, overrides=overrides,
+                          task=task, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
+                          seed=args.seed, device=args.device, precision=args.precision, compile=args.compile,
+                          model_kwargs=parse_kv(args.model_kwargs) or None, **explicit)
+
+
+def configure(p):
+    add_run_options(p, model_help="registered model name (see `mixlab models`)",
+                    data_help="data root (default: $MIXLAB_DATA, then ~/.cache/mixlab/data)",
+                    recipe_help="a shipped recipe (see `mixlab recipes`)",
+                    set_example="--set optimizer.lr=0.01 --set augment.hflip=0")
+    p.add_argument("--dataset", help="cifar10 (default), cifar100, or folder (any train/<class>/, test/<class>/ tree)")
     p.add_argument("--download", action="store_true", help="download CIFAR if it is not found (needs a network)")
 
 
 def run(args) -> int:
     from ..train import rundir as rd
-    from ..train.config import resolve_config
     from ..train.trainer import run_training
-    from .info import parse_kv
 
     if args.resume:
         cfg = rd.resume_config(args.resume, "classification", args.model, args.epochs, args.data)
@@ -40,11 +57,7 @@ def run(args) -> int:
             return 0
         run_training(cfg, Path(args.resume), resume=True)
         return 0
-    overrides = list(args.set)
-    cfg = resolve_config(model=args.model, recipe=args.recipe, config_file=args.config, overrides=overrides,
-                         data=args.data, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                         seed=args.seed, device=args.device, precision=args.precision, compile=args.compile,
-                         model_kwargs=parse_kv(args.model_kwargs) or None)
+    cfg = config_from_args(args, "classification", list(args.set), dataset=args.dataset)
     out = rd.new_run_dir(args.out, cfg["model"], "mixlab train")
     if args.download:
         cfg["data"]["download"] = True

@@ -112,7 +112,8 @@ def open_run(run_dir: Path, cfg: dict, resume: bool, model, optimizer, ema, writ
     start = dict(epoch=0, best_val=-1.0, best_epoch=0, wall_seconds=0.0, rows=[])
     if resume:
         start = restore_checkpoint(run_dir, model, optimizer, ema)
-        print(f"resuming {run_dir} after epoch {start['epoch']}/{cfg['epochs']}") if write else None
+        if write:
+            print(f"resuming {run_dir} after epoch {start['epoch']}/{cfg['epochs']}")
     elif write:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_metrics(run_dir, [])

@@ -44,7 +44,7 @@ def load_seg_data(cfg: dict, run_dir: Path | None = None, verbose: bool = False)
     configured split files, a seeded random split of ``data.val_split``.
     """
     from ..data.classification import default_cache_dir
-    from ..seg.data import load_segmentation_data, split_dataset
+    from ..seg.data import load_segmentation_data, read_split_file, split_dataset
 
     d = cfg["data"]
     if not d.get("root"):
@@ -60,7 +60,7 @@ def load_seg_data(cfg: dict, run_dir: Path | None = None, verbose: bool = False)
         train_file = Path(run_dir) / SPLIT_TRAIN
         val_file = Path(run_dir) / SPLIT_VAL if (Path(run_dir) / SPLIT_VAL).is_file() else None
         if val_file is None:
-            return ds.subset(_read_names(train_file)), None
+            return ds.subset(read_split_file(train_file)), None
     if train_file or val_file:
         train, val = split_dataset(ds, train_file=train_file, val_file=val_file)
     elif float(d["val_split"]) > 0:
@@ -82,12 +82,6 @@ def image_hw(value) -> tuple[int, int] | None:
             raise ValueError(f"img_size must be N or [H, W], got {value!r}")
         return int(value[0]), int(value[1])
     return int(value), int(value)
-
-
-def _read_names(path: Path) -> list[str]:
-    from ..seg.data import read_split_file
-
-    return read_split_file(path)
 
 
 def build_seg_model(cfg: dict, num_classes: int, img_size: tuple[int, int] | None):
