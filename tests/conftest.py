@@ -76,6 +76,19 @@ def make_cifar_pickle(tmp_path):
     return make
 
 
+@pytest.fixture(autouse=True, scope="session")
+def isolated_kernel_cache(tmp_path_factory):
+    """One build of the fast depthwise kernel per test session, in a folder of the session's own
+    (not the user's ~/.cache/mixlab/kernels)."""
+    old = os.environ.get("MIXLAB_KERNEL_CACHE")
+    os.environ["MIXLAB_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels"))
+    yield
+    if old is None:
+        os.environ.pop("MIXLAB_KERNEL_CACHE", None)
+    else:
+        os.environ["MIXLAB_KERNEL_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own mixlab cache directory and no MIXLAB_DATA from the caller."""

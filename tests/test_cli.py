@@ -77,3 +77,16 @@ def test_recipes_listed(capsys):
 def test_help(capsys, argv):
     code, out, _ = run(capsys, *argv)
     assert code == 0 and "train" in out
+
+
+def test_model_kwargs_take_lists_and_mappings(capsys):
+    from mixlab.commands.info import parse_kv
+
+    assert parse_kv("dims=[32,64,128,160,256],drop_rate=0.1") == {"dims": [32, 64, 128, 160, 256], "drop_rate": 0.1}
+    assert parse_kv("a={k: 1, j: [1, 2]},b='x,y',c=null") == {"a": {"k": 1, "j": [1, 2]}, "b": "x,y", "c": None}
+    code, out, _ = run(capsys, "info", "unext", "--model-kwargs", "dims=[32,64,128,160,256]", "--json")
+    assert code == 0 and json.loads(out)["params"] == 1_580_961  # the seed's UNeXt text gives these widths
+    code, _, err = run(capsys, "info", "unext", "--model-kwargs", "dims=[32,64")
+    assert code == 2 and "the value of dims" in err and "Traceback" not in err
+    code, _, err = run(capsys, "info", "unext", "--model-kwargs", "dims")
+    assert code == 2 and "KEY=VALUE" in err

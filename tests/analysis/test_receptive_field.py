@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixlab
-from mixlab.analysis.receptive_field import (effective_rf, gridding_share, hdc_check, model_rf_report,
-                                             model_spatial_layers, rf_report, rf_size, stack_counts,
-                                             utilisation_counts)
+from mixlab.analysis.receptive_field import (count_colour_map, effective_rf, gridding_share, hdc_check,
+                                             model_rf_report, model_spatial_layers, plot_rf_counts, rf_report,
+                                             rf_size, sawtooth_groups, stack_counts, utilisation_counts)
 
 
 def counts_by_conv_transpose(kernel: int, rates: list[int]) -> np.ndarray:
@@ -68,6 +68,47 @@ def test_hdc_verdicts():
     # and the verdicts agree with the counts: a failing stack leaves holes, a passing one none
     assert gridding_share(utilisation_counts(3, [1, 2, 9])) > 0
     assert gridding_share(utilisation_counts(3, [1, 2, 3])) == 0
+
+
+@pytest.mark.parametrize("rates, passes", [([1, 2, 5, 1, 2, 5], True), ([1, 2, 5], True), ([2, 4, 6], False),
+                                           ([1, 2, 9], False), ([2, 2, 2], False)])
+def test_hdc_verdict_per_sawtooth_group_agrees_with_the_counts(rates, passes):
+    h = hdc_check(rates, 3)
+    assert h["passes"] is passes
+    # independent: the counts pushed back through conv_transpose2d leave no hole iff HDC passes here
+    ref = counts_by_conv_transpose(3, rates)
+    assert (gridding_share(ref) == 0) is passes
+    assert (h["failures"] == []) is passes
+
+
+def test_hdc_names_which_rule_failed_where():
+    assert sawtooth_groups([1, 2, 5, 1, 2, 5]) == [[1, 2, 5], [1, 2, 5]]
+    assert sawtooth_groups([2, 2, 2]) == [[2], [2], [2]] and sawtooth_groups([1, 2, 9]) == [[1, 2, 9]]
+    saw = hdc_check([1, 2, 5, 1, 2, 5], 3)
+    # the whole stack as one group fails rule 2: M_6 = 5, M_5 = max(5 - 4, 5 - 6, 2) = 2,
+    # M_4 = max(2 - 2, 2 - 2, 1) = 1, M_3 = max(1 - 10, 1 + 8, 5) = 9, M_2 = max(9 - 4, 9 - 14, 2) = 5 > 3,
+    # M_1 = max(5 - 2, 5 - 8, 1) = 3; each group [1, 2, 5] passes, and nothing grids
+    assert saw["M"] == [3, 5, 9, 1, 2, 5] and saw["M2"] == 5 and not saw["passes_as_stack"]
+    assert saw["passes_as_groups"] and [g["M2"] for g in saw["groups"]] == [2, 2] and saw["gridding_share"] == 0
+    assert any("gcd 2" in f for f in hdc_check([2, 4, 6], 3)["failures"])
+    assert any("M_2 = 5 > K = 3" in f for f in hdc_check([1, 2, 9], 3)["failures"])
+    flat = hdc_check([2, 2, 2], 3)["failures"]
+    assert any(f.startswith("sawtooth group [2]: rule 1") for f in flat)
+    assert any("71.0% of its receptive field is never used" in f for f in flat)
+
+
+def test_count_plot_uses_the_seeds_colour_map():
+    from matplotlib.colors import to_rgba
+
+    fig = plot_rf_counts(rf_report(3, [2, 2, 2]))
+    image = fig.axes[0].images[0]
+    cmap = image.get_cmap()
+    assert cmap(0.0) == to_rgba("white") and cmap(1.0) == to_rgba("red")
+    assert np.allclose(cmap(0.5), to_rgba("blue"), atol=1 / 255 + 1e-9)
+    assert (image.norm.vmin, image.norm.vmax) == (0, 49)
+    assert count_colour_map("viridis").name == "viridis"
+    with pytest.raises(ValueError, match="colour map"):
+        count_colour_map("nope")
 
 
 def test_rf_report_numbers():

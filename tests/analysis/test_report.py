@@ -170,3 +170,37 @@ def test_report_without_runs_is_a_clear_error(tmp_path, capsys):
     assert "no training runs" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_a_run_selected_on_the_test_set_says_so_in_every_table(tmp_path):
+    from mixlab.train import rundir as rd
+
+    root = tmp_path / "runs"
+    c2f, held = root / "c2f", root / "keras"
+    _write_run(c2f, "conv2former_n_cifar", 2, _rows([80.0, 81.0], [10, 10], [100, 100]))
+    _write_run(held, "convmixer_256_8", 2, _rows([70.0, 71.0], [10, 10], [100, 100]))
+    for run, holdout in ((c2f, "test"), (held, "random")):
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["data"].update(val_split=0.1, val_holdout=holdout)
+        cfg["select"] = "best_val"
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        # the trainer's summary, as written: the protocol comes from the run's config
+        rd.write_summary(run, dict(model=cfg["model"], best_val_acc=81.0, best_epoch=2, test_acc=81.0,
+                                   epochs_done=2, epochs=2, finished=True))
+    summary = json.loads((c2f / "summary.json").read_text())
+    assert summary["selected_on_test"] is True and "test set" in summary["protocol"]
+    assert json.loads((held / "summary.json").read_text())["selected_on_test"] is False
+    runs = rp.collect_runs(root)
+    md = rp.format_table(runs, "md")
+    c2f_line = next(line for line in md.splitlines() if "conv2former_n_cifar" in line)
+    keras_line = next(line for line in md.splitlines() if "convmixer_256_8" in line)
+    assert c2f_line.count("(sel. on test)") == 2 and "(sel. on test)" not in keras_line
+    assert md.splitlines()[-1].startswith("(sel. on test) the test set was this run's validation set")
+    rows = {r["model"]: r for r in json.loads(rp.format_table(runs, "json"))}
+    assert rows["conv2former_n_cifar"]["selected_on_test"] is True
+    assert rows["convmixer_256_8"]["selected_on_test"] is False
+    assert "selected_on_test" in next(csv.reader(io.StringIO(rp.format_table(runs, "csv"))))
+    # an older summary without the fields: the report reads the protocol from config.yaml
+    (c2f / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()
+                                                   if k not in ("protocol", "selected_on_test")}))
+    assert rp.load_run(c2f).selected_on_test

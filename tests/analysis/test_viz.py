@@ -24,21 +24,38 @@ def test_grid_shape_near_square():
 
 def test_weight_tiles_modes_and_normalisation():
     torch.manual_seed(0)
-    rgb, mode = weight_tiles(torch.randn(5, 3, 2, 2))
+    rgb, mode = weight_tiles(torch.randn(5, 3, 2, 2), "tile")
     assert mode == "rgb" and rgb.shape == (5, 2, 2, 3)
     flat = rgb.reshape(5, -1)
     np.testing.assert_allclose(flat.min(1), 0, atol=1e-7)  # each tile min-max on its own
     np.testing.assert_allclose(flat.max(1), 1, atol=1e-7)
     w = torch.randn(4, 1, 3, 3)
-    single, mode = weight_tiles(w)
+    single, mode = weight_tiles(w, "tile")
     assert mode == "single"
     ref = (w[1, 0] - w[1, 0].min()) / (w[1, 0].max() - w[1, 0].min())
     np.testing.assert_allclose(single[1], ref.numpy(), atol=1e-6)
     w = torch.zeros(2, 4, 3, 3)
     w[0, 2, 1, 1], w[1, 1] = 5.0, 1.0
-    tiles, mode = weight_tiles(w)
+    tiles, mode = weight_tiles(w, "tile")
     assert mode == "strongest" and tiles[0][1, 1] == 1.0 and tiles[0].sum() == 1.0
     assert np.all(tiles[1] == 0.5)  # the strongest slice of filter 1 is constant
+
+
+def test_weight_tiles_global_is_one_min_max_over_the_tensor():
+    # the Keras seed: (w - w.min()) / (w.max() - w.min()) over the whole kernel tensor, then tiles
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 2, 2) * torch.arange(1, 7).view(6, 1, 1, 1)  # filters of different ranges
+    tiles, mode = weight_tiles(w)  # global is the default
+    ref = ((w - w.min()) / (w.max() - w.min())).permute(0, 2, 3, 1).numpy()
+    assert mode == "rgb"
+    np.testing.assert_allclose(tiles, ref, atol=1e-6)
+    flat = tiles.reshape(6, -1)
+    assert flat.max(1)[0] < 0.9 and flat.min(1)[0] > 0.1  # the small filter keeps its small contrast
+    k = torch.randn(8, 1, 5, 5)
+    single, _ = weight_tiles(k, "global")
+    np.testing.assert_allclose(single, ((k[:, 0] - k.min()) / (k.max() - k.min())).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="global"):
+        weight_tiles(k, "per-tile")
 
 
 def test_convmixer_layers():
@@ -47,7 +64,7 @@ def test_convmixer_layers():
     assert stem_conv(model)[0] == "stem.0"
     dws = depthwise_convs(model)
     assert [n for n, _ in dws] == [f"blocks.{i}.0.fn.0" for i in range(8)]
-    assert kernel_layer(model)[0] == "blocks.4.0.fn.0"  # the middle block by default
+    assert kernel_layer(model)[0] == "blocks.3.0.fn.0"  # the seed's: the Keras model's layer 26, 4th of 8
     assert kernel_layer(model, block=2)[0] == "blocks.2.0.fn.0"
     with pytest.raises(ValueError, match="out of range"):
         kernel_layer(model, block=8)

@@ -92,7 +92,7 @@ def test_viz_list_layers(capsys):
     assert main(["viz", "kernels", "--model", "convmixer_256_8", "--list-layers", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     tagged = {r["name"]: r["tags"] for r in rows}
-    assert tagged["stem.0"] == ["stem"] and "auto" in tagged["blocks.4.0.fn.0"]
+    assert tagged["stem.0"] == ["stem"] and "auto" in tagged["blocks.3.0.fn.0"]
     assert "depthwise, --block 7" in tagged["blocks.7.0.fn.0"]
     assert main(["viz", "saliency", "--model", "convmixer_256_8", "--list-layers"]) == 0
     text = capsys.readouterr().out
@@ -165,6 +165,31 @@ def test_rf_dilated_stack(tmp_path, capsys):
     assert np.array(json.loads(capsys.readouterr().out)["counts"]).shape == (25, 25)
     with pytest.raises(SystemExit):
         main(["rf", "--dilations", "1,x"])
+
+
+def test_rf_sawtooth_of_hdc_groups_passes(tmp_path, capsys):
+    assert main(["rf", "--kernel", "3", "--dilations", "1,2,5,1,2,5", "--out", str(tmp_path / "saw.png")]) == 0
+    text = capsys.readouterr().out
+    assert "(gridding): 0.0%" in text and "HDC: passes (each sawtooth group passes; no gridding)" in text
+    assert "HDC, sawtooth group [1, 2, 5] (x2): rule 2, M_2 <= K: pass" in text
+    assert "as one group: rule 2, M_2 <= K: FAIL (M = [3, 5, 9, 1, 2, 5], M_2 = 5, K = 3)" in text
+    assert main(["rf", "--dilations", "1,2,9", "--cmap", "viridis", "--out", str(tmp_path / "gap.png")]) == 0
+    text = capsys.readouterr().out
+    assert "HDC: fails: whole stack [1, 2, 9]: rule 2 (M_2 <= K) fails: M_2 = 5 > K = 3" in text
+    assert main(["rf", "--dilations", "1,2,5", "--cmap", "nope"]) == 2
+    assert "colour map" in capsys.readouterr().err
+
+
+def test_viz_weights_default_to_the_seeds_block_and_scaling(tmp_path, capsys):
+    out = tmp_path / "k.png"
+    assert main(["viz", "kernels", "--model", "convmixer_256_8", "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layer"] == "blocks.3.0.fn.0" and info["normalize"] == "global"
+    assert main(["viz", "filters", "--model", "convmixer_256_8", "--normalize", "tile", "--cmap", "viridis",
+                 "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["normalize"] == "tile"
+    assert main(["viz", "kernels", "--model", "convmixer_256_8", "--cmap", "nope", "--out", str(out)]) == 2
+    assert "colour map" in capsys.readouterr().err
 
 
 def test_rf_model_and_effective(run_dir, tmp_path, capsys):

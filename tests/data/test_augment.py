@@ -49,3 +49,43 @@ def test_batch_augment_normalises_and_mixes():
     xe, ye = aug(x, y, train=False)
     assert torch.equal(ye, y)
     assert torch.allclose(xe, (x.float() / 255 - 0.5) / 0.25, atol=1e-5)
+
+
+def test_zero_erasing_is_torchvisions_black_rectangle_before_the_flip():
+    from torchvision.transforms import v2
+
+    cfg = AugmentConfig(crop_padding=0, hflip=1.0, random_erasing=1.0, erasing_mode="zero")
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    aug = BatchAugment(cfg, mean, std, num_classes=10, seed=3)
+    x = torch.randint(1, 256, (6, 3, 12, 12), dtype=torch.uint8)  # no black pixel of its own
+    y = torch.arange(6)
+    torch.manual_seed(7)
+    out, y_out = aug(x, y)
+    # the seed's order, image by image: Paddle's RandomErasing() (= torchvision's: p 0.5 by
+    # default, here 1, scale 0.02-0.33, ratio 0.3-3.3, fill 0) on the raw image, then the flip
+    torch.manual_seed(7)
+    erase = v2.RandomErasing(p=1.0, value=0)
+    ref = torch.stack([erase(img.float()) for img in x]).flip(-1)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, (ref / 255 - m) / s, rtol=0, atol=1e-5)
+    assert torch.equal(y_out, y)
+    black = ((out * s + m).abs() < 1e-6).all(1)  # (N, H, W): erased pixels
+    assert black.any()
+    for mask in black:  # each erased region is one rectangle of about a third of the image at most
+        if mask.any():  # (0.33 of the area, its sides rounded to whole pixels)
+            rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+            box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+            assert int(mask.sum()) == int(box) < 0.45 * 144
+
+
+def test_zero_erasing_with_the_seeds_crop_and_rotation_and_bad_mode():
+    cfg = AugmentConfig(crop_padding=0, hflip=0.5, rrc_scale=(0.6, 1.0), rotate=20, color_jitter=0.2,
+                        random_erasing=0.5, erasing_mode="zero")
+    aug = BatchAugment(cfg, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), num_classes=10)
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    xa, _ = aug(x, torch.zeros(8, dtype=torch.long))
+    assert xa.shape == (8, 3, 16, 16) and torch.isfinite(xa).all()
+    import pytest
+
+    with pytest.raises(ValueError, match="erasing_mode"):
+        AugmentConfig.from_dict({"erasing_mode": "black"})

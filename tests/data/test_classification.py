@@ -125,3 +125,11 @@ def test_first_holdout_of_a_class_sorted_source_is_refused():
     s = Split(torch.zeros(20, 1, 1, 1, dtype=torch.uint8), torch.tensor([0] * 10 + [1] * 10))
     with pytest.raises(DataError, match="sorted by class"):
         holdout(s, 0.25, seed=0, mode="first")
+
+
+def test_val_holdout_test_trains_on_all_and_validates_on_the_test_set(make_folder_dataset):
+    root = make_folder_dataset(n_classes=3, per_class=(8, 4), size=8)
+    d = load_dataset("folder", root, val_split=0.25, val_holdout="test", verbose=False)
+    assert len(d.train) == 24 and len(d.test) == 12 and d.val is d.test
+    with pytest.raises(DataError, match="val_holdout"):
+        load_dataset("folder", root, val_holdout="tset", verbose=False)

@@ -41,6 +41,7 @@ def test_run_directory_contents(make_folder_dataset, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] and summary["epochs_done"] == 2 and 0 <= summary["test_acc"] <= 100
     assert summary["best_val_acc"] == max(r["val_acc"] for r in rows)
+    assert summary["selected_on_test"] is False and "25% of train held out" in summary["protocol"]
     assert summary["params"] == sum(p.numel() for p in rd.load_run_model(out)[0].parameters())
     from PIL import Image
 
@@ -182,3 +183,22 @@ def test_ddp_two_cpu_processes_gloo(make_folder_dataset, tmp_path):
     rows = rd.read_metrics(out)
     assert len(rows) == 2
     assert "x 2 ranks" in proc.stdout
+
+
+def test_resume_refuses_the_flags_it_would_ignore(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", "--resume", run, "--batch-size", "4", "--set", "optimizer.lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size, --set would be ignored" in err and "--epochs" in err
+    assert main(["seg", "train", "--resume", run, "--precision", "fp32"]) == 2
+    assert "--precision would be ignored" in capsys.readouterr().err
+
+
+def test_validating_on_the_test_set_is_the_seeds_protocol_and_says_so(make_folder_dataset, tmp_path):
+    data = make_folder_dataset(n_classes=3, per_class=(8, 4), size=16)
+    out = tmp_path / "run"
+    train(*TINY, "--data", str(data), "--epochs", "2", "--out", str(out), "--set", "data.val_holdout=test")
+    summary = json.loads((out / "summary.json").read_text())
+    # the kept "val" weights are the best on the test set: tested, they score the best "val" accuracy
+    assert summary["selected_on_test"] is True and "selected on the test set" in summary["protocol"]
+    assert summary["test_acc"] == summary["best_val_acc"]

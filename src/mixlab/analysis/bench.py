@@ -35,6 +35,7 @@ class BenchConfig:
     windows: int = 5
     window_seconds: float = 2.0
     count_flops: bool = True
+    task: str = "classification"  # classification (cross-entropy) | segmentation (BCE + Dice on masks)
 
 
 class _Runner:
@@ -49,12 +50,22 @@ class _Runner:
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(cfg.batch_size, in_chans, *cfg.img_size, generator=gen).to(
             self.device, memory_format=memory_format)
-        self.y = torch.randint(0, max(num_classes, 1), (cfg.batch_size,), generator=gen).to(self.device)
+        if cfg.task == "segmentation":  # the task's own loss: BCE + Dice against random binary masks
+            from ..seg.losses import build_loss
+
+            self.y = (torch.rand(cfg.batch_size, max(num_classes, 1), *cfg.img_size, generator=gen) > 0.5).float()
+            self.y = self.y.to(self.device)
+            loss_fn = build_loss("bce_dice")
+        elif cfg.task == "classification":
+            self.y = torch.randint(0, max(num_classes, 1), (cfg.batch_size,), generator=gen).to(self.device)
+            loss_fn = nn.CrossEntropyLoss()
+        else:
+            raise ValueError(f"task must be 'classification' or 'segmentation', got {cfg.task!r}")
         fn = torch.compile(model) if cfg.compile else model
         if cfg.mode == "train":
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-            self.step = TrainStep(fn, opt, nn.CrossEntropyLoss(), self.device, cfg.precision)
+            self.step = TrainStep(fn, opt, loss_fn, self.device, cfg.precision)
             self._call = lambda: self.step(self.x, self.y)
         elif cfg.mode == "infer":
             model.eval()
@@ -102,8 +113,8 @@ def _peak_memory(device: torch.device) -> dict:
                 peak_memory_kind="process peak RSS")
 
 
-def _num_classes(model: nn.Module) -> int:
-    return int(getattr(model, "num_classes", 0) or 1000)
+def _num_classes(model: nn.Module, task: str = "classification") -> int:
+    return int(getattr(model, "num_classes", 0) or (1 if task == "segmentation" else 1000))
 
 
 def bench_pair(model: nn.Module, cfg: BenchConfig, other: nn.Module | None = None,
@@ -112,9 +123,9 @@ def bench_pair(model: nn.Module, cfg: BenchConfig, other: nn.Module | None = Non
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    runners = [_Runner(model, cfg, in_chans, _num_classes(model))]
+    runners = [_Runner(model, cfg, in_chans, _num_classes(model, cfg.task))]
     if other is not None:
-        runners.append(_Runner(other, cfg, in_chans, _num_classes(other)))
+        runners.append(_Runner(other, cfg, in_chans, _num_classes(other, cfg.task)))
     for r in runners:
         r.run(cfg.warmup)
     steps = [_steps_per_window(r, cfg.window_seconds) for r in runners]

@@ -40,9 +40,21 @@ def conv_backward_flop_fixed(grad_out_shape, x_shape, w_shape, _bias, _stride, _
     return forward * int(bool(output_mask[0])) + forward * int(bool(output_mask[1]))
 
 
+def depthwise_weight_grad_flop(x_shape, grad_out_shape, kh, kw, *_args, out_shape=None, **_kwargs) -> int:
+    """FLOPs of ``mixlab::depthwise_weight_grad`` (mixlab's fast depthwise op): the forward's
+    multiply-adds, N*C*Ho*Wo*kh*kw, times 2."""
+    n, c, ho, wo = grad_out_shape
+    return 2 * n * c * ho * wo * kh * kw
+
+
 def flop_counter(display: bool = False, depth: int | None = None, fix_grouped_backward: bool = True) -> FlopCounterMode:
-    """A ``FlopCounterMode`` with mixlab's correction for grouped-conv backward."""
-    custom = {aten.convolution_backward: conv_backward_flop_fixed} if fix_grouped_backward else {}
+    """A ``FlopCounterMode`` with mixlab's correction for grouped-conv backward, counting the
+    weight gradient of mixlab's fast depthwise op too."""
+    from ..ops import depthwise  # noqa: F401  (registers torch.ops.mixlab.depthwise_weight_grad)
+
+    custom = {torch.ops.mixlab.depthwise_weight_grad: depthwise_weight_grad_flop}
+    if fix_grouped_backward:
+        custom[aten.convolution_backward] = conv_backward_flop_fixed
     return FlopCounterMode(display=display, depth=depth, custom_mapping=custom)
 
 

@@ -11,7 +11,9 @@ HDC (hybrid dilated convolution; Wang et al., "Understanding Convolution for Sem
 Segmentation", WACV 2018): (1) the rates have no common factor greater than 1, and (2) with
 M_n = r_n and M_i = max(M_{i+1} - 2 r_i, M_{i+1} - 2 (M_{i+1} - r_i), r_i), M_2 <= K, so the
 largest gap between used pixels after the first layer can still be covered by the
-first layer's kernel.
+first layer's kernel. The rules hold per group of layers; HDC repeats groups in a sawtooth
+([1, 2, 5, 1, 2, 5]), so :func:`hdc_check` checks each sawtooth group as well as the whole
+stack, and the whole stack's counts for gridding.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ import torch
 from torch import nn
 
 __all__ = [
-    "utilisation_counts", "rf_size", "gridding_share", "hdc_check", "rf_report",
+    "utilisation_counts", "rf_size", "gridding_share", "sawtooth_groups", "hdc_check", "rf_report",
     "SpatialLayer", "model_spatial_layers", "stack_counts", "model_rf_report",
-    "input_gradient_map", "effective_rf", "mass_square_side", "plot_rf_counts", "plot_model_rf", "plot_erf",
+    "input_gradient_map", "effective_rf", "mass_square_side", "count_colour_map", "plot_rf_counts", "plot_model_rf",
+    "plot_erf",
 ]
 
 
@@ -81,14 +84,21 @@ def gridding_share(counts: np.ndarray) -> float:
     return float((box == 0).sum() / box.size)
 
 
-def hdc_check(dilations: Sequence[int], kernel_size: int) -> dict:
-    """Wang et al.'s HDC rules for a stack of KxK convolutions with these rates.
+def sawtooth_groups(dilations: Sequence[int]) -> list[list[int]]:
+    """The stack's sawtooth groups: a group ends where the next rate does not rise
+    ([1, 2, 5, 1, 2, 5] -> [[1, 2, 5], [1, 2, 5]]; [2, 2, 2] -> [[2], [2], [2]])."""
+    rates = [int(r) for r in dilations]
+    groups = [[rates[0]]]
+    for r in rates[1:]:
+        if r > groups[-1][-1]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
-    Returns ``common_factor`` (gcd of the rates) and ``no_common_factor``; ``M`` (M_1..M_n as
-    a list, M_1 included for completeness) and ``M2`` with ``m2_ok`` (M_2 <= K; true for a
-    single layer, which has no M_2); ``passes`` (both rules hold).
-    """
-    rates = _check_stack(kernel_size, dilations)
+
+def _hdc_rules(rates: list[int], kernel_size: int) -> dict:
+    """Wang et al.'s two rules for one group of layers (see the module docstring)."""
     n = len(rates)
     M = [0] * n
     M[-1] = rates[-1]
@@ -98,8 +108,58 @@ def hdc_check(dilations: Sequence[int], kernel_size: int) -> dict:
     gcd = reduce(math.gcd, rates)
     m2 = M[1] if n >= 2 else None
     m2_ok = True if m2 is None else m2 <= kernel_size
-    return dict(rates=rates, kernel_size=int(kernel_size), common_factor=gcd, no_common_factor=gcd == 1,
-                M=M, M2=m2, m2_ok=m2_ok, passes=(gcd == 1) and m2_ok)
+    return dict(rates=list(rates), common_factor=gcd, no_common_factor=gcd == 1, M=M, M2=m2, m2_ok=m2_ok,
+                passes=(gcd == 1) and m2_ok)
+
+
+def _rule_failures(rules: dict, kernel_size: int) -> list[str]:
+    out = []
+    if not rules["no_common_factor"]:
+        out.append(f"rule 1 (no common factor > 1) fails: gcd {rules['common_factor']}")
+    if not rules["m2_ok"]:
+        out.append(f"rule 2 (M_2 <= K) fails: M_2 = {rules['M2']} > K = {kernel_size}")
+    return out
+
+
+def hdc_check(dilations: Sequence[int], kernel_size: int) -> dict:
+    """Wang et al.'s HDC rules for a stack of KxK convolutions with these rates.
+
+    The rules are stated for one group of layers, and HDC stacks groups in a sawtooth
+    ([1, 2, 5, 1, 2, 5]: the group [1, 2, 5] twice). Applied to such a whole stack at once,
+    rule 2 fails (M_2 = 5 > 3) although nothing grids, so the stack is read both ways: as one
+    group, and as its sawtooth groups (:func:`sawtooth_groups`); either reading passing means
+    every group covers its receptive field, and so does their stack. The utilisation counts
+    of the whole stack are checked too (no pixel of the receptive field left unused).
+
+    Returns the whole stack's rules at the top level (``common_factor``, ``no_common_factor``,
+    ``M`` = M_1..M_n, ``M2``, ``m2_ok``; M_2 is None for one layer), ``groups`` (the rules of
+    each sawtooth group), ``passes_as_stack`` / ``passes_as_groups``, ``gridding_share``,
+    ``passes`` (a reading passes and nothing grids) and ``failures`` (when it fails: which
+    rule failed where, one line each).
+    """
+    rates = _check_stack(kernel_size, dilations)
+    k = int(kernel_size)
+    stack = _hdc_rules(rates, k)
+    groups = [_hdc_rules(g, k) for g in sawtooth_groups(rates)]
+    as_groups = all(g["passes"] for g in groups)
+    share = gridding_share(utilisation_counts(k, rates))
+    passes = (stack["passes"] or as_groups) and share == 0.0
+    failures: list[str] = []
+    if not passes:
+        failures += [f"whole stack {rates}: {f}" for f in _rule_failures(stack, k)]
+        if len(groups) > 1:
+            seen = []
+            for g in groups:
+                if g["rates"] in seen:
+                    continue
+                seen.append(g["rates"])
+                failures += [f"sawtooth group {g['rates']}: {f}" for f in _rule_failures(g, k)]
+        if share > 0:
+            failures.append(f"whole stack {rates}: {100 * share:.1f}% of its receptive field is never used (gridding)")
+    return dict(rates=rates, kernel_size=k, common_factor=stack["common_factor"],
+                no_common_factor=stack["no_common_factor"], M=stack["M"], M2=stack["M2"], m2_ok=stack["m2_ok"],
+                passes_as_stack=stack["passes"], groups=groups, passes_as_groups=as_groups,
+                gridding_share=share, passes=passes, failures=failures)
 
 
 def rf_report(kernel_size: int, dilations: Sequence[int], size: int | None = None) -> dict:
@@ -357,22 +417,48 @@ def effective_rf(model: nn.Module, images: torch.Tensor | None, input_size, targ
 
 # ---------------------------------------------------------------------------- figures
 
+def _rules_text(rules: dict, kernel_size: int) -> str:
+    rule1 = f"gcd {rules['common_factor']}{'' if rules['no_common_factor'] else ' (FAIL)'}"
+    if rules["M2"] is None:
+        return f"{rule1}, M_2 n/a (one layer)"
+    return f"{rule1}, M_2 = {rules['M2']} {'<=' if rules['m2_ok'] else '> (FAIL)'} K = {kernel_size}"
+
+
 def _rf_caption(report: dict) -> str:
     hdc = report["hdc"]
-    rule1 = (f"no common factor: {'yes' if hdc['no_common_factor'] else 'NO'} "
-             f"(gcd {hdc['common_factor']})")
-    if hdc["M2"] is None:
-        rule2 = "M_2 <= K: n/a (one layer)"
-    else:
-        rule2 = f"M_2 = {hdc['M2']} {'<=' if hdc['m2_ok'] else '>'} K = {hdc['kernel_size']}"
+    k = hdc["kernel_size"]
+    parts = []
+    distinct = {tuple(g["rates"]): g for g in hdc["groups"]}
+    if len(hdc["groups"]) > 1:
+        parts.append("groups " + "; ".join(f"{list(r)}: {_rules_text(g, k)}" for r, g in distinct.items()))
+    parts.append(f"{'whole stack: ' if len(hdc['groups']) > 1 else ''}{_rules_text(hdc, k)}")
     verdict = "passes" if hdc["passes"] else "fails"
     return (f"receptive field {report['rf_size']}x{report['rf_size']}, never used inside it: "
-            f"{100 * report['gridding_share']:.1f}%\nHDC {verdict}: {rule1}; {rule2}")
+            f"{100 * report['gridding_share']:.1f}%\nHDC {verdict}: " + "; ".join(parts))
 
 
-def plot_rf_counts(report: dict, dpi: int = 100, cmap: str = "viridis"):
-    """The utilisation-count matrix with each count written in its cell; zeros (pixels never
-    used) are left white. Matrix side: 0.5 in per cell up to 10 in, +1.5 in each way."""
+# The dilated-convolution seed draws its count matrix with a colour map running from white
+# (0: never used) through blue to red (the largest count).
+SEED_COUNT_COLOURS = ("white", "blue", "red")
+
+
+def count_colour_map(name: str = "seed"):
+    """``seed``: the seed's white -> blue -> red map; any other name: matplotlib's map of that name."""
+    from matplotlib import colormaps
+    from matplotlib.colors import LinearSegmentedColormap
+
+    if name == "seed":
+        return LinearSegmentedColormap.from_list("seed_counts", SEED_COUNT_COLOURS)
+    if name not in colormaps:
+        raise ValueError(f"unknown colour map {name!r}: use 'seed' (white -> blue -> red) or a matplotlib "
+                         "colour map name such as viridis or magma")
+    return colormaps[name]
+
+
+def plot_rf_counts(report: dict, dpi: int = 100, cmap: str = "seed"):
+    """The utilisation-count matrix with each count written in its cell, on a colour scale from
+    0 (pixels never used, white in the seed's map; also white in any other map) to the largest
+    count. Matrix side: 0.5 in per cell up to 10 in, +1.5 in each way."""
     from .viz import _figure, _wrap
 
     counts = np.asarray(report["counts"])
@@ -381,7 +467,8 @@ def plot_rf_counts(report: dict, dpi: int = 100, cmap: str = "viridis"):
     fig = _figure(side + 1.5, side + 1.5, dpi)
     ax = fig.subplots()
     shown = np.ma.masked_equal(counts, 0)
-    im = ax.imshow(shown, cmap=cmap, interpolation="nearest", vmin=0.5 if counts.max() >= 1 else 0)
+    im = ax.imshow(shown, cmap=count_colour_map(cmap), interpolation="nearest", vmin=0,
+                   vmax=max(int(counts.max()), 1))
     ax.set_facecolor("white")
     cell = side / n
     digits = len(str(int(counts.max())))
@@ -392,7 +479,7 @@ def plot_rf_counts(report: dict, dpi: int = 100, cmap: str = "viridis"):
             if v == 0:
                 color = "0.6"
             else:  # dark text on the light end of the colour map, light text on the dark end
-                r, g, b, _ = cmap_obj((v - 0.5) / max(vmax - 0.5, 1e-9))
+                r, g, b, _ = cmap_obj(v / max(vmax, 1e-9))
                 color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
             ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=fs, color=color)
     ticks = np.arange(n)

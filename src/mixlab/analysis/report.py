@@ -52,6 +52,9 @@ class RunRecord:
     device: str | None = None
     precision: str | None = None
     channels_last: bool | None = None
+    # the test set served as validation and chose the weights: the test accuracy is not held out
+    selected_on_test: bool = False
+    protocol: str | None = None
     val_curve: list = field(default_factory=list)  # [(epoch, val_acc or None), ...]
 
     @property
@@ -166,6 +169,13 @@ def load_run(run_dir: str | Path, root: str | Path | None = None) -> RunRecord:
     rec.device = summary.get("device")
     rec.precision = summary.get("precision")
     rec.channels_last = summary.get("channels_last")
+    if "protocol" in summary:
+        rec.protocol, rec.selected_on_test = summary["protocol"], bool(summary.get("selected_on_test"))
+    elif config.get("data"):  # a run from before summaries named it: its config says as much
+        from ..train.config import evaluation_protocol
+
+        proto = evaluation_protocol(config)
+        rec.protocol, rec.selected_on_test = proto.get("protocol"), bool(proto.get("selected_on_test"))
     if summary.get("best_val_acc") is not None:
         rec.best_val_acc = float(summary["best_val_acc"])
         rec.best_epoch = _num(summary.get("best_epoch"), int)
@@ -302,12 +312,20 @@ def _md_rows(runs: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
             infer += f" ({r.infer_device})"  # not measured on the run's own device
         best = "-" if r.best_val_acc is None else f"{r.best_val_acc:.2f}" + (
             f" ({r.best_epoch})" if r.best_epoch is not None else "")
+        test = _fmt(r.test_acc, ".2f")
+        if r.selected_on_test:
+            best, test = best + " " + TEST_SELECTED_MARK, test + " " + TEST_SELECTED_MARK
         epochs = f"{r.epochs_done}/{r.epochs}" if r.epochs is not None else str(r.epochs_done)
         rows.append(([r.run] if show_run else []) + [
             r.model or "-", fmt_count(r.params), fmt_count(r.macs), _fmt(r.train_images_per_sec, ".0f"), infer,
-            best, _fmt(r.test_acc, ".2f"), fmt_seconds(r.wall_seconds), epochs,
+            best, test, fmt_seconds(r.wall_seconds), epochs,
             "finished" if r.finished else "**partial**"])
     return head, rows
+
+
+TEST_SELECTED_MARK = "(sel. on test)"
+TEST_SELECTED_NOTE = ("the test set was this run's validation set and chose its weights (the seed's protocol): its "
+                      "test accuracy is selected on the test set, not a held-out figure")
 
 
 def format_table(runs: list[RunRecord], fmt: str = "md") -> str:
@@ -323,7 +341,10 @@ def format_table(runs: list[RunRecord], fmt: str = "md") -> str:
 
         sep = "|" + "|".join(("-" * (w + 1) + ":") if i in numeric else ("-" * (w + 2))
                              for i, w in enumerate(widths)) + "|"
-        return "\n".join([line(head), sep, *(line(r) for r in rows)])
+        table = "\n".join([line(head), sep, *(line(r) for r in rows)])
+        if any(r.selected_on_test for r in runs):
+            table += f"\n\n{TEST_SELECTED_MARK} {TEST_SELECTED_NOTE}"
+        return table
     if fmt == "csv":
         buf = io.StringIO()
         rows = [r.row() for r in runs]
@@ -366,6 +387,8 @@ def _scatter(plt, runs: list[RunRecord], xkey: str, xlabel: str, title: str, pat
         y = getattr(r, ykey)
         ax.scatter([x], [y], s=50, facecolors="C0" if r.finished else "none", edgecolors="C0", zorder=3)
         label = (r.model or r.run) + ("" if r.finished else f" (partial, {r.epochs_done} ep)")
+        if r.selected_on_test:
+            label += " (selected on test)"
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if min(xs) > 0 and max(xs) / min(xs) >= 10:  # spans an order of magnitude: ratios matter, not differences
         ax.set_xscale("log")
@@ -413,6 +436,8 @@ def make_plots(runs: list[RunRecord], out_dir: str | Path) -> list[Path]:
         for i, r in enumerate(curves):
             pts = [(e, v) for e, v in r.val_curve if v is not None]
             label = (r.model or r.run) + ("" if r.finished else " (partial)")
+            if r.selected_on_test:
+                label += " (val = test set)"
             ax.plot([e for e, _ in pts], [v for _, v in pts], marker="o", markersize=3, color=f"C{i % 10}",
                     linestyle="-" if r.finished else "--", label=label)
         ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy per epoch")

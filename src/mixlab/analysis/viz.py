@@ -75,7 +75,8 @@ def depthwise_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 
 def kernel_layer(model: nn.Module, layer: str | None = None, block: int | None = None) -> tuple[str, nn.Conv2d]:
     """The convolution whose kernels ``viz kernels`` shows: ``layer`` by name, or depthwise
-    convolution number ``block`` (from 0), or by default the middle depthwise convolution."""
+    convolution number ``block`` (from 0), or by default the seed's choice: the middle one,
+    rounding down ((n - 1) // 2: the 4th of ConvMixer-256/8's 8, the Keras seed's layer 26)."""
     if layer not in (None, "auto"):
         convs = dict(conv_layers(model))
         if layer not in convs:
@@ -87,7 +88,7 @@ def kernel_layer(model: nn.Module, layer: str | None = None, block: int | None =
         raise ValueError(f"{type(model).__name__} has no depthwise convolution with a kernel larger than 1x1; "
                          "pick a convolution with --layer NAME (see --list-layers)")
     if block is None:
-        return dws[len(dws) // 2]
+        return dws[(len(dws) - 1) // 2]
     if not -len(dws) <= block < len(dws):
         raise ValueError(f"--block {block} is out of range: the model has {len(dws)} depthwise convolutions "
                          f"(blocks 0..{len(dws) - 1})")
@@ -96,13 +97,23 @@ def kernel_layer(model: nn.Module, layer: str | None = None, block: int | None =
 
 # ---------------------------------------------------------------------------- weights as tiles
 
-def weight_tiles(weight: torch.Tensor) -> tuple[np.ndarray, str]:
-    """One tile per output channel, each min-max normalised to [0, 1] on its own.
+NORMALIZE = ("global", "tile")
 
+
+def weight_tiles(weight: torch.Tensor, normalize: str = "global") -> tuple[np.ndarray, str]:
+    """One tile per output channel, min-max scaled to [0, 1].
+
+    ``normalize``: ``global`` scales all tiles with one min and max, those of the whole weight
+    tensor (what the Keras ConvMixer seed does before drawing, so tiles compare with each
+    other); ``tile`` scales each tile by its own min and max (each shows its full contrast).
     Returns ``(tiles, mode)``: ``rgb`` (O, kh, kw, 3) when each filter sees 3 input channels,
     ``single`` (O, kh, kw) when it sees one, else ``strongest`` (O, kh, kw): the slice of
-    the input channel with the largest norm, per filter.
+    the input channel with the largest norm, per filter (scaled, with ``global``, by the
+    min and max of those slices).
     """
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be 'global' (one min-max over the whole tensor, as the seed) or 'tile' "
+                         f"(each tile on its own), got {normalize!r}")
     w = weight.detach().float().cpu()
     if w.dim() != 4:
         raise ValueError(f"expected a Conv2d weight (O, I, kh, kw), got shape {tuple(w.shape)}")
@@ -115,10 +126,13 @@ def weight_tiles(weight: torch.Tensor) -> tuple[np.ndarray, str]:
         strongest = w.flatten(2).norm(dim=2).argmax(dim=1)
         tiles, mode = w[torch.arange(w.shape[0]), strongest], "strongest"
     flat = tiles.reshape(tiles.shape[0], -1)
-    lo, hi = flat.min(1).values, flat.max(1).values
+    if normalize == "global":
+        lo, hi = flat.min().expand(flat.shape[0]), flat.max().expand(flat.shape[0])
+    else:
+        lo, hi = flat.min(1).values, flat.max(1).values
     span = (hi - lo).clamp_min(1e-12)
     norm = (flat - lo[:, None]) / span[:, None]
-    norm[hi - lo < 1e-12] = 0.5  # a constant filter has no contrast to show
+    norm[hi - lo < 1e-12] = 0.5  # a constant filter (or tensor) has no contrast to show
     return norm.reshape(tiles.shape).numpy(), mode
 
 
@@ -429,7 +443,8 @@ def tile_mosaic(tiles: np.ndarray, min_px: int = 8) -> np.ndarray:
     return mosaic
 
 
-def plot_weight_grid(tiles: np.ndarray, mode: str, title: str, dpi: int = 100, cmap: str = "coolwarm"):
+def plot_weight_grid(tiles: np.ndarray, mode: str, title: str, dpi: int = 100, cmap: str = "coolwarm",
+                     normalize: str = "global"):
     """A near-square grid of normalised weight tiles: 0.5 inch per tile, +1.25 in wide for the
     colour bar, +1 in high for the title. Drawn as one image (hundreds of axes are slow)."""
     n = tiles.shape[0]
@@ -452,7 +467,10 @@ def plot_weight_grid(tiles: np.ndarray, mode: str, title: str, dpi: int = 100, c
     ax.set_axis_off()
     fig.suptitle(_wrap(title, width, 11, 2), fontsize=11)
     if image is not None:
-        _norm_cbar(fig, image, ax, "weight (each tile min-max normalised)")
+        if normalize == "global":
+            _norm_cbar(fig, image, ax, "weight (one min-max over the whole tensor)", "tensor min", "tensor max")
+        else:
+            _norm_cbar(fig, image, ax, "weight (each tile min-max normalised)")
     return fig
 
 

@@ -15,6 +15,9 @@ def configure(p):
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    p.add_argument("--fast-depthwise", choices=["on", "off"], default="on",
+                   help="on the CPU, run mixlab's model with the fast depthwise convolution (mixlab.ops.depthwise; "
+                        "default on, as `mixlab train` measures it; the --vs model always keeps aten's)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--model-kwargs", default="", metavar="K=V,...", help="architecture arguments")
     p.add_argument("--vs", metavar="timm:NAME",
@@ -61,6 +64,7 @@ def run(args) -> int:
     from .. import create_model, model_info
     from ..analysis.bench import BenchConfig, bench_pair
     from ..runtime import malloc_tuned
+    from ..train.cpu_defaults import cpu_model_name
 
     if args.windows < 5:
         raise ValueError("--windows must be at least 5 (the median of fewer windows is not a stable figure)")
@@ -71,6 +75,11 @@ def run(args) -> int:
         (args.img_size[0],) * 2 if len(args.img_size) == 1 else tuple(args.img_size[:2]))
     model = create_model(args.model, num_classes=args.num_classes,
                          img_size=hw if args.img_size else None, **parse_kv(args.model_kwargs))
+    fast_dw = 0
+    if args.fast_depthwise == "on" and not args.device.startswith("cuda"):
+        from ..ops.depthwise import use_fast_depthwise
+
+        fast_dw = use_fast_depthwise(model)
     other = None
     if args.vs:
         if not args.vs.startswith("timm:"):
@@ -82,17 +91,19 @@ def run(args) -> int:
     cfg = BenchConfig(mode=args.mode, batch_size=args.batch_size, img_size=hw, device=args.device,
                       precision=args.precision, channels_last=args.channels_last, compile=args.compile,
                       warmup=args.warmup, windows=args.windows, window_seconds=args.window_seconds,
-                      count_flops=not args.no_flops)
+                      count_flops=not args.no_flops, task=info.task)
     out = bench_pair(model, cfg, other, in_chans=getattr(model, "in_chans", 3))
     out.update(model=args.model, vs=args.vs, torch=torch.__version__, malloc_tuned=malloc_tuned(),
-               threads=torch.get_num_threads())
+               threads=torch.get_num_threads(), fast_depthwise_convs=fast_dw, cpu=cpu_model_name())
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     r = out["result"]
     print(f"{args.model}: {args.mode}, batch {args.batch_size}, {hw[0]}x{hw[1]}, {args.device}, "
           f"{args.precision}{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}"
-          f"  (torch {torch.__version__}, {out['threads']} threads, malloc tuning {'on' if out['malloc_tuned'] else 'off'})")
+          f"{f', fast depthwise conv ({fast_dw} layers)' if fast_dw else ''}"
+          f"  (torch {torch.__version__}, {out['threads']} threads, malloc tuning {'on' if out['malloc_tuned'] else 'off'}; "
+          f"{out['cpu']})")
 
     def line(label, res):
         extra = f", {res['achieved_tflops'] * 1e3:.1f} GFLOP/s achieved" if "achieved_tflops" in res else ""

@@ -46,11 +46,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the PNG to write; none: RUN_DIR/viz/..., or rf_....png here")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNG")
+    parser.add_argument("--cmap", default="seed",
+                        help="colour map: seed (the dilated-convolution seed's white -> blue -> red for the "
+                             "--dilations count plot; magma / inferno for a model's RF / the effective RF) "
+                             "or a matplotlib name")
 
 
 def run(args) -> int:
     if args.dpi < 10:
         raise ValueError(f"--dpi must be at least 10, got {args.dpi}")
+    from ..analysis.receptive_field import count_colour_map
+
+    count_colour_map(args.cmap)  # an unknown name fails now, not after the work
     has_model = bool(args.model or args.checkpoint)
     if args.effective:
         if not has_model:
@@ -81,18 +88,29 @@ def _stack(args) -> int:
     if args.size is not None and args.size < 1:
         raise ValueError(f"--size must be at least 1, got {args.size}")
     report = rf_report(args.kernel, args.dilations, args.size)
-    out = save_figure(plot_rf_counts(report, dpi=args.dpi),
+    out = save_figure(plot_rf_counts(report, dpi=args.dpi, cmap=args.cmap),
                       _out(args, f"rf_k{args.kernel}_d{'-'.join(map(str, args.dilations))}"))
     hdc = report["hdc"]
     side = report["rf_size"]
     lines = [f"kernel {args.kernel}, dilations {args.dilations}: receptive field {side}x{side}",
-             f"never used inside the receptive field (gridding): {100 * report['gridding_share']:.1f}%",
-             f"HDC rule 1, no common factor > 1: {'pass' if hdc['no_common_factor'] else 'FAIL'} "
-             f"(gcd {hdc['common_factor']})",
-             "HDC rule 2, M_2 <= K: " + ("n/a (one layer)" if hdc["M2"] is None else
-                                         f"{'pass' if hdc['m2_ok'] else 'FAIL'} (M = {hdc['M']}, M_2 = {hdc['M2']}, "
-                                         f"K = {args.kernel})"),
-             f"HDC: {'passes' if hdc['passes'] else 'fails'}"]
+             f"never used inside the receptive field (gridding): {100 * report['gridding_share']:.1f}%"]
+    if len(hdc["groups"]) > 1:
+        shown: list = []
+        for g in hdc["groups"]:
+            if g["rates"] not in shown:
+                shown.append(g["rates"])
+                times = sum(other["rates"] == g["rates"] for other in hdc["groups"])
+                lines += _rule_lines(f"sawtooth group {g['rates']}" + (f" (x{times})" if times > 1 else ""),
+                                     g, args.kernel)
+        lines += _rule_lines(f"whole stack {hdc['rates']} as one group", hdc, args.kernel)
+    else:
+        lines += _rule_lines("", hdc, args.kernel)
+    if hdc["passes"]:
+        how = ("each sawtooth group passes" if hdc["passes_as_groups"] and not hdc["passes_as_stack"]
+               else "the rules hold")
+        lines.append(f"HDC: passes ({how}; no gridding)")
+    else:
+        lines.append("HDC: fails: " + "; ".join(hdc["failures"]))
     if len(report["counts"]) <= 25:
         width = len(str(report["max_count"]))
         lines += ["counts (rows top to bottom):"] + [" ".join(f"{v:>{width}}" for v in row) for row in report["counts"]]
@@ -101,15 +119,25 @@ def _stack(args) -> int:
     return 0
 
 
+def _rule_lines(where: str, rules: dict, kernel: int) -> list[str]:
+    prefix = f"HDC, {where}: " if where else "HDC "
+    return [f"{prefix}rule 1, no common factor > 1: {'pass' if rules['no_common_factor'] else 'FAIL'} "
+            f"(gcd {rules['common_factor']})",
+            f"{prefix}rule 2, M_2 <= K: " + ("n/a (one layer)" if rules["M2"] is None else
+                                            f"{'pass' if rules['m2_ok'] else 'FAIL'} (M = {rules['M']}, "
+                                            f"M_2 = {rules['M2']}, K = {kernel})")]
+
+
 def _model(args) -> int:
-    from ..analysis.receptive_field import model_rf_report, plot_model_rf
+    from ..analysis.receptive_field import count_colour_map, model_rf_report, plot_model_rf
     from ..analysis.viz import save_figure
 
     model, config, name = load_model(args)
     size = model_input_size(model, config)
     report = model_rf_report(model, size, target=None if args.layer == "auto" else args.layer)
     label = config.get("model") if config else args.model
-    out = save_figure(plot_model_rf(report, name, dpi=args.dpi), _out(args, f"rf_{label}"))
+    cmap = "magma" if args.cmap == "seed" else count_colour_map(args.cmap)
+    out = save_figure(plot_model_rf(report, name, dpi=args.dpi, cmap=cmap), _out(args, f"rf_{label}"))
     result = {k: v for k, v in report.items() if k not in ("counts", "frame_counts")}
     if report["counts"].size <= _JSON_CELLS:
         result["counts"] = report["counts"].tolist()
@@ -129,7 +157,7 @@ def _model(args) -> int:
 
 
 def _effective(args) -> int:
-    from ..analysis.receptive_field import effective_rf, plot_erf
+    from ..analysis.receptive_field import count_colour_map, effective_rf, plot_erf
     from ..analysis.viz import save_figure
 
     model, config, name = load_model(args)
@@ -148,7 +176,8 @@ def _effective(args) -> int:
     report = effective_rf(model, images, size, target=None if args.layer == "auto" else args.layer,
                           n_random=args.images)
     label = config.get("model") if config else args.model
-    out = save_figure(plot_erf(report, name, source, dpi=args.dpi), _out(args, f"erf_{label}"))
+    cmap = "inferno" if args.cmap == "seed" else count_colour_map(args.cmap)
+    out = save_figure(plot_erf(report, name, source, dpi=args.dpi, cmap=cmap), _out(args, f"erf_{label}"))
     result = {k: v for k, v in report.items() if k != "map"}
     if report["map"].size <= _JSON_CELLS:
         result["map"] = np.round(report["map"] / max(report["map"].max(), 1e-30), 5).tolist()

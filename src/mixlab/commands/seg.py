@@ -50,9 +50,10 @@ def run(args) -> int:
 def _train(args) -> int:
     from ..train import rundir as rd
     from ..train.seg_trainer import run_seg_training
-    from .train import config_from_args
+    from .train import config_from_args, refuse_ignored_on_resume
 
     if args.resume:
+        refuse_ignored_on_resume(args, "mixlab seg train")
         cfg = rd.resume_config(args.resume, "segmentation", args.model, args.epochs, args.data)
         if cfg is None:
             print(f"{args.resume} already finished {rd.read_summary(args.resume)['epochs_done']} epochs")

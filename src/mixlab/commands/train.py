@@ -35,6 +35,26 @@ def config_from_args(args, task: str, overrides: list[str], **explicit) -> dict:
                           model_kwargs=parse_kv(args.model_kwargs) or None, **explicit)
 
 
+# (argparse attribute, flag) of the settings a resumed run keeps from its config.yaml
+_FIXED_ON_RESUME = (("batch_size", "--batch-size"), ("seed", "--seed"), ("device", "--device"),
+                    ("precision", "--precision"), ("compile", "--compile"), ("out", "--out"),
+                    ("recipe", "--recipe"), ("config", "--config"), ("set", "--set"),
+                    ("model_kwargs", "--model-kwargs"), ("dataset", "--dataset"), ("download", "--download"),
+                    ("train_split", "--train-split"), ("val_split", "--val-split"))
+
+
+def refuse_ignored_on_resume(args, command: str) -> None:
+    """--resume continues a run with the settings in its config.yaml; only --epochs (extend the
+    run), --data (its data moved) and --model (checked against the run's) apply. Any other
+    setting given with it would be ignored, so it is refused, naming the flags."""
+    given = [flag for attr, flag in _FIXED_ON_RESUME if getattr(args, attr, None) not in (None, False, "", [])]
+    if given:
+        raise ValueError(f"--resume continues {args.resume} with the settings in its config.yaml, so "
+                         f"{', '.join(given)} would be ignored: drop {'it' if len(given) == 1 else 'them'}, or start "
+                         f"a new run with `{command} --out NEW_DIR ...`. With --resume only --epochs (to extend the "
+                         f"run) and --data (if its data moved) apply")
+
+
 def configure(p):
     add_run_options(p, model_help="registered model name (see `mixlab models`)",
                     data_help="data root (default: $MIXLAB_DATA, then ~/.cache/mixlab/data)",
@@ -49,11 +69,13 @@ def run(args) -> int:
     from ..train.trainer import run_training
 
     if args.resume:
+        refuse_ignored_on_resume(args, "mixlab train")
         cfg = rd.resume_config(args.resume, "classification", args.model, args.epochs, args.data)
         if cfg is None:
             summary = rd.read_summary(args.resume)
             print(f"{args.resume} already finished {summary['epochs_done']} epochs: test accuracy "
-                  f"{summary.get('test_acc'):.2f}%")
+                  f"{summary.get('test_acc'):.2f}%"
+                  + (" (selected on the test set: val = test)" if summary.get("selected_on_test") else ""))
             return 0
         run_training(cfg, Path(args.resume), resume=True)
         return 0

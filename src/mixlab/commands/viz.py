@@ -187,15 +187,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNG")
     common.add_argument("--list-layers", action="store_true", help="list the layers that can be chosen and exit")
     fmt = parser.formatter_class
-    p = sub.add_parser("filters", parents=[common], help=WHAT["filters"], description=WHAT["filters"],
+    weights = argparse.ArgumentParser(add_help=False)
+    weights.add_argument("--normalize", choices=["global", "tile"], default="global",
+                         help="global: one min-max over the whole weight tensor, as the Keras ConvMixer seed "
+                              "(tiles compare with each other); tile: each tile on its own (full contrast each)")
+    weights.add_argument("--cmap", default="coolwarm",
+                         help="matplotlib colour map of one-channel tiles (RGB filters are drawn as colours)")
+    p = sub.add_parser("filters", parents=[common, weights], help=WHAT["filters"], description=WHAT["filters"],
                        formatter_class=fmt)
     p.add_argument("--layer", default="auto", help="a Conv2d name, or auto (the stem)")
     p.add_argument("--max-tiles", type=int, default=256, help="show at most this many filters")
-    p = sub.add_parser("kernels", parents=[common], help=WHAT["kernels"], description=WHAT["kernels"],
+    p = sub.add_parser("kernels", parents=[common, weights], help=WHAT["kernels"], description=WHAT["kernels"],
                        formatter_class=fmt)
     p.add_argument("--layer", default="auto", help="a Conv2d name, or auto (see --block)")
     p.add_argument("--block", type=int, default=None,
-                   help="the K-th depthwise convolution, from 0 (one per block in ConvMixer); default: the middle one")
+                   help="the K-th depthwise convolution, from 0 (one per block in ConvMixer); default: the middle "
+                        "one rounding down, (n - 1) // 2, the seed's: block 3 of ConvMixer-256/8's 0..7")
     p.add_argument("--max-tiles", type=int, default=256, help="show at most this many kernels")
     for what in ("features", "saliency"):
         p = sub.add_parser(what, parents=[common], help=WHAT[what], description=WHAT[what], formatter_class=fmt)
@@ -269,8 +276,12 @@ def _weights(args, model, config, name) -> int:
         layer, conv = stem_conv(model) if args.layer == "auto" else kernel_layer(model, layer=args.layer)
     else:
         layer, conv = kernel_layer(model, layer=args.layer, block=args.block)
+    from matplotlib import colormaps
+
+    if args.cmap not in colormaps:
+        raise ValueError(f"unknown colour map {args.cmap!r}: give a matplotlib colour map name (coolwarm, viridis...)")
     weight = conv.weight.detach().float().cpu()
-    tiles, mode = weight_tiles(weight)
+    tiles, mode = weight_tiles(weight, args.normalize)
     total = tiles.shape[0]
     tiles = tiles[: args.max_tiles]
     o, i, kh, kw = weight.shape
@@ -278,12 +289,15 @@ def _weights(args, model, config, name) -> int:
     if args.what == "kernels" and conv.groups == conv.in_channels == conv.out_channels:
         what = "depthwise kernels"
     shown = f", first {len(tiles)} of {total}" if len(tiles) < total else ""
-    how = {"rgb": "RGB", "single": "coolwarm", "strongest": "strongest input channel, coolwarm"}[mode]
-    title = f"{name}: {what} of '{layer}'\n{o} x {i} x {kh} x {kw}{shown}; each tile min-max normalised ({how})"
-    fig = plot_weight_grid(tiles, mode, title, dpi=args.dpi)
+    how = {"rgb": "RGB", "single": args.cmap, "strongest": f"strongest input channel, {args.cmap}"}[mode]
+    scaled = ("one min-max over the whole tensor" if args.normalize == "global"
+              else "each tile min-max normalised")
+    title = f"{name}: {what} of '{layer}'\n{o} x {i} x {kh} x {kw}{shown}; {scaled} ({how})"
+    fig = plot_weight_grid(tiles, mode, title, dpi=args.dpi, cmap=args.cmap, normalize=args.normalize)
     out = save_figure(fig, default_out(args, args.what))
     flat = weight.reshape(o, -1)
     result = dict(command=f"viz {args.what}", model=name, layer=layer, weight_shape=[o, i, kh, kw], mode=mode,
+                  normalize=args.normalize,
                   shown=len(tiles), grid=list(_grid(len(tiles))), out=str(out),
                   per_filter=dict(min=flat.min(1).values.tolist(), max=flat.max(1).values.tolist(),
                                   norm=flat.norm(dim=1).tolist()))

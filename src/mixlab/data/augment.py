@@ -14,7 +14,12 @@ What comes from where, and why:
   on the device (their per-image op choice is the point of RandAugment; torchvision's
   magnitude scale, 31 bins, is the one the public ConvMixer CIFAR recipe used, timm's is not).
 - MixUp/CutMix: timm's ``Mixup``; random erasing: timm's ``RandomErasing``; both already work
-  on device batches.
+  on device batches. ``erasing_mode: zero`` is torchvision's ``RandomErasing(value=0)`` instead
+  (image by image), which is Paddle's default ``RandomErasing`` too (same probability 0.5,
+  scale (0.02, 0.33), ratio (0.3, 3.3), fill 0): a black rectangle on the raw image, placed
+  where the Conv2Former seed's Paddle pipeline has it, after the random resized crop and
+  before the flip and the rotation (the crop and the rotation are then two resamplings, as
+  there, instead of one).
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ class AugmentConfig:
     randaugment_m: int = 9
     color_jitter: float = 0.0  # brightness/contrast/saturation strength
     random_erasing: float = 0.0  # probability
+    # noise: timm's, per-pixel N(0, 1) on the normalised batch, after every other step;
+    # zero: torchvision's/Paddle's, 0 (black) on the raw image, after the random resized crop, before flip/rotation
+    erasing_mode: str = "noise"
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
@@ -52,6 +60,10 @@ class AugmentConfig:
         for k in ("rrc_scale", "rrc_ratio"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
+        if d.get("erasing_mode", "noise") not in ("noise", "zero"):
+            raise ValueError(f"augment.erasing_mode must be 'noise' (timm's: N(0, 1) noise after normalising) or "
+                             f"'zero' (torchvision's/Paddle's: black, before flip and rotation), "
+                             f"got {d['erasing_mode']!r}")
         return cls(**d)
 
 
@@ -128,7 +140,11 @@ class BatchAugment:
 
             j = cfg.color_jitter
             self.jitter = v2.ColorJitter(brightness=j, contrast=j, saturation=j)
-        if cfg.random_erasing > 0:
+        if cfg.random_erasing > 0 and cfg.erasing_mode == "zero":
+            from torchvision.transforms import v2
+
+            self.erase = v2.RandomErasing(p=cfg.random_erasing, value=0)
+        elif cfg.random_erasing > 0:
             from timm.data.random_erasing import RandomErasing
 
             self.erase = RandomErasing(probability=cfg.random_erasing, mode="pixel", device=str(self.device))
@@ -150,18 +166,27 @@ class BatchAugment:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, train: bool = True,
                  memory_format=torch.contiguous_format):
         cfg = self.cfg
+        erase_raw = train and self.erase is not None and cfg.erasing_mode == "zero"
         if train:
             if cfg.randaugment_n > 0:
                 x = self._per_image(x, self.randaugment)
             if self.jitter is not None:
                 x = self._per_image(x, self.jitter)
+            if erase_raw:  # random resized crop, erasing, then flip and rotation below
+                x = x.float()
+                if cfg.rrc_scale is not None:
+                    x = random_affine(x, cfg.rrc_scale, cfg.rrc_ratio, 0.0, self.generator)
+                x = self._per_image(x, self.erase)
             if cfg.crop_padding > 0 or cfg.hflip > 0 or cfg.vflip > 0:
                 x = random_crop_flip(x, cfg.crop_padding, cfg.hflip, self.generator, cfg.crop_pad_mode, cfg.vflip)
         x = x.float()
-        if train and (cfg.rrc_scale is not None or cfg.rotate):
+        if erase_raw:
+            if cfg.rotate:
+                x = random_affine(x, None, cfg.rrc_ratio, cfg.rotate, self.generator)
+        elif train and (cfg.rrc_scale is not None or cfg.rotate):
             x = random_affine(x, cfg.rrc_scale, cfg.rrc_ratio, cfg.rotate, self.generator)
         x = ((x - self.mean) / self.std).contiguous(memory_format=memory_format)
-        if train and self.erase is not None:
+        if train and self.erase is not None and not erase_raw:
             x = self.erase(x)
         if train and self.mixup is not None:
             if x.shape[0] % 2:  # timm's Mixup pairs image i with N-1-i and needs an even batch

@@ -298,7 +298,7 @@ def holdout(split: Split, fraction: float, seed: int, mode: str = "random") -> t
     elif mode == "random":
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     else:
-        raise DataError(f"val_holdout must be 'random' or 'first', got {mode!r}")
+        raise DataError(f"val_holdout must be 'random' or 'first' to hold out part of train, got {mode!r}")
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
     missing = set(split.labels[train_idx].tolist()) - set(split.labels[val_idx].tolist())
     if mode == "first" and missing:
@@ -314,9 +314,17 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
                  val_seed: int = 0, val_holdout: str = "random", resize: int | None = None,
                  on_bad_image: str = "error", rebuild_cache: bool = False, download_ok: bool = False,
                  verbose: bool = True) -> ClassificationData:
-    """Load a classification data set as uint8 tensors (decoding once, then from the cache)."""
+    """Load a classification data set as uint8 tensors (decoding once, then from the cache).
+
+    ``val_holdout``: ``random`` (a seeded ``val_split`` of train), ``first`` (its first
+    ``val_split``), or ``test``: nothing held out, the validation set *is* the test set (the
+    Conv2Former seed's protocol; weights selected on it are selected on the test set).
+    """
     if on_bad_image not in ("error", "skip"):
         raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    if val_holdout not in ("random", "first", "test"):
+        raise DataError(f"val_holdout must be 'random', 'first' or 'test' (validate on the test set), "
+                        f"got {val_holdout!r}")
     t0 = time.perf_counter()
     try:
         kind, path = locate(dataset, data)
@@ -350,13 +358,17 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
         how = "decoded"
     for problem in skipped:
         log.warning("skipped %s", problem)
-    if extra_val is not None:  # the tree ships its own val/ folder: use it as is
+    if val_holdout == "test":  # asked for explicitly: all of train is trained on, the test set validates
+        val = test
+    elif extra_val is not None:  # the tree ships its own val/ folder: use it as is
         val = extra_val
     else:
         train, val = holdout(train, val_split, val_seed, val_holdout)
     if verbose:
         print(f"data: {dataset} from {source} ({how} in {time.perf_counter() - t0:.2f} s): "
-              f"{len(train)} train, {len(val) if val else 0} val, {len(test)} test, {len(classes)} classes, "
+              f"{len(train)} train, "
+              + ("val = the test set (val_holdout: test)" if val is test else f"{len(val) if val else 0} val")
+              + f", {len(test)} test, {len(classes)} classes, "
               f"{tuple(train.images.shape[-2:])} px" + (f"; {len(skipped)} bad files skipped" if skipped else ""))
     return ClassificationData(dataset, classes, train, val, test, source, skipped)
 

@@ -30,7 +30,7 @@ MANIFEST = "compare.json"
 
 # config keys `run_training` fills in from the data, or that may differ between a rerun and
 # the first run without changing what is trained
-_FILLED_AT_RUN = {"num_classes", "img_size", "data.mean", "data.std", "data.root", "progress", "epochs"}
+_FILLED_AT_RUN = {"num_classes", "img_size", "data.mean", "data.std", "data.root", "progress", "epochs", "picked"}
 
 
 @dataclass

@@ -25,6 +25,7 @@ DEFAULTS: dict = {
     "epochs": 10,
     "batch_size": 128,
     "eval_batch_size": 500,
+    "drop_last": False,  # true: leave out each epoch's last incomplete batch (a DataLoader's drop_last)
     "data": {"dataset": "cifar10", "root": None, "val_split": 0.1, "val_seed": 0, "val_holdout": "random",
              "resize": None, "on_bad_image": "error", "mean": None, "std": None,
              "download": False},
@@ -41,8 +42,18 @@ DEFAULTS: dict = {
     "ema": {"enabled": False, "decay": 0.9998},
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "precision": "auto",  # auto (bf16 where supported) | fp32 | bf16 | fp16
-    "channels_last": "auto",  # auto (on for convolutional models) | true | false
-    "compile": False,
+    "channels_last": "auto",  # auto (measured on the CPU, else on for convolutional models) | true | false
+    # mixlab's depthwise convolution with a fast CPU backward (mixlab.ops.depthwise): auto
+    # (measured on the CPU) | true | false; CUDA keeps cuDNN's
+    "fast_depthwise": "auto",
+    # measure the CPU settings left on auto (precision, channels_last, fast_depthwise) with a
+    # few training steps of each combination; false: bf16 where supported, channels_last for
+    # convolutional models, the fast depthwise op
+    "autotune": True,
+    "picked": None,  # written by the trainer: what was picked and how (resumed runs reuse it)
+    # torch.compile: auto (on the CPU, tried for runs estimated over 10 minutes and kept when it
+    # saves twice its compile time) | true | false
+    "compile": "auto",
     "num_threads": None,
     "select": "best_val",  # which weights test accuracy is reported for: best_val | last
     "progress": True,
@@ -77,7 +88,10 @@ SEG_DEFAULTS: dict = {
     "device": "auto",
     "precision": "auto",
     "channels_last": "auto",
-    "compile": False,
+    "fast_depthwise": "auto",
+    "autotune": True,
+    "picked": None,
+    "compile": "auto",
     "num_threads": None,
     "select": "best_val",  # best_val (highest validation IoU, as the paper's code keeps) | last
     "progress": True,
@@ -88,7 +102,9 @@ TASK_DEFAULTS = {"classification": DEFAULTS, "segmentation": SEG_DEFAULTS}
 _TASK_COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train"}
 
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
+# adamw: torch's AdamW (decay lr * weight_decay per step); adamw_tfa: TensorFlow Addons' AdamW
+# (decay weight_decay per step, whatever the lr; see mixlab.train.optim)
+OPTIMIZERS = ("adamw", "adamw_tfa", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 
 
@@ -173,6 +189,10 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
     if recipe:
         r = load_recipe(recipe)
         _check_task(r, task, f"recipe {recipe!r}")
+        if model is not None and r.get("model") not in (None, model):
+            # a recipe's model_kwargs are arguments of its own model (seed-convmixer-keras' Keras
+            # BatchNorm settings are ConvMixer's): another model trained with it does not get them
+            r = {k: v for k, v in r.items() if k != "model_kwargs"}
         cfg = merge(cfg, r)
         cfg["recipe"] = recipe
     if config_file:
@@ -226,6 +246,17 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {cfg['optimizer']['name']!r}")
     if cfg["schedule"]["name"] not in SCHEDULES:
         raise ValueError(f"schedule.name must be one of {', '.join(SCHEDULES)}, got {cfg['schedule']['name']!r}")
+    if cfg.get("task", "classification") == "classification" and \
+            cfg["data"].get("val_holdout") not in ("random", "first", "test"):
+        raise ValueError(f"data.val_holdout must be 'random' or 'first' (which part of train to hold out) or 'test' "
+                         f"(validate on the test set), got {cfg['data'].get('val_holdout')!r}")
+    for key in ("channels_last", "fast_depthwise"):
+        if cfg.get(key, "auto") != "auto" and not isinstance(cfg.get(key), bool):
+            raise ValueError(f"{key} must be auto, true or false, got {cfg[key]!r}")
+    if cfg.get("compile", "auto") != "auto" and not isinstance(cfg.get("compile"), bool):
+        raise ValueError(f"compile must be auto, true or false, got {cfg['compile']!r}")
+    if not isinstance(cfg.get("autotune", True), bool):
+        raise ValueError(f"autotune must be true or false, got {cfg['autotune']!r}")
     if cfg["select"] not in ("best_val", "last"):
         raise ValueError(f"select must be 'best_val' or 'last', got {cfg['select']!r}")
     if int(cfg["epochs"]) < 1 or int(cfg["batch_size"]) < 1:
@@ -247,6 +278,30 @@ def validate(cfg: dict) -> None:
         seg_augment(cfg["augment"])  # raises on bad augmentation values, naming them
         return
     AugmentConfig.from_dict(cfg["augment"])  # raises on bad augmentation keys/values
+
+
+def evaluation_protocol(cfg: dict) -> dict:
+    """How a classification run's accuracies come about, as ``summary.json`` and every table
+    of runs state it: ``protocol`` (one line) and ``selected_on_test`` (the reported weights
+    were chosen by their accuracy on the test set, so its test accuracy is not held out)."""
+    if cfg.get("task", "classification") != "classification":
+        return {}
+    data = cfg.get("data") or {}
+    best = cfg.get("select", "best_val") == "best_val"
+    if data.get("val_holdout") == "test":
+        if best:
+            return dict(protocol="val = the test set: all of train is trained on and the weights with the best "
+                                 "test accuracy are kept, so the test accuracy is selected on the test set, "
+                                 "not held out", selected_on_test=True)
+        return dict(protocol="val = the test set (monitored each epoch); all of train is trained on and the last "
+                             "weights are tested", selected_on_test=False)
+    if data.get("val_split"):
+        how = {"first": "the first", "random": "a seeded"}.get(data.get("val_holdout"), "a")
+        return dict(protocol=f"{how} {float(data['val_split']):.0%} of train held out as val; "
+                             f"{'best-val' if best else 'last'} weights tested once on the test set",
+                    selected_on_test=False)
+    return dict(protocol="all of train is trained on; the last weights are tested once on the test set",
+                selected_on_test=False)
 
 
 def dump(cfg: dict) -> str:

@@ -55,6 +55,13 @@ def read_summary(run_dir: str | Path) -> dict | None:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
+    """Write summary.json; a classification run's summary also names its evaluation protocol
+    (``protocol``, ``selected_on_test``; from its config.yaml, which is written first), so
+    that no table shows a test accuracy selected on the test set without saying so."""
+    if "protocol" not in summary and (Path(run_dir) / CONFIG).is_file():
+        from .config import evaluation_protocol
+
+        summary = {**summary, **evaluation_protocol(read_config(run_dir))}
     atomic_write_json(run_dir / SUMMARY, summary)
 
 

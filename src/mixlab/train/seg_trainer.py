@@ -28,8 +28,7 @@ from . import rundir as rd
 from .distributed import Distributed
 from .step import TrainStep, autocast
 from ..errors import TrainingDiverged
-from .trainer import (_progress, build_optimizer, epoch_seed, lr_factor, pick_channels_last,
-                      pick_device, pick_precision)
+from .trainer import _progress, build_optimizer, epoch_seed, lr_factor, pick_device, pick_run_settings
 
 SPLIT_TRAIN, SPLIT_VAL = "split_train.txt", "split_val.txt"
 SEG_CURVES = (("train_iou", "train IoU"), ("val_iou", "val IoU"), ("val_dice", "val Dice"))
@@ -176,11 +175,21 @@ def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> di
     # --- model, loss, optimizer
     torch.manual_seed(int(cfg["seed"]))
     model = build_seg_model(cfg, num_classes, size)
-    precision = pick_precision(cfg["precision"], device)
-    channels_last = pick_channels_last(cfg["channels_last"], model)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     params, _ = count_params(model)
     macs = count_macs(model, (3, *size))
+    loss_fn = build_loss(cfg["loss"]["name"])
+    per_rank = len(train) // dist.world_size
+    steps_per_epoch = per_rank // batch_size if cfg["drop_last"] else math.ceil(per_rank / batch_size)
+    bs = min(batch_size, len(train))
+
+    def timing_batch():
+        return (torch.randn(bs, train_x.shape[1], *train_x.shape[2:]),
+                (torch.rand(bs, num_classes, *train_x.shape[2:]) > 0.5).float())
+
+    picked = pick_run_settings(cfg, model, device, dist, timing_batch, loss_fn, steps_per_epoch * int(cfg["epochs"]),
+                               say)
+    precision, channels_last = picked["precision"], picked["channels_last"]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     ema = None
     if cfg["ema"]["enabled"]:
@@ -189,9 +198,6 @@ def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> di
         ema = ModelEmaV3(model, decay=float(cfg["ema"]["decay"]))
     optimizer = build_optimizer(model, cfg["optimizer"])
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    loss_fn = build_loss(cfg["loss"]["name"])
-    per_rank = len(train) // dist.world_size
-    steps_per_epoch = per_rank // batch_size if cfg["drop_last"] else math.ceil(per_rank / batch_size)
     # --- resume or start
     r = rd.open_run(out_dir, cfg, resume, model, optimizer, ema, write=main)
     model.to(device, memory_format=memory_format)
@@ -204,21 +210,21 @@ def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> di
     dist.barrier()
 
     net = dist.wrap(model, device)
-    if cfg["compile"]:
+    if picked.get("compile"):
         net = torch.compile(net)
     step = TrainStep(net, optimizer, loss_fn, device, precision, cfg["clip_grad"])
     augment = seg_augment(cfg["augment"])
     norm = _normalizer(cfg, device)
     say(f"model: {cfg['model']} ({params:,} params, {macs / 1e9:.3f} GMACs at {size[0]}x{size[1]}); device {device}"
         f"{f' x {dist.world_size} ranks' if dist.enabled else ''}, {precision}"
-        f"{', channels_last' if channels_last else ''}{', compiled' if cfg['compile'] else ''}, "
-        f"{torch.get_num_threads()} threads; loss {cfg['loss']['name']}; "
+        f"{', channels_last' if channels_last else ''}{', fast depthwise conv' if picked['fast_depthwise'] else ''}"
+        f"{', compiled' if picked.get('compile') else ''}, {torch.get_num_threads()} threads; loss {cfg['loss']['name']}; "
         f"{cfg['epochs']} epochs x {steps_per_epoch} steps of {batch_size}")
 
     summary = dict(model=cfg["model"], task="segmentation", recipe=cfg.get("recipe"), data=str(cfg["data"]["root"]),
                    train_images=len(train), val_images=len(val) if has_val else 0, params=params, macs=macs,
                    epochs=int(cfg["epochs"]), device=str(device), world_size=dist.world_size, precision=precision,
-                   channels_last=channels_last)
+                   channels_last=channels_last, fast_depthwise=picked["fast_depthwise"], settings_picked=picked)
     t_run = time.perf_counter()
     for epoch in range(start_epoch, int(cfg["epochs"])):
         # --- one epoch

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import rundir as rd
+from .cpu_defaults import cpu_has_bf16, has_spatial_conv
 from .distributed import Distributed
 from .step import TrainStep, autocast
 
@@ -44,30 +45,39 @@ def pick_device(name: str, dist: Distributed) -> torch.device:
 
 
 def pick_precision(name: str, device: torch.device) -> str:
+    """The precision when not measured (CUDA, DDP, short runs): bf16 where the device has it."""
     if name != "auto":
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # On the CPU bf16 autocast through oneDNN ran ConvMixer-256/8 training ~2x faster than
-    # fp32 here at the same accuracy (README, "CPU speed"); CPUs without bf16 support get fp32.
-    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # not Linux: let oneDNN decide (it falls back to emulation)
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "avx512bw", "avx512f"))
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def pick_channels_last(value, model: nn.Module) -> bool:
-    if value != "auto":
-        return bool(value)
-    # channels_last speeds up convolutions (oneDNN and cuDNN both prefer NHWC); models with
-    # no spatial convolution beyond a patch embedding gain nothing from it.
-    return any(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) and m.stride == (1, 1)
-               for m in model.modules())
+    return bool(value) if value != "auto" else has_spatial_conv(model)
+
+
+def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: Distributed, batch, loss_fn,
+                      total_steps: int, say=print) -> dict:
+    """precision, channels_last and fast_depthwise for this run, recorded in ``cfg['picked']``
+    (config.yaml) so that a resumed run uses the same. On the CPU the settings left on auto are
+    measured (:mod:`mixlab.train.cpu_defaults`); the fast depthwise op is switched on in
+    ``model`` when picked. ``batch``: a callable giving an (inputs, targets) batch of the real
+    shape for timing."""
+    from ..ops.depthwise import use_fast_depthwise
+    from .cpu_defaults import resolve_cpu_settings
+
+    if device.type == "cpu":
+        p = resolve_cpu_settings(cfg, model, batch, loss_fn, total_steps, say, measure=not dist.enabled)
+    else:  # CUDA keeps cuDNN's depthwise convolution
+        p = cfg.get("picked") or dict(precision=pick_precision(cfg["precision"], device),
+                                      channels_last=pick_channels_last(cfg["channels_last"], model),
+                                      fast_depthwise=False, compile=cfg.get("compile") is True,
+                                      how="device defaults", figures={})
+    cfg["picked"] = p
+    if p["fast_depthwise"] and device.type == "cpu":
+        use_fast_depthwise(model)
+    return p
 
 
 def build_optimizer(model: nn.Module, opt: dict) -> torch.optim.Optimizer:
@@ -75,6 +85,10 @@ def build_optimizer(model: nn.Module, opt: dict) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]))
+    if name == "adamw_tfa":  # decay of weight_decay per step whatever the lr (TensorFlow Addons' AdamW)
+        from .optim import AdamWAbsoluteDecay
+
+        return AdamWAbsoluteDecay(params, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]))
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]))
     return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(opt["momentum"]),
@@ -183,11 +197,25 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     info = model_info(cfg["model"])
     takes_size = info.model_cls is not None and "img_size" in __import__("inspect").signature(info.model_cls).parameters
     model = rd.build_model_for(cfg, cfg["num_classes"], cfg["img_size"] if takes_size else None)
-    precision = pick_precision(cfg["precision"], device)
-    channels_last = pick_channels_last(cfg["channels_last"], model)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     params, _ = count_params(model)
     macs = count_macs(model, (3, cfg["img_size"], cfg["img_size"]))
+    per_rank, batch_size = len(train_y) // dist.world_size, int(cfg["batch_size"])
+    if cfg["drop_last"] and per_rank < batch_size:
+        raise ValueError(f"{len(train_y)} training images are fewer than one batch of {batch_size} per rank "
+                         "(and drop_last is on): lower --batch-size or set --set drop_last=false")
+    # drop_last: only whole batches, as a loader with drop_last=True (the Conv2Former seed's)
+    steps_per_epoch = (per_rank // batch_size if cfg["drop_last"]
+                       else math.ceil(len(train_y) / dist.world_size / batch_size))
+    bs = min(int(cfg["batch_size"]), len(train_y))
+
+    def timing_batch():
+        return (torch.randn(bs, train_x.shape[1], *train_x.shape[2:]),
+                torch.randint(0, int(cfg["num_classes"]), (bs,)))
+
+    picked = pick_run_settings(cfg, model, device, dist, timing_batch, nn.CrossEntropyLoss(),
+                               steps_per_epoch * int(cfg["epochs"]), say)
+    precision, channels_last = picked["precision"], picked["channels_last"]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     ema = None
     if cfg["ema"]["enabled"]:
@@ -196,7 +224,6 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
         ema = ModelEmaV3(model, decay=float(cfg["ema"]["decay"]))
     optimizer = build_optimizer(model, cfg["optimizer"])
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    steps_per_epoch = math.ceil(len(train_y) / dist.world_size / int(cfg["batch_size"]))
     # --- resume or start
     r = rd.open_run(out_dir, cfg, resume, model, optimizer, ema, write=main)
     model.to(device, memory_format=memory_format)
@@ -205,7 +232,7 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     dist.barrier()
 
     net = dist.wrap(model, device)
-    if cfg["compile"]:
+    if picked.get("compile"):
         net = torch.compile(net)
     if cfg["loss"]["label_smoothing"] and not cfg["augment"].get("mixup_alpha") and not cfg["augment"].get("cutmix_alpha"):
         loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["loss"]["label_smoothing"]))
@@ -215,11 +242,13 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     aug_cfg = AugmentConfig.from_dict(cfg["augment"])
     say(f"model: {cfg['model']} ({params:,} params, {macs / 1e6:.1f}M MACs at {cfg['img_size']}px); device {device}"
         f"{f' x {dist.world_size} ranks' if dist.enabled else ''}, {precision}"
-        f"{', channels_last' if channels_last else ''}{', compiled' if cfg['compile'] else ''}, "
+        f"{', channels_last' if channels_last else ''}{', fast depthwise conv' if picked['fast_depthwise'] else ''}"
+        f"{', compiled' if picked.get('compile') else ''}, "
         f"{torch.get_num_threads()} threads; {cfg['epochs']} epochs x {steps_per_epoch} steps of {cfg['batch_size']}")
 
     summary = dict(model=cfg["model"], recipe=cfg.get("recipe"), params=params, macs=macs, epochs=int(cfg["epochs"]),
-                   device=str(device), world_size=dist.world_size, precision=precision, channels_last=channels_last)
+                   device=str(device), world_size=dist.world_size, precision=precision, channels_last=channels_last,
+                   fast_depthwise=picked["fast_depthwise"], settings_picked=picked)
     t_run = time.perf_counter()
     for epoch in range(start_epoch, int(cfg["epochs"])):
         # --- one epoch

@@ -1,0 +1,367 @@
+"""A depthwise convolution whose backward on the CPU is as fast as its forward.
+
+aten computes a depthwise convolution's forward and input gradient quickly on the CPU, but its
+weight gradient is slow: for one ConvMixer-256/8 layer (128x256x16x16, 5x5, channels_last) it
+took 179 ms in bf16 and 40 ms in fp32 where the forward takes 3.5 ms, and it was most of a
+ConvMixer training step. :func:`depthwise_conv2d` keeps aten for the forward and the input
+gradient and computes the weight gradient with a small C++ kernel built at first use
+(:mod:`mixlab.ops.depthwise_build`), summing bf16 products in fp32. Where no compiler is
+found, it falls back to aten's weight gradient in fp32 (the faster of aten's two on bf16
+inputs), and says so once.
+
+Scope: stride 1, one output channel per input channel (``groups == in_channels ==
+out_channels``), zero padding (any symmetric amount, ``'same'`` for an odd dilated extent,
+``'valid'``), any kernel size and dilation, fp32 or bf16 (or autocast to bf16), on the CPU.
+Anything else runs through ``F.conv2d`` unchanged (CUDA keeps cuDNN).
+
+:func:`use_fast_depthwise` switches every eligible ``nn.Conv2d`` of a model to
+:class:`DepthwiseConv2d` in place (same parameters, same state_dict keys).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .depthwise_build import load_kernel
+
+__all__ = ["depthwise_conv2d", "depthwise_weight_grad", "DepthwiseConv2d", "use_fast_depthwise",
+           "restore_depthwise", "fast_depthwise_available", "ineligible_reason"]
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _resolve_padding(padding, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int] | None:
+    """Symmetric (ph, pw) for ``padding``, or None where it is not symmetric ('same' with an even
+    dilated extent pads one side more: aten handles that, the fast path does not)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding == "same":
+            ext = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            return None if any(e % 2 for e in ext) else (ext[0] // 2, ext[1] // 2)
+        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    ph, pw = _pair(padding)
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must not be negative, got {padding!r}")
+    return (ph, pw)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+# ----------------------------------------------------------------------------- weight gradient
+#
+# Which computation is fastest depends on the CPU, the shape, the dtype and the layout: the
+# kernel wins by 5-10x on ConvMixer's 5x5 and Conv2Former's 11x11 layers in channels_last, but
+# oneDNN has a fast 3x3 path that beats it on small maps (benchmarks/bench_depthwise.py). So,
+# as cuDNN's benchmark mode does, the first backward of each new shape times every candidate
+# and keeps the fastest. The choice is stored (per CPU, torch version and thread count) in
+# the kernel cache folder, so later processes on the machine, a resumed run among them, make
+# the same choice without timing again and compute the same numbers.
+
+METHODS = ("kernel", "kernel_nhwc", "aten", "aten_fp32")
+_method_override: str | None = None  # set_weight_grad_method(); None = time and choose
+_plan: dict[str, str] | None = None
+
+
+def set_weight_grad_method(method: str | None) -> None:
+    """Force one weight-gradient computation: 'kernel' (the compiled kernel in the input's own
+    layout), 'kernel_nhwc' (converted to channels_last first), 'aten' (aten in the input's
+    dtype), 'aten_fp32' (aten on fp32 copies); None (default) times them per shape and keeps
+    the fastest."""
+    global _method_override
+    if method is not None and method not in METHODS:
+        raise ValueError(f"weight-gradient method must be one of {', '.join(METHODS)} or None, got {method!r}")
+    _method_override = method
+
+
+def _plan_path():
+    import hashlib
+
+    from .depthwise_build import _cpu_identity, cache_dir
+
+    key = hashlib.sha256(f"{_cpu_identity()}|{torch.__version__}".encode()).hexdigest()[:12]
+    return cache_dir() / f"depthwise_plan_{key}.json"
+
+
+def _load_plan() -> dict[str, str]:
+    global _plan
+    if _plan is None:
+        import json
+
+        try:
+            _plan = json.loads(_plan_path().read_text())
+        except (OSError, ValueError):
+            _plan = {}
+    return _plan
+
+
+def _save_plan() -> None:
+    from ..io import atomic_write_json
+
+    try:
+        atomic_write_json(_plan_path(), _plan)
+    except OSError:
+        pass  # a read-only home folder: the choice is kept for this process only
+
+
+def weight_grad_plan() -> dict[str, str]:
+    """The choices made so far: {shape key: method}."""
+    return dict(_load_plan())
+
+
+def _aten_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel, padding, dilation,
+                      with_bias: bool = False, fp32: bool = True):
+    """aten's depthwise weight (and bias) gradient; ``fp32`` on fp32 copies (on bf16 inputs often
+    faster than aten's bf16 path, and summed in fp32)."""
+    c = x.shape[1]
+    if fp32:
+        x, grad_out = x.float(), grad_out.float()
+    w = torch.empty((c, 1, *kernel), dtype=x.dtype, device=x.device)
+    _, gw, gb = torch.ops.aten.convolution_backward(
+        grad_out, x, w, [c] if with_bias else None, [1, 1], list(padding), list(dilation), False, [0, 0], c,
+        [False, True, with_bias])
+    return gw.float(), (gb.float() if with_bias else None)
+
+
+def _kernel_weight_grad(lib, x, grad_out, kernel, padding, dilation, with_bias: bool, nhwc: bool):
+    n, c, h, w = x.shape
+    ho, wo = grad_out.shape[2], grad_out.shape[3]
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    xs = x.contiguous(memory_format=fmt)
+    gs = grad_out.to(x.dtype).contiguous(memory_format=fmt)
+    gw = torch.empty((c, 1, *kernel), dtype=torch.float32)
+    gb = torch.empty((c,), dtype=torch.float32) if with_bias else None
+    name = f"mixlab_dw_wgrad_{'nhwc' if nhwc else 'nchw'}_{'bf16' if x.dtype == torch.bfloat16 else 'f32'}"
+    rc = getattr(lib, name)(xs.data_ptr(), gs.data_ptr(), gw.data_ptr(), gb.data_ptr() if with_bias else None,
+                            n, c, h, w, ho, wo, *kernel, *padding, *dilation, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("the depthwise weight-gradient kernel could not allocate its accumulators")
+    return gw, gb
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    # a 1x1 map or one channel is both layouts at once: call that NCHW
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _candidates(x: torch.Tensor, lib) -> list[str]:
+    out = []
+    if lib is not None and x.device.type == "cpu" and x.dtype in _FAST_DTYPES:
+        out += ["kernel"] if _is_nhwc(x) else ["kernel", "kernel_nhwc"]
+    out.append("aten")
+    if x.dtype != torch.float32:
+        out.append("aten_fp32")
+    return out
+
+
+def _run_method(method, lib, x, grad_out, kernel, padding, dilation, with_bias):
+    if method.startswith("kernel"):
+        return _kernel_weight_grad(lib, x, grad_out, kernel, padding, dilation, with_bias,
+                                   nhwc=_is_nhwc(x) or method == "kernel_nhwc")
+    return _aten_weight_grad(x, grad_out.to(x.dtype), kernel, padding, dilation, with_bias, fp32=method == "aten_fp32")
+
+
+def _choose(key: str, cands: list[str], run) -> str:
+    import time
+
+    times = {}
+    for m in cands:  # one untimed call each (first-call set-up), then the best of two
+        run(m)
+    for m in cands:
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            run(m)
+            best = min(best, time.perf_counter() - t0)
+        times[m] = best
+    choice = min(times, key=times.get)
+    _load_plan()[key] = choice
+    _save_plan()
+    return choice
+
+
+@torch.library.custom_op("mixlab::depthwise_weight_grad", mutates_args=())
+def _weight_grad_op(x: torch.Tensor, grad_out: torch.Tensor, kh: int, kw: int, ph: int, pw: int, dh: int,
+                    dw: int, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # A registered op (not a bare Python call) so torch.compile treats it as one opaque node.
+    lib = load_kernel() if x.device.type == "cpu" else None
+    kernel, padding, dilation = (kh, kw), (ph, pw), (dh, dw)
+    cands = _candidates(x, lib)
+    if _method_override is not None:
+        method = _method_override if _method_override in cands else "aten_fp32" if "aten_fp32" in cands else "aten"
+    elif len(cands) == 1:
+        method = cands[0]
+    else:
+        key = (f"{tuple(x.shape)}|k{kh}x{kw}|p{ph},{pw}|d{dh},{dw}|{str(x.dtype)[6:]}|"
+               f"{'nhwc' if _is_nhwc(x) else 'nchw'}|bias{int(with_bias)}|t{torch.get_num_threads()}")
+        method = _load_plan().get(key)
+        if method not in cands:
+            method = _choose(key, cands, lambda m: _run_method(m, lib, x, grad_out, kernel, padding, dilation,
+                                                               with_bias))
+    gw, gb = _run_method(method, lib, x, grad_out, kernel, padding, dilation, with_bias)
+    return gw, (gb if gb is not None else gw.new_empty(0))
+
+
+@_weight_grad_op.register_fake
+def _(x, grad_out, kh, kw, ph, pw, dh, dw, with_bias):
+    return (x.new_empty((x.shape[1], 1, kh, kw), dtype=torch.float32),
+            x.new_empty((x.shape[1],) if with_bias else (0,), dtype=torch.float32))
+
+
+def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, padding=0,
+                          dilation=1) -> torch.Tensor:
+    """The weight gradient (C, 1, KH, KW), fp32, of a stride-1 depthwise convolution of ``x``
+    (N, C, H, W) whose output gradient is ``grad_out`` (N, C, Ho, Wo)."""
+    kernel, dil = _pair(kernel_size), _pair(dilation)
+    pad = _resolve_padding(padding, kernel, dil)
+    if pad is None:
+        raise ValueError(f"padding {padding!r} is asymmetric for kernel {kernel} and dilation {dil}")
+    if x.dim() != 4 or grad_out.dim() != 4 or x.shape[:2] != grad_out.shape[:2]:
+        raise ValueError(f"x must be (N, C, H, W) and grad_out (N, C, Ho, Wo) with the same N and C; got "
+                         f"{tuple(x.shape)} and {tuple(grad_out.shape)}")
+    expect = [x.shape[i + 2] + 2 * pad[i] - dil[i] * (kernel[i] - 1) for i in range(2)]
+    if list(grad_out.shape[2:]) != expect:
+        raise ValueError(f"grad_out is {tuple(grad_out.shape[2:])} spatially, but a stride-1 convolution of "
+                         f"{tuple(x.shape[2:])} with kernel {kernel}, padding {pad}, dilation {dil} gives {tuple(expect)}")
+    return _weight_grad_op(x, grad_out, *kernel, *pad, *dil, False)[0]
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _DepthwiseConv2dFn(torch.autograd.Function):
+    """forward and input gradient: aten; weight gradient: :func:`_weight_grad_op` (fp32 sums).
+
+    Under autocast the casts happen here, so the weight gradient is returned in the weight's
+    own dtype straight from the fp32 sums instead of being rounded to bf16 first."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, dilation, compute_dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
+            bc = bias.to(compute_dtype) if bias is not None else None
+            out = F.conv2d(xc, wc, bc, 1, padding, dilation, x.shape[1])
+        ctx.save_for_backward(xc, wc)
+        ctx.conf = (padding, dilation, x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, wc = ctx.saved_tensors
+        padding, dilation, x_dtype, w_dtype, b_dtype = ctx.conf
+        gx = gw = gb = None
+        g = grad_out.to(xc.dtype)
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(
+                g, xc, wc, None, [1, 1], list(padding), list(dilation), False, [0, 0], xc.shape[1],
+                [True, False, False])[0].to(x_dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # the bias gradient comes with the weight's (one pass over dY, summed in fp32)
+            with_bias = bool(ctx.needs_input_grad[2])
+            gw, gb = _weight_grad_op(xc, g, wc.shape[2], wc.shape[3], *padding, *dilation, with_bias)
+            gw = gw.to(w_dtype) if ctx.needs_input_grad[1] else None
+            gb = gb.to(b_dtype) if with_bias else None
+        return gx, gw, gb, None, None, None
+
+
+def _check_depthwise(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"depthwise_conv2d takes a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[0] % c != 0:
+        raise ValueError(f"depthwise_conv2d needs a weight of shape (C*m, 1, kh, kw) for an input of C={c} "
+                         f"channels (groups == C), got {tuple(weight.shape)}; for a dense or grouped "
+                         "convolution use torch.nn.functional.conv2d")
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+                     padding=0, dilation=1) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` with a fast CPU backward.
+
+    ``weight`` is (C, 1, kh, kw). Outside the fast path's scope (stride > 1, a channel
+    multiplier, asymmetric 'same' padding, CUDA, fp16/fp64, no gradient needed) this is exactly
+    ``F.conv2d``.
+    """
+    _check_depthwise(x, weight)
+    c = x.shape[1]
+    kernel, dil = (weight.shape[2], weight.shape[3]), _pair(dilation)
+    pad = _resolve_padding(padding, kernel, dil)
+    compute = _autocast_dtype(x.device.type) or x.dtype
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if (not needs_grad or pad is None or _pair(stride) != (1, 1) or weight.shape[0] != c
+            or x.device.type != "cpu" or compute not in _FAST_DTYPES
+            or (compute != x.dtype and not torch.is_autocast_enabled(x.device.type))):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, c)
+    return _DepthwiseConv2dFn.apply(x, weight, bias, pad, dil, compute)
+
+
+# ----------------------------------------------------------------------------- module form
+
+def ineligible_reason(m: nn.Module) -> str | None:
+    """None when ``m`` can run as :class:`DepthwiseConv2d`, else why not."""
+    if type(m) is not nn.Conv2d and type(m) is not DepthwiseConv2d:
+        return f"{type(m).__name__} is not a plain nn.Conv2d"
+    if not (m.groups == m.in_channels == m.out_channels):
+        return (f"not depthwise: groups={m.groups}, in_channels={m.in_channels}, out_channels={m.out_channels} "
+                "(needs all three equal)")
+    if m.stride != (1, 1):
+        return f"stride {m.stride} (only stride 1 is supported)"
+    if m.padding_mode != "zeros":
+        return f"padding_mode {m.padding_mode!r} (only zero padding is supported)"
+    if _resolve_padding(m.padding, m.kernel_size, m.dilation) is None:
+        return f"padding {m.padding!r} is asymmetric for kernel {m.kernel_size}, dilation {m.dilation}"
+    return None
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (depthwise, stride 1, zero padding) computed by :func:`depthwise_conv2d`.
+
+    Same parameters and state_dict as ``nn.Conv2d``; ``isinstance(m, nn.Conv2d)`` holds.
+    """
+
+    def __init__(self, channels: int, kernel_size, padding=0, dilation=1, bias: bool = True, device=None,
+                 dtype=None):
+        super().__init__(channels, channels, kernel_size, 1, padding, dilation, channels, bias, "zeros", device,
+                         dtype)
+        reason = ineligible_reason(self)
+        if reason:
+            raise ValueError(f"DepthwiseConv2d: {reason}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+def use_fast_depthwise(model: nn.Module) -> int:
+    """Switch every eligible depthwise ``nn.Conv2d`` in ``model`` to :class:`DepthwiseConv2d`, in
+    place (the module objects, their parameters, hooks and state_dict keys stay the same; only
+    the class changes). Returns how many were switched; others are left as they are."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Conv2d and ineligible_reason(m) is None:
+            m.__class__ = DepthwiseConv2d
+            n += 1
+    return n
+
+
+def restore_depthwise(model: nn.Module) -> int:
+    """Undo :func:`use_fast_depthwise` (e.g. before exporting to a format that wants aten ops)."""
+    n = 0
+    for m in model.modules():
+        if type(m) is DepthwiseConv2d:
+            m.__class__ = nn.Conv2d
+            n += 1
+    return n
+
+
+def fast_depthwise_available() -> bool:
+    """Whether the compiled weight-gradient kernel is loaded (building it on first call)."""
+    return load_kernel() is not None
