@@ -23,7 +23,8 @@ KERAS_SEED = {
     "optimizer.name": "adamw_tfa", "optimizer.lr": 0.001, "optimizer.weight_decay": 0.0001,
     "optimizer.betas": [0.9, 0.999], "optimizer.eps": 1e-7, "schedule.name": "constant",
     "data.val_split": 0.1, "data.mean": [0.0, 0.0, 0.0], "data.std": [1.0, 1.0, 1.0],
-    "model_kwargs": {"bn_momentum": 0.01, "bn_eps": 1e-3},  # torch's momentum weighs the new batch: 1 - 0.99
+    # torch's momentum weighs the new batch: 1 - 0.99; Keras' Glorot-uniform init, zero biases
+    "model_kwargs": {"bn_momentum": 0.01, "bn_eps": 1e-3, "init": "keras"},
     "augment.crop_padding": 0, "augment.hflip": 0.5, "augment.mixup_alpha": 0.0, "augment.random_erasing": 0.0,
     "augment.color_jitter": 0.0, "loss.label_smoothing": 0.0, "select": "best_val", "drop_last": False,
 }
@@ -192,3 +193,28 @@ def test_drop_last_trains_whole_batches_only(make_folder_dataset, tmp_path, monk
     calls.clear()
     assert main([*base, "--out", str(tmp_path / "drop"), "--set", "drop_last=true"]) == 0
     assert calls == [8, 8]
+
+
+def test_keras_init_uses_keras_fans_and_zero_biases():
+    import math
+
+    import torch
+
+    torch.manual_seed(0)
+    m = mixlab.create_model("convmixer_256_8", init="keras")
+    dw, pw, stem, head = m.blocks[0][0].fn[0], m.blocks[0][1], m.stem[0], m.head
+    # Keras' limits, from its fan rule (kernel (kh, kw, in, out): in*kh*kw and out*kh*kw;
+    # DepthwiseConv2D: channels*kh*kw and depth_multiplier*kh*kw)
+    limits = {"dw": math.sqrt(6 / (256 * 25 + 25)), "pw": math.sqrt(6 / 512), "stem": math.sqrt(6 / (12 + 1024)),
+              "head": math.sqrt(6 / (256 + 10))}
+    for name, layer in (("dw", dw), ("pw", pw), ("stem", stem), ("head", head)):
+        w = layer.weight.detach()
+        assert float(w.abs().max()) <= limits[name]
+        # a uniform(-a, a) has std a / sqrt(3): the sample's std within 10%
+        assert abs(float(w.std()) / (limits[name] / math.sqrt(3)) - 1) < 0.1, name
+        assert torch.count_nonzero(layer.bias) == 0
+    torch.manual_seed(0)
+    default = mixlab.create_model("convmixer_256_8")
+    assert float(default.blocks[0][0].fn[0].weight.abs().max()) > 2 * limits["dw"]  # torch's bound is 0.2
+    with pytest.raises(ValueError, match="init must be"):
+        mixlab.create_model("convmixer_256_8", init="glorot")
