@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import time
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from mixlab.ops.depthwise import (_aten_weight_grad, depthwise_weight_grad, fast_depthwise_available,
                                   set_weight_grad_method, weight_grad_plan)
+from mixlab.train.cpu_defaults import cpu_model_name
 
 # (name, N, C, H, W, kernel)
 LAYERS = [
@@ -32,16 +32,6 @@ LAYERS = [
     ("convmlp_s stage 1 dw (batch 64, 224px)", 64, 64, 56, 56, 3),
     ("unext encoder dw (batch 8, 256px)", 8, 160, 32, 32, 3),
 ]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def timed(fn, repeats: int) -> float:
@@ -109,7 +99,7 @@ def main() -> None:
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         out = dict(command="python benchmarks/bench_depthwise.py " + (f"--json {args.json}"), commit=commit,
-                   cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
+                   cpu=cpu_model_name(), threads=torch.get_num_threads(), torch=torch.__version__,
                    date=time.strftime("%Y-%m-%d"), rows=rows)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 

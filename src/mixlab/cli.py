@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         print(f"mixlab: unknown command {command!r}.{hint} Run `mixlab --help`.", file=sys.stderr)
         return 2
-    from .errors import TrainingDiverged
+    from .errors import CheckpointWriteError, RunLocked, TrainingDiverged
     from .runtime import tune_malloc
 
     tune_malloc()  # before any large tensor is allocated; see runtime.py for why
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nmixlab: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, TypeError, FileNotFoundError, TrainingDiverged) as e:
+    except (ValueError, KeyError, TypeError, FileNotFoundError, TrainingDiverged, RunLocked,
+            CheckpointWriteError) as e:
         # Errors mixlab raises on bad input carry a message written for the user: show it,
         # not a traceback. MIXLAB_DEBUG=1 shows the traceback.
         import os

@@ -3,3 +3,11 @@
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class RunLocked(RuntimeError):
+    """Another training is writing the run directory (its run.lock names a live process)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or result file could not be written (a full disk...); the previous checkpoint is intact."""

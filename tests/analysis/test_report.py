@@ -174,6 +174,7 @@ def test_report_without_runs_is_a_clear_error(tmp_path, capsys):
 
 def test_a_run_selected_on_the_test_set_says_so_in_every_table(tmp_path):
     from mixlab.train import rundir as rd
+    from mixlab.train.config import evaluation_protocol
 
     root = tmp_path / "runs"
     c2f, held = root / "c2f", root / "keras"
@@ -186,7 +187,7 @@ def test_a_run_selected_on_the_test_set_says_so_in_every_table(tmp_path):
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
         # the trainer's summary, as written: the protocol comes from the run's config
         rd.write_summary(run, dict(model=cfg["model"], best_val_acc=81.0, best_epoch=2, test_acc=81.0,
-                                   epochs_done=2, epochs=2, finished=True))
+                                   epochs_done=2, epochs=2, finished=True, **evaluation_protocol(cfg)))
     summary = json.loads((c2f / "summary.json").read_text())
     assert summary["selected_on_test"] is True and "test set" in summary["protocol"]
     assert json.loads((held / "summary.json").read_text())["selected_on_test"] is False

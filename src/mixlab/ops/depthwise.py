@@ -294,12 +294,13 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     c = x.shape[1]
     kernel, dil = (weight.shape[2], weight.shape[3]), _pair(dilation)
     pad = _resolve_padding(padding, kernel, dil)
-    compute = _autocast_dtype(x.device.type) or x.dtype
+    autocast = _autocast_dtype(x.device.type)
+    compute = autocast or x.dtype
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
     if (not needs_grad or pad is None or _pair(stride) != (1, 1) or weight.shape[0] != c
             or x.device.type != "cpu" or compute not in _FAST_DTYPES
-            or (compute != x.dtype and not torch.is_autocast_enabled(x.device.type))):
+            or (autocast is None and weight.dtype != x.dtype)):  # F.conv2d's own dtype error
         return F.conv2d(x, weight, bias, stride, padding, dilation, c)
     return _DepthwiseConv2dFn.apply(x, weight, bias, pad, dil, compute)
 

@@ -5,7 +5,8 @@ everything that reads a run (``mixlab eval``, ``mixlab report``, ``load_run_mode
 these too. A rerun of the same command picks up where the last one stopped:
 
 * finished (``summary.json`` says ``finished: true`` with at least the asked epochs): skipped;
-* interrupted (``last_state.pt`` present): resumed from its last finished epoch, with the
+* interrupted (a checkpoint present: ``checkpoint.json``, or ``last_state.pt`` in older run
+  directories): resumed from its last finished epoch, with the
   settings it was started with (as ``mixlab train --resume`` does); a finished run asked for
   more epochs is extended the same way;
 * started but stopped before its first epoch ended (``config.yaml`` only): started again;
@@ -82,7 +83,7 @@ def _state_of(run_dir: Path, epochs: int) -> tuple[str, str]:
     from . import rundir as rd
 
     summary = _read_json(run_dir / rd.SUMMARY) or {}
-    has_state = (run_dir / rd.LAST_STATE).is_file()
+    has_state = rd.has_checkpoint(run_dir)
     done = int(summary.get("epochs_done") or 0)
     if summary.get("finished") and done >= epochs:
         extra = f" (it ran {done} epochs, more than the {epochs} asked)" if done > epochs else ""

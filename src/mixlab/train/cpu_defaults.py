@@ -120,55 +120,49 @@ def _write_cache(key: str, entry: dict) -> None:
         pass  # read-only cache folder: measured again next time
 
 
+def _trial_step(model: nn.Module, cand: dict, batch, loss_fn, compile: bool = False):
+    """A training step on a copy of ``model`` with setting ``cand`` (and its input in that layout)."""
+    m = copy.deepcopy(model)
+    if cand["fast_depthwise"]:
+        use_fast_depthwise(m)
+    fmt = torch.channels_last if cand["channels_last"] else torch.contiguous_format
+    m = m.to(memory_format=fmt).train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
+    step = TrainStep(torch.compile(m) if compile else m, opt, loss_fn, "cpu", cand["precision"])
+    x = batch[0].contiguous(memory_format=fmt)
+    return lambda: step(x, batch[1])
+
+
+def _best_of(run, rounds: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def time_candidates(model: nn.Module, candidates: list[dict], batch: tuple[torch.Tensor, torch.Tensor], loss_fn,
                     rounds: int = ROUNDS) -> list[float]:
     """Seconds per training step (best of ``rounds`` after one untimed step) for each candidate
     setting, each on its own copy of ``model`` (the model and the global RNG are left as they were)."""
-    x, y = batch
     times = []
     with torch.random.fork_rng(devices=[]):
         for cand in candidates:
-            m = copy.deepcopy(model)
-            if cand["fast_depthwise"]:
-                use_fast_depthwise(m)
-            fmt = torch.channels_last if cand["channels_last"] else torch.contiguous_format
-            m = m.to(memory_format=fmt).train()
-            xs = x.contiguous(memory_format=fmt)
-            opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
-            step = TrainStep(m, opt, loss_fn, "cpu", cand["precision"])
-            step(xs, y)
-            best = float("inf")
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                step(xs, y)
-                best = min(best, time.perf_counter() - t0)
-            times.append(best)
-            del m, opt, step
+            run = _trial_step(model, cand, batch, loss_fn)
+            run()
+            times.append(_best_of(run, rounds))
     return times
 
 
 def time_compiled(model: nn.Module, cand: dict, batch, loss_fn, rounds: int = ROUNDS) -> tuple[float, float]:
     """(seconds the first step took beyond a steady one: the compile, steady seconds per step) of
     ``torch.compile`` on a copy of ``model`` with setting ``cand``."""
-    x, y = batch
     with torch.random.fork_rng(devices=[]):
-        m = copy.deepcopy(model)
-        if cand["fast_depthwise"]:
-            use_fast_depthwise(m)
-        fmt = torch.channels_last if cand["channels_last"] else torch.contiguous_format
-        m = m.to(memory_format=fmt).train()
-        xs = x.contiguous(memory_format=fmt)
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
-        step = TrainStep(torch.compile(m), opt, loss_fn, "cpu", cand["precision"])
-        t0 = time.perf_counter()
-        step(xs, y)
-        first = time.perf_counter() - t0
-        step(xs, y)  # a second call may still specialise
-        best = float("inf")
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            step(xs, y)
-            best = min(best, time.perf_counter() - t0)
+        run = _trial_step(model, cand, batch, loss_fn, compile=True)
+        first = _best_of(run, 1)
+        run()  # a second call may still specialise
+        best = _best_of(run, rounds)
     return max(first - best, 0.0), best
 
 

@@ -8,22 +8,113 @@
                        plain values only: read back with torch.load(weights_only=True))
     best.safetensors   the weights with the best validation accuracy
     curves.png         loss and accuracy per epoch
+    checkpoint.json    which epoch's last.safetensors / last_state.pt / metrics.jsonl belong
+                       together (the checkpoint's manifest)
+    run.lock           while a training writes the folder (:mod:`mixlab.train.runlock`)
 
-Every file is written atomically (temp file + rename), so a crash or a full disk while
-saving leaves the previous checkpoint whole.
+A checkpoint is crash-safe as a whole: the epoch's weights, state and metrics are first
+written under staged names (``.ckpt-000012.last.safetensors`` ...; each atomically, temp
+file + fsync + rename), then ``checkpoint.json`` naming them is written atomically (the
+commit), then the staged files are renamed over the public names. A stop before the
+manifest leaves the previous checkpoint whole (its files are untouched; the staged ones are
+removed at the next start); a stop after it is completed by the next start, which renames
+what is still staged. Run directories written before checkpoint.json existed resume from
+last.safetensors / last_state.pt as before. best.safetensors, summary.json and curves.png
+are single atomic files.
+
+``MIXLAB_TEST_CRASH_AT=EVENT:EPOCH`` (for the fault-injection tests) SIGKILLs the process
+at a named point of the checkpoint of that epoch; :data:`CRASH_EVENTS` lists the points.
 """
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
 
-from ..io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text, read_state_dict
+from ..errors import CheckpointWriteError
+from ..io import atomic_path, atomic_write_json, atomic_write_text, read_state_dict
 
 CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
 LAST, LAST_STATE, BEST, CURVES = "last.safetensors", "last_state.pt", "best.safetensors", "curves.png"
+MANIFEST = "checkpoint.json"
+_STAGE = ".ckpt-"
+_CHECKPOINT_FILES = ((LAST, "last"), (LAST_STATE, "state"), (METRICS, "metrics"))  # (public name, event)
+
+# the points of a checkpoint write, in order, where MIXLAB_TEST_CRASH_AT can stop the process
+CRASH_EVENTS = ("start", "best.tmp", "best", "last.tmp", "last", "state.tmp", "state", "metrics.tmp", "metrics",
+                "manifest.tmp", "manifest", "renamed-last", "renamed-state", "renamed-metrics", "committed")
+
+
+def _crash_point(event: str, epoch: int) -> None:
+    """Fault injection for the tests: SIGKILL this process at ``event`` of epoch ``epoch``."""
+    want = os.environ.get("MIXLAB_TEST_CRASH_AT")
+    if want and want == f"{event}:{epoch}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (they are ordered by the next step's data)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _reason(e: BaseException) -> str:
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "no space left on device"
+    text = str(e).strip().splitlines()
+    line = next((ln.strip() for ln in text if "failed" in ln.lower()), text[0].strip() if text else "")
+    return f"{type(e).__name__}: {line[:200]}"
+
+
+def _write_errors() -> tuple:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        return (OSError, RuntimeError)
+    return (OSError, RuntimeError, SafetensorError)
+
+
+@contextmanager
+def _guard(path: Path, run_dir: Path, intact_epoch):
+    """Turn a failed write (a full disk: OSError, torch's RuntimeError from inline_container.cc,
+    SafetensorError) into one line naming the file and saying what is intact."""
+    try:
+        yield
+    except _write_errors() as e:
+        if callable(intact_epoch):
+            intact_epoch = intact_epoch()
+        intact = (f"the checkpoint of epoch {intact_epoch} is intact" if intact_epoch
+                  else "no checkpoint had been written yet")
+        raise CheckpointWriteError(f"could not write {path} ({_reason(e)}); {intact}: free some space (or fix the "
+                                   f"cause), then continue with --resume {run_dir}") from None
+
+
+def _write_file(path: Path, write, event: str, epoch: int, run_dir: Path, intact_epoch: int | None,
+                shown: Path | None = None) -> None:
+    """Write ``path`` atomically with ``write(tmp_path)``; crash points ``event.tmp`` (the
+    temp file complete, not renamed) and ``event`` (renamed into place). ``shown``: the
+    file's name in an error message (a staged file's public name)."""
+    with _guard(shown or path, run_dir, intact_epoch):
+        with atomic_path(path) as tmp:
+            write(tmp)
+            _crash_point(f"{event}.tmp", epoch)
+    _crash_point(event, epoch)
 
 
 def read_config(run_dir: str | Path) -> dict:
@@ -35,18 +126,24 @@ def read_config(run_dir: str | Path) -> dict:
 
 
 def write_config(run_dir: Path, cfg: dict) -> None:
-    atomic_write_text(run_dir / CONFIG, yaml.safe_dump(cfg, sort_keys=False))
+    with _guard(run_dir / CONFIG, run_dir, lambda: checkpoint_epoch(run_dir)):
+        atomic_write_text(run_dir / CONFIG, yaml.safe_dump(cfg, sort_keys=False))
+
+
+def _parse_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_metrics(Path(run_dir) / METRICS)
+
+
+def _metrics_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
-    atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(run_dir / METRICS, _metrics_text(rows))
 
 
 def read_summary(run_dir: str | Path) -> dict | None:
@@ -55,106 +152,257 @@ def read_summary(run_dir: str | Path) -> dict | None:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    """Write summary.json; a classification run's summary also names its evaluation protocol
-    (``protocol``, ``selected_on_test``; from its config.yaml, which is written first), so
-    that no table shows a test accuracy selected on the test set without saying so."""
-    if "protocol" not in summary and (Path(run_dir) / CONFIG).is_file():
-        from .config import evaluation_protocol
-
-        summary = {**summary, **evaluation_protocol(read_config(run_dir))}
-    atomic_write_json(run_dir / SUMMARY, summary)
+    with _guard(run_dir / SUMMARY, run_dir, summary.get("epochs_done")):
+        atomic_write_json(run_dir / SUMMARY, summary)
 
 
-def save_weights(path: Path, model: torch.nn.Module, model_name: str, epoch: int | None = None) -> None:
+def _save_safetensors(path: Path, model: torch.nn.Module, model_name: str, epoch: int | None = None) -> None:
+    from safetensors.torch import save_file
+
     meta = {"model": model_name, "format": "mixlab"}
     if epoch is not None:
         meta["epoch"] = str(epoch)
-    atomic_save_safetensors(model.state_dict(), path, metadata=meta)
+    # safetensors refuses shared storage and non-contiguous tensors: give it clean copies
+    clean = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
+    save_file(clean, str(path), metadata=meta)
 
 
-def check_last_matches_state(run_dir: Path, state: dict) -> None:
-    """Refuse to resume from last weights and a state file of different epochs (a crash
-    between the two atomic writes), which would silently train one epoch twice."""
+def save_weights(path: Path, model: torch.nn.Module, model_name: str, epoch: int | None = None) -> None:
+    with atomic_path(path) as tmp:
+        _save_safetensors(tmp, model, model_name, epoch)
+
+
+def _weights_epoch(path: Path) -> int | None:
     from safetensors import safe_open
 
-    with safe_open(str(Path(run_dir) / LAST), "pt") as f:
+    with safe_open(str(path), "pt") as f:
         saved = (f.metadata() or {}).get("epoch")
-    if saved is not None and int(saved) != int(state["epoch"]):
+    return None if saved is None else int(saved)
+
+
+def check_last_matches_state(run_dir: Path, state: dict, last: Path | None = None) -> None:
+    """Refuse to resume from last weights and a state file of different epochs (a run directory
+    of the layout before checkpoint.json, stopped between its two writes, or files changed by
+    hand), which would silently train one epoch twice."""
+    saved = _weights_epoch(last or Path(run_dir) / LAST)
+    if saved is not None and saved != int(state["epoch"]):
         raise ValueError(f"{run_dir}: {LAST} holds the weights after epoch {saved} but {LAST_STATE} the state after "
                          f"epoch {state['epoch']} (the run stopped between the two writes), so resuming would train an epoch twice; start a new run "
                          f"(both weight files are intact and nothing was changed)")
 
 
 def save_state(run_dir: Path, state: dict) -> None:
-    atomic_torch_save(state, run_dir / LAST_STATE)
+    with atomic_path(run_dir / LAST_STATE) as tmp:
+        torch.save(state, tmp)
 
 
 def load_state(run_dir: Path) -> dict:
     return torch.load(run_dir / LAST_STATE, map_location="cpu", weights_only=True)
 
 
+# ----------------------------------------------------------------------------- the checkpoint manifest
+
+def read_manifest(run_dir: str | Path) -> dict | None:
+    """checkpoint.json: ``{"format": 1, "epoch": E, "files": {public name: staged name}}``, or None."""
+    path = Path(run_dir) / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:  # written atomically, so only by hand
+        raise ValueError(f"{path} is not valid JSON ({e}); it names the run's last checkpoint") from None
+    if not isinstance(m, dict) or not isinstance(m.get("epoch"), int) or not isinstance(m.get("files"), dict):
+        raise ValueError(f"{path} is not a mixlab checkpoint manifest")
+    return m
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether the run has finished (and checkpointed) at least one epoch."""
+    run_dir = Path(run_dir)
+    return (run_dir / MANIFEST).is_file() or (run_dir / LAST_STATE).is_file()
+
+
+def checkpoint_epoch(run_dir: str | Path) -> int | None:
+    """The epochs done by the run's last checkpoint, None without one (reads only)."""
+    m = read_manifest(run_dir)
+    if m is not None:
+        return int(m["epoch"])
+    if (Path(run_dir) / LAST_STATE).is_file():
+        return int(load_state(Path(run_dir))["epoch"])
+    return None
+
+
+def _checkpoint_paths(run_dir: Path, m: dict) -> dict[str, Path]:
+    """Where each file of the manifest's checkpoint is now: still staged, or renamed into place."""
+    out = {}
+    for public, _ in _CHECKPOINT_FILES:
+        staged = m["files"].get(public)
+        out[public] = run_dir / staged if staged and (run_dir / staged).is_file() else run_dir / public
+    return out
+
+
+def recover_checkpoint(run_dir: str | Path) -> int | None:
+    """Complete an interrupted checkpoint and remove what a stopped write left behind.
+
+    Renames the staged files checkpoint.json names that are still staged over the public
+    names (the commit had happened), then removes temp files (``*.tmp``) and staged files of
+    a checkpoint that was never committed. Only the process holding the run's lock calls it.
+    Returns the checkpoint's epoch (None without one)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    m = read_manifest(run_dir)
+    if m is not None:
+        moved = False
+        for public, staged in m["files"].items():
+            if (run_dir / staged).is_file():
+                os.replace(run_dir / staged, run_dir / public)
+                moved = True
+        if moved:
+            _fsync_dir(run_dir)
+    for p in run_dir.iterdir():
+        if p.is_file() and (p.name.endswith(".tmp") or p.name.startswith(_STAGE)):
+            p.unlink()
+    return None if m is None else int(m["epoch"])
+
+
+def save_checkpoint(run_dir: Path, model_name: str, model, optimizer, ema, rows: list[dict], best_val: float,
+                    best_epoch: int, wall_seconds: float, best_model=None) -> None:
+    """Write one finished epoch (see the module docstring): best weights (when ``best_model``
+    is given), then last weights, state and metrics staged, then checkpoint.json, then the
+    staged files renamed into place. A stop or a failed write anywhere leaves a run that
+    resumes from this epoch or the previous one; a failed write raises
+    :class:`~mixlab.errors.CheckpointWriteError` with one line naming the file."""
+    epoch = rows[-1]["epoch"]
+    prev = epoch - 1 if has_checkpoint(run_dir) else None
+    _crash_point("start", epoch)
+    if best_model is not None:
+        _write_file(run_dir / BEST, lambda p: _save_safetensors(p, best_model, model_name), "best", epoch, run_dir, prev)
+    state = dict(epoch=epoch, optimizer=optimizer.state_dict(), best_val=best_val, best_epoch=best_epoch,
+                 wall_seconds=wall_seconds, rng_cpu=torch.get_rng_state())
+    if ema is not None:
+        state["ema"] = ema.module.state_dict()
+    writers = {LAST: lambda p: _save_safetensors(p, model, model_name, epoch=epoch),
+               LAST_STATE: lambda p: torch.save(state, p),
+               METRICS: lambda p: p.write_text(_metrics_text(rows))}
+    staged = {public: f"{_STAGE}{epoch:06d}.{public}" for public, _ in _CHECKPOINT_FILES}
+    manifest = json.dumps(dict(format=1, epoch=epoch, files=staged), indent=2) + "\n"
+    try:
+        for public, event in _CHECKPOINT_FILES:
+            _write_file(run_dir / staged[public], writers[public], event, epoch, run_dir, prev, run_dir / public)
+        _fsync_dir(run_dir)
+        _write_file(run_dir / MANIFEST, lambda p: p.write_text(manifest), "manifest", epoch, run_dir, prev)
+    except CheckpointWriteError:  # not committed: the staged files are of no use
+        for name in staged.values():
+            (run_dir / name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(run_dir)
+    # committed: from here a stop is completed by the next start (recover_checkpoint)
+    with _guard(run_dir, run_dir, epoch):
+        for public, event in _CHECKPOINT_FILES:
+            os.replace(run_dir / staged[public], run_dir / public)
+            _crash_point(f"renamed-{event}", epoch)
+        _fsync_dir(run_dir)
+    _crash_point("committed", epoch)
+
+
 def restore_checkpoint(run_dir: Path, model, optimizer, ema=None) -> dict:
     """Load a run's last checkpoint into ``model`` / ``optimizer`` / ``ema`` (in place).
 
     Returns what the training loop carries on with: ``epoch`` (epochs done), ``best_val``,
-    ``best_epoch``, ``wall_seconds`` and the metrics ``rows`` of those epochs.
+    ``best_epoch``, ``wall_seconds`` and the metrics ``rows`` of those epochs. Reads only: a
+    checkpoint whose commit was interrupted is read from its staged files.
     """
     from ..checkpoint import load_weights
 
-    state = load_state(run_dir)
-    check_last_matches_state(run_dir, state)
-    load_weights(model, read_state_dict(run_dir / LAST))
+    m = read_manifest(run_dir)
+    if m is None:  # a run directory of the layout before checkpoint.json
+        state = load_state(run_dir)
+        check_last_matches_state(run_dir, state)
+        last, rows = run_dir / LAST, read_metrics(run_dir)
+    else:
+        paths = _checkpoint_paths(run_dir, m)
+        epoch = int(m["epoch"])
+        state = torch.load(paths[LAST_STATE], map_location="cpu", weights_only=True)
+        last, rows = paths[LAST], _parse_metrics(paths[METRICS])
+        if int(state["epoch"]) != epoch or len(rows) < epoch:
+            raise ValueError(f"{run_dir}: {MANIFEST} names the checkpoint of epoch {epoch} but {paths[LAST_STATE].name} "
+                             f"holds epoch {state['epoch']} and {paths[METRICS].name} {len(rows)} epochs (files "
+                             "changed by hand?); nothing was changed")
+        check_last_matches_state(run_dir, state, last)
+    load_weights(model, read_state_dict(last))
     optimizer.load_state_dict(state["optimizer"])
     if ema is not None and "ema" in state:
         ema.module.load_state_dict(state["ema"])
     epoch = int(state["epoch"])
     return dict(epoch=epoch, best_val=float(state["best_val"]), best_epoch=int(state["best_epoch"]),
-                wall_seconds=float(state.get("wall_seconds", 0.0)), rows=read_metrics(run_dir)[:epoch])
+                wall_seconds=float(state.get("wall_seconds", 0.0)), rows=rows[:epoch])
+
+
+# files a run writes once it has finished an epoch: left over in a folder without a checkpoint
+# (a start stopped during its first checkpoint), they are removed when the run starts again
+_OUTPUTS = (LAST, LAST_STATE, BEST, SUMMARY, CURVES, MANIFEST)
 
 
 def open_run(run_dir: Path, cfg: dict, resume: bool, model, optimizer, ema, write: bool) -> dict:
     """Start a run directory (config, empty metrics) or restore its last checkpoint into the
     model / optimizer / EMA; returns the loop's starting point as :func:`restore_checkpoint`.
-    Only the process with ``write`` (rank 0) writes files."""
+    ``resume`` of a run without a checkpoint starts it again from epoch 0 (saying so). Only the
+    process with ``write`` (rank 0) writes files; it holds the run's lock."""
     start = dict(epoch=0, best_val=-1.0, best_epoch=0, wall_seconds=0.0, rows=[])
-    if resume:
+    if resume and has_checkpoint(run_dir):
         start = restore_checkpoint(run_dir, model, optimizer, ema)
+        if start["epoch"] > int(cfg["epochs"]):
+            raise ValueError(f"{run_dir} has already done {start['epoch']} epochs, more than the {cfg['epochs']} "
+                             f"asked; a run cannot be shortened (nothing was changed): pass --epochs "
+                             f"{start['epoch']} or more, or start a new run")
         if write:
             print(f"resuming {run_dir} after epoch {start['epoch']}/{cfg['epochs']}")
     elif write:
+        if resume:
+            print(f"{run_dir} has no checkpoint yet (it stopped before its first epoch ended): starting it again "
+                  f"from epoch 0 with its {CONFIG}")
+        elif has_checkpoint(run_dir):  # another run checkpointed here since the command checked
+            raise ValueError(f"{run_dir} already holds a run with a checkpoint; continue it with --resume {run_dir} "
+                             "or choose another --out (nothing was overwritten)")
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_metrics(run_dir, [])
+        for name in _OUTPUTS:
+            (run_dir / name).unlink(missing_ok=True)
+        with _guard(run_dir / METRICS, run_dir, None):
+            write_metrics(run_dir, [])
     if write:
         write_config(run_dir, cfg)  # on resume too: --epochs may have extended the run
     return start
 
 
 def new_run_dir(out: str | None, model_name: str, command: str) -> Path:
-    """``--out``, or runs/MODEL-YYYYMMDD-HHMMSS; refuses a folder that already holds a run."""
+    """``--out``, or runs/MODEL-YYYYMMDD-HHMMSS; refuses a folder that holds a run with a
+    checkpoint or one being written; a run stopped before its first checkpoint is started again."""
     import time
+
+    from .runlock import refuse_if_locked
 
     path = Path(out) if out else Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (path / CONFIG).exists():
-        raise ValueError(f"{path} already holds a run; continue it with `{command} --resume {path}` "
-                         "or choose another --out (nothing was overwritten)")
+        refuse_if_locked(path)
+        if has_checkpoint(path):
+            raise ValueError(f"{path} already holds a run; continue it with `{command} --resume {path}` "
+                             "or choose another --out (nothing was overwritten)")
+        print(f"{path} holds a run that stopped before its first checkpoint: starting it again in that folder")
     return path
 
 
-def save_checkpoint(run_dir: Path, model_name: str, model, optimizer, ema, rows: list[dict], best_val: float,
-                    best_epoch: int, wall_seconds: float, best_model=None) -> None:
-    """Write one finished epoch: best weights (when ``best_model`` is given), last weights, the
-    metrics, then the state. Each write is atomic; the order keeps a crash between two of them
-    resumable (the state, written last, never points past its weights or its metrics rows)."""
-    epoch = rows[-1]["epoch"]
-    if best_model is not None:
-        save_weights(run_dir / BEST, best_model, model_name)
-    save_weights(run_dir / LAST, model, model_name, epoch=epoch)
-    state = dict(epoch=epoch, optimizer=optimizer.state_dict(), best_val=best_val, best_epoch=best_epoch,
-                 wall_seconds=wall_seconds, rng_cpu=torch.get_rng_state())
-    if ema is not None:
-        state["ema"] = ema.module.state_dict()
-    write_metrics(run_dir, rows)
-    save_state(run_dir, state)
+@contextmanager
+def writing(run_dir: str | Path, say=print):
+    """Hold ``run_dir`` for a training: take its lock (:mod:`mixlab.train.runlock`), then
+    complete an interrupted checkpoint and remove stale temp files (rank 0 only, before the
+    other ranks read anything: they wait for it in the process group's rendezvous)."""
+    from .runlock import holding, writer_rank
+
+    with holding(run_dir, say):
+        if writer_rank() == 0:
+            recover_checkpoint(run_dir)
+        yield
 
 
 _COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train"}
@@ -163,8 +411,9 @@ _COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train"
 def resume_config(run_dir: str | Path, task: str, model: str | None = None, epochs: int | None = None,
                   data: str | None = None) -> dict | None:
     """The configuration to resume ``run_dir`` with, checked against the command's task and
-    ``--model``; ``epochs`` may extend the run, ``data`` move its data root. None when the run
-    has already finished its epochs (the caller prints its result)."""
+    ``--model``; ``epochs`` may extend the run (not shorten it), ``data`` move its data root.
+    None when the run has already finished its epochs (the caller prints its result). A run
+    without a checkpoint yet is started again from epoch 0 by the trainer."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     run_task = cfg.get("task", "classification")
@@ -173,8 +422,11 @@ def resume_config(run_dir: str | Path, task: str, model: str | None = None, epoc
     if model and model != cfg["model"]:
         raise ValueError(f"--model {model} does not match the run being resumed, which trains "
                          f"{cfg['model']} ({run_dir / CONFIG}); drop --model or start a new --out")
-    if not (run_dir / LAST_STATE).is_file():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet ({LAST_STATE}); start it again without --resume")
+    done = checkpoint_epoch(run_dir) or 0
+    if epochs and epochs < done:
+        raise ValueError(f"--epochs {epochs} is fewer than the {done} epochs {run_dir} has already done; a run "
+                         f"cannot be shortened (nothing was changed): pass --epochs {done} or more, or leave "
+                         "--epochs out")
     if epochs:
         cfg["epochs"] = epochs  # extending a finished run is allowed
     summary = read_summary(run_dir) or {}
@@ -254,8 +506,9 @@ def plot_curves(run_dir: Path, rows: list[dict], title: str, score_curves=ACCURA
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    from ..io import atomic_path
-
-    with atomic_path(run_dir / CURVES, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    try:
+        with _guard(run_dir / CURVES, run_dir, rows[-1]["epoch"] if rows else None):
+            with atomic_path(run_dir / CURVES, suffix=".png") as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

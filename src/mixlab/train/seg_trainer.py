@@ -141,6 +141,13 @@ def evaluate_seg(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, cf
 # ----------------------------------------------------------------------------- the run
 
 def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train ``cfg`` into ``out_dir`` (resume: from its last checkpoint), holding the folder's
+    lock throughout; returns the final summary."""
+    with rd.writing(out_dir):
+        return _run_seg_training(cfg, out_dir, resume)
+
+
+def _run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     from ..analysis.profile import count_macs, count_params
     from ..seg.data import write_split_file
     from .config import seg_augment
@@ -203,10 +210,12 @@ def run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> di
     model.to(device, memory_format=memory_format)
     start_epoch, best_val, best_epoch, wall_before, rows = (r["epoch"], r["best_val"], r["best_epoch"],
                                                             r["wall_seconds"], r["rows"])
-    if main and not resume:
+    if main and start_epoch == 0:  # a new run, or one started again (no checkpoint): its split
         write_split_file(out_dir / SPLIT_TRAIN, train.names)
         if has_val:
             write_split_file(out_dir / SPLIT_VAL, val.names)
+        else:
+            (out_dir / SPLIT_VAL).unlink(missing_ok=True)
     dist.barrier()
 
     net = dist.wrap(model, device)

@@ -160,11 +160,19 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prep,
 # ----------------------------------------------------------------------------- the run
 
 def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train ``cfg`` into ``out_dir`` (resume: from its last checkpoint), holding the folder's
+    lock throughout; returns the final summary."""
+    with rd.writing(out_dir):
+        return _run_training(cfg, out_dir, resume)
+
+
+def _run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     from .. import model_info
     from ..analysis.profile import count_macs, count_params
     from ..data.augment import AugmentConfig, BatchAugment
     from ..data.classification import load_classification_data
     from ..data.constants import CIFAR_MEAN, CIFAR_STD
+    from .config import evaluation_protocol
 
     out_dir = Path(out_dir)
     if model_info(cfg["model"]).task != "classification":
@@ -248,7 +256,10 @@ def run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
 
     summary = dict(model=cfg["model"], recipe=cfg.get("recipe"), params=params, macs=macs, epochs=int(cfg["epochs"]),
                    device=str(device), world_size=dist.world_size, precision=precision, channels_last=channels_last,
-                   fast_depthwise=picked["fast_depthwise"], settings_picked=picked)
+                   fast_depthwise=picked["fast_depthwise"], settings_picked=picked,
+                   # the evaluation protocol, so that no table shows an accuracy selected on
+                   # the test set without saying so (protocol, selected_on_test)
+                   **evaluation_protocol(cfg))
     t_run = time.perf_counter()
     for epoch in range(start_epoch, int(cfg["epochs"])):
         # --- one epoch
