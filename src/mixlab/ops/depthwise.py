@@ -1,9 +1,9 @@
 """A depthwise convolution whose backward on the CPU is as fast as its forward.
 
 aten computes a depthwise convolution's forward and input gradient quickly on the CPU, but its
-weight gradient is slow: for one ConvMixer-256/8 layer (128x256x16x16, 5x5, channels_last) it
-took 179 ms in bf16 and 40 ms in fp32 where the forward takes 3.5 ms, and it was most of a
-ConvMixer training step. :func:`depthwise_conv2d` keeps aten for the forward and the input
+weight gradient is slow: for one ConvMixer-256/8 layer (128x256x16x16, 5x5, bf16, channels_last)
+it took 179 ms on a 2-core Intel Xeon and 54 ms on a 2-core AMD EPYC, where the forward takes
+2-3.5 ms (benchmarks/bench_depthwise.py), and it was half or more of a ConvMixer training step. :func:`depthwise_conv2d` keeps aten for the forward and the input
 gradient and computes the weight gradient with a small C++ kernel built at first use
 (:mod:`mixlab.ops.depthwise_build`), summing bf16 products in fp32. Where no compiler is
 found, it falls back to aten's weight gradient in fp32 (the faster of aten's two on bf16

@@ -214,7 +214,7 @@ def _run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     # drop_last: only whole batches, as a loader with drop_last=True (the Conv2Former seed's)
     steps_per_epoch = (per_rank // batch_size if cfg["drop_last"]
                        else math.ceil(len(train_y) / dist.world_size / batch_size))
-    bs = min(int(cfg["batch_size"]), len(train_y))
+    bs = min(batch_size, len(train_y))
 
     def timing_batch():
         return (torch.randn(bs, train_x.shape[1], *train_x.shape[2:]),
