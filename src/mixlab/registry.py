@@ -102,6 +102,12 @@ def model_info(name: str) -> ModelInfo:
         raise _unknown(name) from None
 
 
+def takes_img_size(name: str) -> bool:
+    """Whether the model's class takes ``img_size`` (its shape depends on the input size)."""
+    info = model_info(name)
+    return info.model_cls is not None and "img_size" in inspect.signature(info.model_cls).parameters
+
+
 def _unknown(name: str) -> KeyError:
     close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
     if not close:  # fall back to prefix/substring matches ("conv2former" -> conv2former_*)

@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 import mixlab.train
-import mixlab.train.trainer
 from mixlab.cli import main
 from mixlab.train.compare import MANIFEST, config_differences, plan_compare, run_compare
 
@@ -63,7 +62,6 @@ class FakeTrainer:
 def fake(monkeypatch):
     def install(**kw):
         trainer = FakeTrainer(**kw)
-        monkeypatch.setattr(mixlab.train.trainer, "run_training", trainer)
         monkeypatch.setattr(mixlab.train, "run_training", trainer, raising=False)
         return trainer
 

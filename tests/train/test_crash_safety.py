@@ -247,7 +247,7 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_or_starts_again(basel
                                                                               monkeypatch):
     data, _ = baseline
     out = tmp_path / "run"
-    import mixlab.train.trainer as trainer
+    import mixlab.train.loop as trainer
 
     def stop(*a, **k):
         raise KeyboardInterrupt
@@ -288,7 +288,7 @@ def test_resume_with_fewer_epochs_than_done_is_refused(baseline, tmp_path, capsy
     # the trainer refuses too (as `mixlab compare` calls it)
     cfg = rd.read_config(out)
     cfg["epochs"] = 1
-    from mixlab.train.trainer import run_training
+    from mixlab.train import run_training
 
     with pytest.raises(ValueError, match="already done 2 epochs"):
         run_training(cfg, out, resume=True)

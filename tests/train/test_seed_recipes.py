@@ -10,7 +10,8 @@ import mixlab
 from mixlab.train import rundir as rd
 from mixlab.train.config import evaluation_protocol, resolve_config
 from mixlab.train.optim import AdamWAbsoluteDecay
-from mixlab.train.trainer import build_optimizer
+from mixlab.train.optim import build_optimizer
+from mixlab.tasks import get_task
 
 # Written from the seeds' scripts, not from the recipes.
 # The ConvMixer Keras seed (keras.io "Image classification with ConvMixer"):
@@ -71,7 +72,7 @@ def test_protocols_are_named():
 def test_keras_recipe_model_has_keras_batchnorm_and_the_seed_size():
     cfg = resolve_config(recipe="seed-convmixer-keras")
     with torch.device("meta"):
-        model = rd.build_model_for(cfg, 10)
+        model = get_task("classification").build_model({**cfg, "num_classes": 10, "img_size": 32})
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(bns) == 1 + 2 * 8
     assert all(m.momentum == pytest.approx(0.01) and m.eps == pytest.approx(1e-3) for m in bns)
@@ -92,7 +93,7 @@ def test_another_model_with_the_keras_recipe_leaves_its_model_kwargs_out():
     cfg = resolve_config(model="resnet18_cifar", recipe="seed-convmixer-keras")
     assert cfg["model_kwargs"] == {} and cfg["optimizer"]["name"] == "adamw_tfa"
     with torch.device("meta"):
-        rd.build_model_for(cfg, 10)  # builds: no bn_momentum passed to ResNet
+        get_task("classification").build_model({**cfg, "num_classes": 10, "img_size": 32})  # builds: no bn_momentum passed to ResNet
 
 
 # ----------------------------------------------------------------------------- TensorFlow Addons' AdamW
@@ -173,7 +174,7 @@ def test_resumed_optimizer_continues_exactly():
 
 def test_drop_last_trains_whole_batches_only(make_folder_dataset, tmp_path, monkeypatch):
     from mixlab.cli import main
-    from mixlab.train import trainer
+    from mixlab.train import loop as trainer
 
     calls = []
     real = trainer.TrainStep

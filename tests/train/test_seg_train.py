@@ -12,8 +12,9 @@ from PIL import Image
 from mixlab.cli import main
 from mixlab.train import rundir as rd
 from mixlab.train.config import resolve_config
-from mixlab.train.seg_trainer import SPLIT_TRAIN, SPLIT_VAL, run_seg_training
-from mixlab.train.trainer import lr_factor
+from mixlab.tasks.segmentation import SPLIT_TRAIN, SPLIT_VAL
+from mixlab.train import run_training as run_seg_training
+from mixlab.train.optim import lr_factor
 
 # unext_s at 32x32 in fp32 on one thread: a few seconds per run
 TINY = ["--model", "unext_s", "--batch-size", "4", "--precision", "fp32", "--set", "img_size=32",
@@ -97,9 +98,9 @@ def test_interrupted_and_resumed_seg_run_equals_uninterrupted(tmp_path, monkeypa
     full, part = tmp_path / "full", tmp_path / "part"
     seg("train", *TINY, *extra, "--out", str(full))
 
-    import mixlab.train.seg_trainer as st
+    import mixlab.train.loop as st
 
-    real_evaluate, calls = st.evaluate_seg, {"n": 0}
+    real_evaluate, calls = st.evaluate, {"n": 0}
 
     def interrupt_in_epoch_2(*a, **k):
         calls["n"] += 1
@@ -107,10 +108,10 @@ def test_interrupted_and_resumed_seg_run_equals_uninterrupted(tmp_path, monkeypa
             raise KeyboardInterrupt
         return real_evaluate(*a, **k)
 
-    monkeypatch.setattr(st, "evaluate_seg", interrupt_in_epoch_2)
+    monkeypatch.setattr(st, "evaluate", interrupt_in_epoch_2)
     assert main(["seg", "train", *TINY, *extra, "--out", str(part)]) == 130
     assert len(rd.read_metrics(part)) == 1 and not rd.read_summary(part)["finished"]
-    monkeypatch.setattr(st, "evaluate_seg", real_evaluate)
+    monkeypatch.setattr(st, "evaluate", real_evaluate)
     seg("train", "--resume", str(part))
     assert metrics_without_timing(part) == metrics_without_timing(full)
     assert rd.read_summary(part)["val"] == rd.read_summary(full)["val"]
@@ -246,7 +247,7 @@ def test_seg_runs_are_refused_by_classification_commands_and_left_out_of_reports
 
 
 def test_diverged_seg_training_prints_a_message_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    import mixlab.train.seg_trainer as st
+    import mixlab.train.loop as st
 
     data = _make_busi_like(tmp_path / "busi", n=8)
     out = tmp_path / "run"

@@ -13,7 +13,10 @@ import yaml
 from mixlab.cli import main
 from mixlab.train import rundir as rd
 from mixlab.train.config import resolve_config
-from mixlab.train.trainer import TrainingDiverged, lr_factor, run_training
+from mixlab.errors import TrainingDiverged
+from mixlab.train import run_training
+from mixlab.train.optim import lr_factor
+from mixlab.tasks import load_run_model
 
 TINY = ["--model", "convmixer_256_8", "--model-kwargs", "dim=16,depth=2", "--dataset", "folder",
         "--batch-size", "8", "--set", "data.val_split=0.25", "--set", "progress=false", "--precision", "fp32"]
@@ -42,7 +45,7 @@ def test_run_directory_contents(make_folder_dataset, tmp_path):
     assert summary["finished"] and summary["epochs_done"] == 2 and 0 <= summary["test_acc"] <= 100
     assert summary["best_val_acc"] == max(r["val_acc"] for r in rows)
     assert summary["selected_on_test"] is False and "25% of train held out" in summary["protocol"]
-    assert summary["params"] == sum(p.numel() for p in rd.load_run_model(out)[0].parameters())
+    assert summary["params"] == sum(p.numel() for p in load_run_model(out)[0].parameters())
     from PIL import Image
 
     assert Image.open(out / "curves.png").size[0] > 200
@@ -69,7 +72,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(make_folder_dataset, t
     full, part = tmp_path / "full", tmp_path / "part"
     train(*TINY, *extra, "--out", str(full))
 
-    import mixlab.train.trainer as trainer
+    import mixlab.train.loop as trainer
 
     real_evaluate, calls = trainer.evaluate, {"n": 0}
 
@@ -91,7 +94,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(make_folder_dataset, t
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make_folder_dataset, tmp_path, monkeypatch):
     data = make_folder_dataset(n_classes=2, per_class=(8, 2), size=8)
     out = tmp_path / "run"
-    import mixlab.train.trainer as trainer
+    import mixlab.train.loop as trainer
 
     real_call, epochs_seen = trainer.TrainStep.__call__, []
 

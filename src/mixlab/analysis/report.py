@@ -9,7 +9,6 @@ comes from the run's own files, except inference speed, which is measured on dem
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import math
@@ -237,13 +236,9 @@ def measure_inference(rec: RunRecord, batch_size: int = 128, device: str | None 
         prec = "fp32"
     if dev == "cpu" and prec == "fp16":
         prec = "fp32"  # fp16 on CPU is an emulation, not the speed anyone would deploy
-    # as the trainer does: only models whose class takes img_size are built for it
-    from .. import model_info
+    from ..tasks import get_task
 
-    cls = model_info(cfg["model"]).model_cls
-    takes_size = cls is not None and "img_size" in inspect.signature(cls).parameters
-    model = rd.build_model_for({**cfg, "drop_path_rate": None}, int(cfg["num_classes"]),
-                               rec.img_size if takes_size else None)
+    model = get_task(cfg.get("task", "classification")).build_model({**cfg, "img_size": rec.img_size}, for_eval=True)
     res = bench_model(model, mode="infer", batch_size=batch_size, img_size=rec.img_size, device=dev,
                       precision=prec, channels_last=bool(rec.channels_last), windows=windows,
                       window_seconds=window_seconds)

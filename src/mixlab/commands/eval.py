@@ -20,11 +20,12 @@ def configure(p):
 def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="auto", batch_size=500) -> dict:
     import torch
 
-    from ..data.augment import AugmentConfig, BatchAugment
     from ..data.classification import load_classification_data
+    from ..tasks import load_run_model
+    from ..tasks.base import RunContext
+    from ..tasks.classification import evaluate_classifier
     from ..train.distributed import Distributed
-    from ..train.rundir import load_run_model
-    from ..train.trainer import evaluate, pick_channels_last, pick_device, pick_precision
+    from ..train.settings import pick_channels_last, pick_device, pick_precision
 
     model, cfg = load_run_model(run_dir, weights)
     if data_root:
@@ -39,9 +40,9 @@ def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="
     precision = pick_precision(cfg.get("precision", "auto") if cfg.get("precision") != "auto" else "auto", dev)
     mf = torch.channels_last if pick_channels_last(cfg.get("channels_last", "auto"), model) else torch.contiguous_format
     model = model.to(dev, memory_format=mf)
-    prep = BatchAugment(AugmentConfig(), cfg["data"]["mean"], cfg["data"]["std"], cfg["num_classes"], device=dev)
-    r = evaluate(model, part.images.to(dev), part.labels.to(dev), prep, batch_size, dev, precision, Distributed(),
-                 cfg["num_classes"], mf)
+    ctx = RunContext(device=dev, dist=Distributed(), precision=precision, memory_format=mf)
+    r = evaluate_classifier(model, part.images, part.labels, cfg["num_classes"], cfg["data"]["mean"],
+                            cfg["data"]["std"], batch_size, ctx)
     conf = r["confusion"]
     per_class = {c: 100.0 * float(conf[i, i]) / max(int(conf[i].sum()), 1) for i, c in enumerate(data.classes)}
     return dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, n=r["n"], accuracy=r["acc"],

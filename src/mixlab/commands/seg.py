@@ -49,7 +49,7 @@ def run(args) -> int:
 
 def _train(args) -> int:
     from ..train import rundir as rd
-    from ..train.seg_trainer import run_seg_training
+    from ..train import run_training as run_seg_training
     from .train import config_from_args, refuse_ignored_on_resume
 
     if args.resume:
@@ -75,27 +75,15 @@ def _train(args) -> int:
 
 def load_seg_run(run_dir, weights: str = "best"):
     """(model in eval mode with the run's weights, config) of a `mixlab seg train` run."""
-    from ..checkpoint import load_weights
-    from ..io import read_state_dict
-    from ..train import rundir as rd
-    from ..train.seg_trainer import build_seg_model, image_hw
+    from ..tasks import load_run_model
 
     run_dir = Path(run_dir)
+    from ..train import rundir as rd
+
     cfg = rd.read_config(run_dir)
     if cfg.get("task") != "segmentation":
         raise ValueError(f"{run_dir} is a {cfg.get('task', 'classification')} run; use `mixlab eval` for it")
-    path = run_dir / (rd.BEST if weights == "best" else rd.LAST)
-    if weights == "best" and not path.is_file():
-        path = run_dir / rd.LAST
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no weights yet ({rd.BEST} / {rd.LAST}); has it finished an epoch?")
-    stored = rd.weights_model_name(path)
-    if stored and stored != cfg["model"]:
-        raise ValueError(f"{path} holds weights of {stored!r} but {run_dir / rd.CONFIG} says model {cfg['model']!r}")
-    size = image_hw(cfg.get("img_size"))
-    model = build_seg_model({**cfg, "drop_path_rate": None}, int(cfg["num_classes"]), size)
-    load_weights(model, read_state_dict(path))
-    return model.eval(), cfg
+    return load_run_model(run_dir, weights, task="segmentation")
 
 
 def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_size=None,
@@ -105,8 +93,9 @@ def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_si
     from ..seg.data import load_segmentation_data
     from ..seg.losses import build_loss
     from ..train.distributed import Distributed
-    from ..train.seg_trainer import evaluate_seg, image_hw, load_seg_data
-    from ..train.trainer import pick_channels_last, pick_device, pick_precision
+    from ..tasks.base import RunContext
+    from ..tasks.segmentation import evaluate_segmenter, image_hw, load_seg_data
+    from ..train.settings import pick_channels_last, pick_device, pick_precision
 
     model, cfg = load_seg_run(run_dir, weights)
     if batch_size:
@@ -128,8 +117,9 @@ def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_si
     precision = pick_precision(cfg.get("precision", "auto"), dev)
     mf = torch.channels_last if pick_channels_last(cfg.get("channels_last", "auto"), model) else torch.contiguous_format
     model = model.to(dev, memory_format=mf)
-    r = evaluate_seg(model, part.images, part.masks, cfg, dev, precision, mf, build_loss(cfg["loss"]["name"]),
-                     keep_per_image=keep_per_image)
+    ctx = RunContext(device=dev, dist=Distributed(), precision=precision, memory_format=mf)
+    r = evaluate_segmenter(model, part.images, part.masks, cfg, ctx, build_loss(cfg["loss"]["name"]),
+                           keep_per_image=keep_per_image)
     if keep_per_image:
         r["per_image"]["name"] = list(part.names)
     return dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, autocast=precision,
@@ -158,7 +148,7 @@ def _predict(args) -> int:
     from ..seg.metrics import confusion_counts, scores_from_counts
     from ..seg.predict import predict_images, read_predict_inputs, write_predictions
     from ..train.distributed import Distributed
-    from ..train.trainer import pick_device
+    from ..train.settings import pick_device
 
     model, cfg = load_seg_run(args.checkpoint, args.weights)
     threshold = float(args.threshold if args.threshold is not None else cfg.get("threshold", 0.5))
@@ -173,7 +163,7 @@ def _predict(args) -> int:
                          f"{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''} has "
                          f"{truths[names.index(mismatched[0])].shape[0]}; predict from an images folder without masks, "
                          "or from data with the run's mask classes (nothing was written)")
-    from ..train.seg_trainer import image_hw
+    from ..tasks.segmentation import image_hw
 
     size = image_hw(cfg.get("img_size"))
     probs = predict_images(model.to(dev), images, size=size, batch_size=int(cfg["batch_size"]),

@@ -66,7 +66,7 @@ def configure(p):
 
 def run(args) -> int:
     from ..train import rundir as rd
-    from ..train.trainer import run_training
+    from ..train import run_training
 
     if args.resume:
         refuse_ignored_on_resume(args, "mixlab train")

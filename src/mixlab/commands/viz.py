@@ -37,7 +37,7 @@ def add_source_args(parser: argparse.ArgumentParser, required: bool = True) -> N
 def load_model(args) -> tuple[torch.nn.Module, dict | None, str]:
     """(model in eval mode, run config or None, display name) from --checkpoint or --model."""
     if getattr(args, "checkpoint", None):
-        from ..train.rundir import load_run_model
+        from ..tasks import load_run_model
 
         model, config = load_run_model(args.checkpoint, which=getattr(args, "which", "best"))
         name = f"{config.get('model', type(model).__name__)} ({Path(args.checkpoint).name})"

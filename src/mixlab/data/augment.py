@@ -120,6 +120,18 @@ def random_affine(x: torch.Tensor, scale: tuple[float, float] | None, ratio: tup
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+class Normalize:
+    """uint8 (or float 0..255) batch -> float batch normalised by per-channel mean and std
+    (given in 0..1 units); what evaluation does, and the last step of :class:`BatchAugment`."""
+
+    def __init__(self, mean, std, device: str | torch.device = "cpu"):
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+
+    def __call__(self, x: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=memory_format)
+
+
 class BatchAugment:
     """uint8 batch on the device -> normalised float batch (and soft targets when mixing)."""
 
@@ -127,8 +139,7 @@ class BatchAugment:
                  seed: int = 0, device: str | torch.device = "cpu"):
         self.cfg = cfg
         self.device = torch.device(device)
-        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
+        self.normalize = Normalize(mean, std, self.device)
         self.generator = torch.Generator().manual_seed(seed)
         self.randaugment = self.jitter = self.erase = self.mixup = None
         if cfg.randaugment_n > 0:
@@ -153,10 +164,6 @@ class BatchAugment:
 
             self.mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob,
                                label_smoothing=label_smoothing, num_classes=num_classes)
-
-    @property
-    def soft_targets(self) -> bool:
-        return self.mixup is not None
 
     def _per_image(self, x: torch.Tensor, fn) -> torch.Tensor:
         # torchvision's v2 ops draw one parameter set per call: call them per image.
@@ -185,7 +192,7 @@ class BatchAugment:
                 x = random_affine(x, None, cfg.rrc_ratio, cfg.rotate, self.generator)
         elif train and (cfg.rrc_scale is not None or cfg.rotate):
             x = random_affine(x, cfg.rrc_scale, cfg.rrc_ratio, cfg.rotate, self.generator)
-        x = ((x - self.mean) / self.std).contiguous(memory_format=memory_format)
+        x = self.normalize(x, memory_format)
         if train and self.erase is not None and not erase_raw:
             x = self.erase(x)
         if train and self.mixup is not None:

@@ -56,17 +56,6 @@ def parse_model_list(text: str | list[str] | None, what: str = "--models") -> li
     return names
 
 
-def _trainer_api() -> tuple[Callable, Callable]:
-    """(resolve_config, run_training) of mixlab's training stack, looked up at call time."""
-    from . import config as config_mod
-    from . import trainer
-
-    import mixlab.train as pkg
-
-    run_training = getattr(pkg, "run_training", None) or trainer.run_training
-    return config_mod.resolve_config, run_training
-
-
 def _read_json(path: Path) -> dict | None:
     import json
 
@@ -160,7 +149,7 @@ def run_compare(models: list[str], out: str | Path, recipe: str | None = None, *
                              f"({', '.join(models)})")
         selected = [m for m in models if m in only]
 
-    resolve_config, _ = _trainer_api()
+    from .config import resolve_config
     overrides = list(overrides or [])
     configs = {m: resolve_config(model=m, recipe=recipe, config_file=config_file, overrides=overrides,
                                  epochs=epochs, data=data, **explicit) for m in selected}
@@ -202,7 +191,9 @@ def run_compare(models: list[str], out: str | Path, recipe: str | None = None, *
             result.update(status="skipped", summary=_read_json(item.run_dir / rd.SUMMARY))
             results.append(result)
             continue
-        _, run_training = _trainer_api()  # looked up per model: tests and plugins may swap it
+        from .. import train as training
+
+        run_training = training.run_training  # looked up per model: tests swap it
         say(f"[{n}/{len(plan)}] {item.model}: {item.action} ({item.reason})")
         resume = item.action in ("resume", "extend")
         if resume:
@@ -245,11 +236,13 @@ def _check_builds(model: str, cfg: dict) -> None:
     import torch
 
     from .. import model_info
-    from .rundir import build_model_for
+    from ..tasks import get_task
 
     try:
         with torch.device("meta"):
-            build_model_for(cfg, cfg.get("num_classes") or model_info(model).num_classes)
+            get_task(cfg.get("task", "classification")).build_model(
+                {**cfg, "num_classes": cfg.get("num_classes") or model_info(model).num_classes,
+                 "img_size": cfg.get("img_size") or 32})
     except TypeError as e:
         hint = ""
         if "drop_path_rate" in str(e):

@@ -1,4 +1,6 @@
-"""Optimizers torch does not ship in the form a recipe needs.
+"""Optimizers and the learning-rate schedule: what a config's optimizer and schedule build.
+
+Optimizers torch does not ship in the form a recipe needs:
 
 ``AdamWAbsoluteDecay``: AdamW as TensorFlow Addons defines it (``tfa.optimizers.AdamW``, the
 optimizer of the ConvMixer Keras seed). Both are Adam with decoupled weight decay, but they
@@ -16,7 +18,11 @@ tfa applies the decay first, to the variable's value before the step, and then A
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+from torch import nn
 
 
 class AdamWAbsoluteDecay(torch.optim.Adam):
@@ -52,3 +58,49 @@ class AdamWAbsoluteDecay(torch.optim.Adam):
                         p.mul_(1.0 - decay)
         super().step()
         return loss
+
+
+def build_optimizer(model: nn.Module, opt: dict) -> torch.optim.Optimizer:
+    name, lr, wd = opt["name"], float(opt["lr"]), float(opt["weight_decay"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]))
+    if name == "adamw_tfa":  # decay of weight_decay per step whatever the lr (TensorFlow Addons' AdamW)
+        return AdamWAbsoluteDecay(params, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]))
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]))
+    return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(opt["momentum"]),
+                           nesterov=bool(opt["nesterov"]))
+
+
+def lr_factor(sched: dict, epochs: int, progress: float, base_lr: float | None = None) -> float:
+    """Learning-rate multiplier at ``progress`` (epochs done, fractional).
+
+    Written as a plain function of progress rather than a stateful scheduler so that a
+    resumed run needs nothing but the step count. ``onecycle`` is the piecewise-linear
+    schedule of the public ConvMixer CIFAR-10 script (0 -> max at 2/5 -> max/20 at 4/5 -> 0,
+    knots at integer epochs as its np.interp uses them), which is not torch's cosine
+    OneCycleLR; ``cosine`` is linear warmup then cosine decay to ``min_lr`` (an absolute rate,
+    as torch's ``eta_min``; ``base_lr`` is the optimizer's rate it is relative to). With
+    ``per_epoch`` the rate is held for each whole epoch at its value at the epoch's start, as
+    a torch scheduler stepped once per epoch gives it (``progress`` is where a step ends, so
+    a step with progress in (e, e + 1] belongs to epoch e).
+    """
+    name = sched["name"]
+    if sched.get("per_epoch"):
+        progress = float(max(0, math.ceil(progress - 1e-9) - 1))
+    if name == "constant":
+        warm = float(sched.get("warmup_epochs") or 0)
+        return min(1.0, progress / warm) if warm > 0 else 1.0
+    if name == "onecycle":
+        knots = [0, epochs * 2 // 5, epochs * 4 // 5, epochs]
+        return float(np.interp(progress, knots, [0.0, 1.0, 1 / 20, 0.0]))
+    warm = float(sched.get("warmup_epochs") or 0)
+    if warm > 0 and progress < warm:
+        return progress / warm
+    t = min(1.0, (progress - warm) / max(epochs - warm, 1e-8))
+    min_lr = float(sched.get("min_lr") or 0.0)
+    if min_lr and not base_lr:
+        raise ValueError("lr_factor needs base_lr (the optimizer's rate) when schedule.min_lr is set")
+    floor = min_lr / base_lr if min_lr else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))

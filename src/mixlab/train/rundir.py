@@ -344,7 +344,8 @@ def restore_checkpoint(run_dir: Path, model, optimizer, ema=None) -> dict:
 _OUTPUTS = (LAST, LAST_STATE, BEST, SUMMARY, CURVES, MANIFEST)
 
 
-def open_run(run_dir: Path, cfg: dict, resume: bool, model, optimizer, ema, write: bool) -> dict:
+def open_run(run_dir: Path, cfg: dict, resume: bool, model, optimizer, ema, write: bool,
+             command: str = "mixlab train") -> dict:
     """Start a run directory (config, empty metrics) or restore its last checkpoint into the
     model / optimizer / EMA; returns the loop's starting point as :func:`restore_checkpoint`.
     ``resume`` of a run without a checkpoint starts it again from epoch 0 (saying so). Only the
@@ -363,7 +364,7 @@ def open_run(run_dir: Path, cfg: dict, resume: bool, model, optimizer, ema, writ
             print(f"{run_dir} has no checkpoint yet (it stopped before its first epoch ended): starting it again "
                   f"from epoch 0 with its {CONFIG}")
         elif has_checkpoint(run_dir):  # another run checkpointed here since the command checked
-            raise ValueError(f"{run_dir} already holds a run with a checkpoint; continue it with --resume {run_dir} "
+            raise ValueError(f"{run_dir} already holds a run with a checkpoint; continue it with `{command} --resume {run_dir}` "
                              "or choose another --out (nothing was overwritten)")
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in _OUTPUTS:
@@ -405,9 +406,6 @@ def writing(run_dir: str | Path, say=print):
         yield
 
 
-_COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train"}
-
-
 def resume_config(run_dir: str | Path, task: str, model: str | None = None, epochs: int | None = None,
                   data: str | None = None) -> dict | None:
     """The configuration to resume ``run_dir`` with, checked against the command's task and
@@ -418,7 +416,10 @@ def resume_config(run_dir: str | Path, task: str, model: str | None = None, epoc
     cfg = read_config(run_dir)
     run_task = cfg.get("task", "classification")
     if run_task != task:
-        raise ValueError(f"{run_dir} is a {run_task} run; resume it with `{_COMMAND[run_task]} --resume {run_dir}`")
+        from ..tasks import get_task
+
+        raise ValueError(f"{run_dir} is a {run_task} run; resume it with `{get_task(run_task).command} --resume "
+                         f"{run_dir}`")
     if model and model != cfg["model"]:
         raise ValueError(f"--model {model} does not match the run being resumed, which trains "
                          f"{cfg['model']} ({run_dir / CONFIG}); drop --model or start a new --out")
@@ -444,71 +445,23 @@ def weights_model_name(path: Path) -> str | None:
         return (f.metadata() or {}).get("model")
 
 
-def build_model_for(cfg: dict, num_classes: int, img_size: int | None = None):
-    """The model a run's config describes (architecture only, fresh weights)."""
-    from .. import create_model
-
-    kwargs = dict(cfg.get("model_kwargs") or {})
-    if cfg.get("drop_path_rate") is not None:
-        kwargs["drop_path_rate"] = cfg["drop_path_rate"]
-    return create_model(cfg["model"], num_classes=num_classes, img_size=img_size, **kwargs)
-
-
-def load_run_model(run_dir: str | Path, which: str = "best"):
-    """(model in eval mode with the run's weights, config). ``which``: best | last."""
+def weights_path(run_dir: str | Path, which: str = "best") -> Path:
+    """The weights file of a run: ``best`` (falling back to last: runs without a validation
+    split keep only the last weights) or ``last``; checked against the run's config."""
     run_dir = Path(run_dir)
-    cfg = read_config(run_dir)
-    if cfg.get("task") == "segmentation":
-        raise ValueError(f"{run_dir} is a segmentation run: use `mixlab seg eval --checkpoint {run_dir}` or "
-                         f"`mixlab seg predict --checkpoint {run_dir} ...`")
     path = run_dir / (BEST if which == "best" else LAST)
     if which == "best" and not path.is_file():
-        path = run_dir / LAST  # runs without a validation split keep only the last weights
+        path = run_dir / LAST
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no weights yet ({BEST} / {LAST}); has it finished an epoch?")
-    stored = weights_model_name(path)
-    if stored and stored != cfg["model"]:
-        raise ValueError(f"{path} holds weights of {stored!r} but {run_dir / CONFIG} says model {cfg['model']!r}")
-    model = build_model_for({**cfg, "drop_path_rate": None}, cfg["num_classes"], cfg.get("img_size"))
-    from ..checkpoint import load_weights
-
-    load_weights(model, read_state_dict(path))
-    return model.eval(), cfg
+    stored, model = weights_model_name(path), read_config(run_dir)["model"]
+    if stored and stored != model:
+        raise ValueError(f"{path} holds weights of {stored!r} but {run_dir / CONFIG} says model {model!r}")
+    return path
 
 
-ACCURACY_CURVES = (("train_acc", "train"), ("val_acc", "val"))
-
-
-def plot_curves(run_dir: Path, rows: list[dict], title: str, score_curves=ACCURACY_CURVES,
-                score_label: str = "accuracy (%)") -> None:
-    """curves.png: loss and a score per epoch (accuracy by default), train and validation.
-
-    ``score_curves``: (metrics.jsonl key, legend label) pairs for the right-hand plot.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "val")):
-        if any(r.get(key) is not None for r in rows):
-            ax1.plot(epochs, [r.get(key) for r in rows], marker="o" if len(rows) <= 60 else None, label=label)
-    marker = "o" if len(rows) <= 60 else None  # a 400-epoch run would be all markers
-    for key, label in score_curves:
-        if any(r.get(key) is not None for r in rows):
-            ax2.plot(epochs, [r.get(key) for r in rows], marker=marker, label=label)
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax2.set(xlabel="epoch", ylabel=score_label, title=score_label.split(" (")[0])
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        with _guard(run_dir / CURVES, run_dir, rows[-1]["epoch"] if rows else None):
-            with atomic_path(run_dir / CURVES, suffix=".png") as tmp:
-                fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+def write_file(run_dir: Path, name: str, write, epoch: int | None = None) -> None:
+    """Write one of the run's single files (e.g. curves.png) atomically: ``write(tmp_path)``."""
+    with _guard(run_dir / name, run_dir, epoch):
+        with atomic_path(run_dir / name, suffix=Path(name).suffix) as tmp:
+            write(tmp)

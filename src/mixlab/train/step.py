@@ -30,13 +30,17 @@ def autocast(device: torch.device | str, precision: str):
 class TrainStep:
     """forward (autocast) -> loss -> backward -> clip -> optimizer step.
 
-    ``loss_fn(logits, target)`` lets the caller use soft (MixUp) targets. Returns the loss
-    and the logits, detached, so the caller can count accuracy without a second forward.
+    ``loss_fn(logits, target)`` lets the caller use soft (MixUp) targets; a task whose loss
+    is not a function of the model's output alone (a detector computes its losses inside
+    its forward) gives ``forward_loss(model, x, target) -> (loss, outputs)`` instead. Returns
+    the loss and the outputs, detached, so the caller can count accuracy without a second
+    forward.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, device,
-                 precision: str = "fp32", clip_grad: float | None = None):
+                 precision: str = "fp32", clip_grad: float | None = None, forward_loss=None):
         self.model = model
+        self.forward_loss = forward_loss
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.device = torch.device(device)
@@ -46,8 +50,11 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor):
         with autocast(self.device, self.precision):
-            logits = self.model(x)
-            loss = self.loss_fn(logits.float(), target)
+            if self.forward_loss is not None:
+                loss, logits = self.forward_loss(self.model, x, target)
+            else:
+                logits = self.model(x)
+                loss = self.loss_fn(logits.float(), target)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -61,7 +68,7 @@ class TrainStep:
             self.scaler.update()
         else:
             self.optimizer.step()
-        return loss.detach(), logits.detach()
+        return loss.detach(), (logits.detach() if isinstance(logits, torch.Tensor) else logits)
 
 
 @torch.no_grad()

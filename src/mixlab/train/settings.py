@@ -1,0 +1,56 @@
+"""The run's device and its speed settings: device, precision, channels_last, fast depthwise
+convolution, torch.compile (measured on the CPU by :mod:`mixlab.train.cpu_defaults`)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cpu_defaults import cpu_has_bf16, has_spatial_conv
+from .distributed import Distributed
+
+
+def pick_device(name: str, dist: Distributed) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        if dist.enabled and name == "cuda":
+            name = f"cuda:{dist.local_rank}"
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """The precision when not measured (CUDA, DDP, short runs): bf16 where the device has it."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def pick_channels_last(value, model: nn.Module) -> bool:
+    return bool(value) if value != "auto" else has_spatial_conv(model)
+
+
+def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: Distributed, batch, loss_fn,
+                      total_steps: int, say=print) -> dict:
+    """precision, channels_last and fast_depthwise for this run, recorded in ``cfg['picked']``
+    (config.yaml) so that a resumed run uses the same. On the CPU the settings left on auto are
+    measured (:mod:`mixlab.train.cpu_defaults`); the fast depthwise op is switched on in
+    ``model`` when picked. ``batch``: a callable giving an (inputs, targets) batch of the real
+    shape for timing."""
+    from ..ops.depthwise import use_fast_depthwise
+    from .cpu_defaults import resolve_cpu_settings
+
+    if device.type == "cpu":
+        p = resolve_cpu_settings(cfg, model, batch, loss_fn, total_steps, say, measure=not dist.enabled)
+    else:  # CUDA keeps cuDNN's depthwise convolution
+        p = cfg.get("picked") or dict(precision=pick_precision(cfg["precision"], device),
+                                      channels_last=pick_channels_last(cfg["channels_last"], model),
+                                      fast_depthwise=False, compile=cfg.get("compile") is True,
+                                      how="device defaults", figures={})
+    cfg["picked"] = p
+    if p["fast_depthwise"] and device.type == "cpu":
+        use_fast_depthwise(model)
+    return p
