@@ -18,11 +18,38 @@ def configure(p):
                     set_example="--set loss.name=dice --set data.val_split=0.3")
     t.add_argument("--train-split", metavar="FILE", help="names of the training cases, one per line")
     t.add_argument("--val-split", metavar="FILE", help="names of the validation cases, one per line")
+    t.add_argument("--test-split", metavar="FRACTION|FILE",
+                   help="cases set aside as a held-out test split, never trained on nor used to select the weights: "
+                   "a fraction of all cases (e.g. 0.2; the validation split is then drawn from the rest) or a file "
+                   "of names")
+
+    c = sub.add_parser("cv", help="train a recipe over K folds or N random splits: mean ± std of the held-out "
+                       "figures")
+    c.add_argument("--data", required=True, help="data folder (as for `mixlab seg train`)")
+    c.add_argument("--out", required=True, metavar="DIR", help="folder of the runs: DIR/fold1/ ... and DIR/cv.json")
+    how = c.add_mutually_exclusive_group(required=True)
+    how.add_argument("--folds", type=int, metavar="K", help="K-fold: each case is held out as test exactly once")
+    how.add_argument("--repeats", type=int, metavar="N", help="N seeded random splits (see --test-split)")
+    c.add_argument("--test-split", type=float, default=0.2, metavar="FRACTION",
+                   help="held-out fraction of each random split (--repeats; default 0.2)")
+    c.add_argument("--recipe", help="a shipped segmentation recipe, e.g. unext-busi")
+    c.add_argument("--model", help="a segmentation model (default: the recipe's)")
+    c.add_argument("--config", help="a YAML file of settings")
+    c.add_argument("--epochs", type=int)
+    c.add_argument("--batch-size", type=int)
+    c.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    c.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting for every run")
+    c.add_argument("--dry-run", action="store_true", help="print the parts and what would be trained or skipped")
+    c.add_argument("--json", action="store_true", help="print cv.json's contents at the end")
 
     e = sub.add_parser("eval", help="IoU, Dice, precision, recall of a trained run")
     e.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a `mixlab seg train` run directory")
     e.add_argument("--data", help="data folder to evaluate (default: the run's validation split of its data); "
                    "every image of a folder given here is evaluated")
+    e.add_argument("--split", choices=["val", "test"], default="val",
+                   help="the run's split to evaluate: val (the one that selected the weights) or test (held out; "
+                   "runs trained with --test-split)")
     e.add_argument("--weights", choices=["best", "last"], default="best")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, help="batch size of the paper's batch-pooled IoU/Dice "
@@ -42,7 +69,19 @@ def configure(p):
 
 
 def run(args) -> int:
-    return {"train": _train, "eval": _eval, "predict": _predict}[args.action](args)
+    return {"train": _train, "cv": _cv, "eval": _eval, "predict": _predict}[args.action](args)
+
+
+def _cv(args) -> int:
+    from ..train.cv import run_cv
+
+    report = run_cv(args.out, args.data, folds=args.folds, repeats=args.repeats, test_split=args.test_split,
+                    recipe=args.recipe, model=args.model, config_file=args.config, overrides=args.set,
+                    epochs=args.epochs, dry_run=args.dry_run, batch_size=args.batch_size, device=args.device,
+                    precision=args.precision)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
 
 
 # ----------------------------------------------------------------------------- train
@@ -65,10 +104,23 @@ def _train(args) -> int:
         overrides.append(f"data.train_split_file={args.train_split}")
     if args.val_split:
         overrides.append(f"data.val_split_file={args.val_split}")
+    if args.test_split:
+        key = "test_split" if _is_fraction(args.test_split) else "test_split_file"
+        overrides.append(f"data.{key}={args.test_split}")
     cfg = config_from_args(args, "segmentation", overrides)
     out = rd.new_run_dir(args.out, cfg["model"], "mixlab seg train")
     run_seg_training(cfg, out)
     return 0
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"--test-split {text}: a fraction must be between 0 and 1 (or give a file of names)")
+    return True
 
 
 # ----------------------------------------------------------------------------- eval / predict
@@ -87,14 +139,14 @@ def load_seg_run(run_dir, weights: str = "best"):
 
 
 def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_size=None,
-                     keep_per_image=False) -> dict:
+                     keep_per_image=False, split_name: str = "val") -> dict:
     import torch
 
     from ..seg.data import load_segmentation_data
     from ..seg.losses import build_loss
     from ..train.distributed import Distributed
     from ..tasks.base import RunContext
-    from ..tasks.segmentation import evaluate_segmenter, image_hw, load_seg_data
+    from ..tasks.segmentation import evaluate_segmenter, image_hw, load_seg_splits
     from ..train.settings import pick_channels_last, pick_device, pick_precision
 
     model, cfg = load_seg_run(run_dir, weights)
@@ -105,11 +157,19 @@ def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_si
 
         part = load_segmentation_data(data, size=image_hw(cfg.get("img_size")), cache_dir=default_cache_dir() / "seg")
         split = f"all {len(part)} images of {data}"
+    elif split_name == "test":
+        _, _, part = load_seg_splits(cfg, run_dir)
+        if part is None:
+            raise ValueError(f"{run_dir} was trained without a test split (mixlab seg train --test-split): evaluate "
+                             "--split val, or pass --data DIR")
+        split = f"held-out test split of {cfg['data']['root']} ({len(part)} images, never trained on nor used to " \
+                "select the weights)"
     else:
-        _, part = load_seg_data(cfg, run_dir)
+        _, part, _ = load_seg_splits(cfg, run_dir)
         if part is None:
             raise ValueError(f"{run_dir} was trained without a validation split: pass --data DIR to evaluate")
-        split = f"validation split of {cfg['data']['root']} ({len(part)} images)"
+        split = f"validation split of {cfg['data']['root']} ({len(part)} images, the split that selected the " \
+                "weights)"
     if part.num_classes != cfg["num_classes"]:
         raise ValueError(f"the run predicts {cfg['num_classes']} mask class(es) but the {split} has "
                          f"{part.num_classes}")
@@ -128,7 +188,7 @@ def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_si
 
 def _eval(args) -> int:
     r = evaluate_seg_run(args.checkpoint, args.data, args.weights, args.device, args.batch_size,
-                         keep_per_image=args.json)
+                         keep_per_image=args.json, split_name=args.split)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

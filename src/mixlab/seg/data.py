@@ -362,6 +362,55 @@ def split_dataset(ds: SegDataset, val_fraction: float = 0.2, seed: int = 41,
     return ds.subset(train), ds.subset(val)
 
 
+# a test draw must not reuse the validation draw's seed: offset it by a fixed prime
+_TEST_SEED_OFFSET = 1_000_003
+
+
+def three_way_split(ds: SegDataset, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 41,
+                    train_file=None, val_file=None, test_file=None):
+    """(train, val or None, test or None) subsets of ``ds``.
+
+    The test cases are set aside first (``test_file``, else a seeded ``ceil(N * test_fraction)``
+    of all cases, drawn with ``seed + 1000003``); the train/val split of the rest is then
+    :func:`split_dataset`'s (files, else a seeded ``val_fraction`` of the rest). With
+    ``test_fraction`` 0 and no test file the split is exactly :func:`split_dataset`'s, so the
+    UNeXt paper's 420 / 105 split of BUSI is unchanged. No case is in two parts.
+    """
+    known = set(ds.names)
+    if test_file:
+        test = _resolve_names(read_split_file(test_file), known, ds.source)
+    elif test_fraction and float(test_fraction) > 0:
+        _, test = split_names(ds.names, float(test_fraction), int(seed) + _TEST_SEED_OFFSET)
+    else:
+        test = []
+    rest = ds.subset([n for n in ds.names if n not in set(test)]) if test else ds
+    for f, what in ((train_file, "train"), (val_file, "val")):
+        if f:
+            clash = sorted(set(_resolve_names(read_split_file(f), known, ds.source)) & set(test))
+            if clash:
+                raise ValueError(f"{len(clash)} case(s) of the {what} split file {f} are in the test split too: "
+                                 f"{', '.join(map(repr, clash[:5]))}")
+    if train_file or val_file:
+        train, val = split_dataset(rest, train_file=train_file, val_file=val_file)
+    elif val_fraction and float(val_fraction) > 0:
+        train, val = split_dataset(rest, float(val_fraction), int(seed))
+    else:
+        train, val = rest, None
+    return train, val, (ds.subset(sorted(test)) if test else None)
+
+
+def kfold_names(names: Sequence[str], folds: int, seed: int = 41) -> list[list[str]]:
+    """``folds`` disjoint parts of ``names`` covering every name once (sizes differ by at most
+    one), drawn by a seeded permutation of the sorted names; each part sorted."""
+    names = sorted(names)
+    if not 2 <= int(folds) <= len(names):
+        raise ValueError(f"folds must be between 2 and the number of cases ({len(names)}), got {folds}")
+    perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(int(seed))).tolist()
+    k, n = int(folds), len(names)
+    bounds = [i * n // k for i in range(k + 1)]
+    return [sorted(names[j] for j in perm[bounds[i]:bounds[i + 1]]) for i in range(k)]
+
+
 # ---------------------------------------------------------------------------------------------
 # tensors
 

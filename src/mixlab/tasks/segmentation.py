@@ -13,7 +13,7 @@ from torch import nn
 
 from .base import RunContext, Task
 
-SPLIT_TRAIN, SPLIT_VAL = "split_train.txt", "split_val.txt"
+SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST = "split_train.txt", "split_val.txt", "split_test.txt"
 # summary.json keeps these validation figures in percent
 _PERCENT = {"iou", "dice", "precision", "recall", "pixel_accuracy"} | {
     f"{k}_{s}" for k in ("iou", "dice", "precision", "recall") for s in ("per_image", "global")}
@@ -30,14 +30,15 @@ def image_hw(value) -> tuple[int, int] | None:
     return int(value), int(value)
 
 
-def load_seg_data(cfg: dict, run_dir: Path | None = None, verbose: bool = False):
-    """(train, val or None) :class:`~mixlab.seg.data.SegDataset` for a configuration.
+def load_seg_splits(cfg: dict, run_dir: Path | None = None, verbose: bool = False):
+    """(train, val or None, test or None) :class:`~mixlab.seg.data.SegDataset` of a configuration.
 
     The split comes from, in order: the run directory's split files (resume, eval), the
-    configured split files, a seeded random split of ``data.val_split``.
+    configured split files, a seeded random split (``data.test_split`` of all cases set aside
+    first, then ``data.val_split`` of the rest; see :func:`mixlab.seg.data.three_way_split`).
     """
     from ..data.classification import default_cache_dir
-    from ..seg.data import load_segmentation_data, read_split_file, split_dataset
+    from ..seg.data import load_segmentation_data, read_split_file, three_way_split
 
     d = cfg["data"]
     if not d.get("root"):
@@ -46,21 +47,33 @@ def load_seg_data(cfg: dict, run_dir: Path | None = None, verbose: bool = False)
     t0 = time.perf_counter()
     ds = load_segmentation_data(d["root"], size=image_hw(cfg.get("img_size")), cache_dir=default_cache_dir() / "seg")
     seconds = time.perf_counter() - t0
-    train_file, val_file = d.get("train_split_file"), d.get("val_split_file")
+    files = {k: d.get(f"{k}_split_file") for k in ("train", "val", "test")}
     if run_dir is not None and (Path(run_dir) / SPLIT_TRAIN).is_file():
-        train_file = Path(run_dir) / SPLIT_TRAIN
-        val_file = Path(run_dir) / SPLIT_VAL if (Path(run_dir) / SPLIT_VAL).is_file() else None
-        if val_file is None:
-            return ds.subset(read_split_file(train_file)), None
-    if train_file or val_file:
-        train, val = split_dataset(ds, train_file=train_file, val_file=val_file)
-    elif float(d["val_split"]) > 0:
-        train, val = split_dataset(ds, float(d["val_split"]), int(d["split_seed"]))
+        run_dir = Path(run_dir)
+        files = {k: (run_dir / name if (run_dir / name).is_file() else None)
+                 for k, name in (("train", SPLIT_TRAIN), ("val", SPLIT_VAL), ("test", SPLIT_TEST))}
+        if files["val"] is None:  # trained without a validation split
+            train = ds.subset(read_split_file(files["train"]))
+            test = ds.subset(read_split_file(files["test"])) if files["test"] else None
+            return train, None, test
+    if any(files.values()):
+        train, val, test = three_way_split(ds, train_file=files["train"], val_file=files["val"],
+                                           test_file=files["test"],
+                                           test_fraction=0.0 if files["test"] else float(d.get("test_split") or 0),
+                                           seed=int(d["split_seed"]))
     else:
-        train, val = ds, None
+        train, val, test = three_way_split(ds, float(d["val_split"]), float(d.get("test_split") or 0),
+                                           int(d["split_seed"]))
     if verbose:
-        print(f"data: {ds.source} ({seconds:.2f} s): {len(train)} train, {len(val) if val else 0} val, "
-              f"{ds.num_classes} mask class(es), {ds.image_size[0]}x{ds.image_size[1]} px")
+        print(f"data: {ds.source} ({seconds:.2f} s): {len(train)} train, {len(val) if val else 0} val"
+              + (f", {len(test)} test (held out)" if test else "")
+              + f", {ds.num_classes} mask class(es), {ds.image_size[0]}x{ds.image_size[1]} px")
+    return train, val, test
+
+
+def load_seg_data(cfg: dict, run_dir: Path | None = None, verbose: bool = False):
+    """(train, val or None) of :func:`load_seg_splits`."""
+    train, val, _ = load_seg_splits(cfg, run_dir, verbose)
     return train, val
 
 
@@ -92,7 +105,7 @@ class SegmentationTask(Task):
         from ..train.config import seg_augment
 
         self.ctx = ctx
-        self.train, self.val = load_seg_data(cfg, resume_dir, verbose=ctx.dist.is_main)
+        self.train, self.val, self.test = load_seg_splits(cfg, resume_dir, verbose=ctx.dist.is_main)
         num_classes = self.train.num_classes
         if cfg["num_classes"] not in (None, num_classes):
             raise ValueError(f"num_classes is {cfg['num_classes']} but the masks have {num_classes} class(es) "
@@ -154,16 +167,18 @@ class SegmentationTask(Task):
 
     def run_summary(self, cfg: dict) -> dict:
         return dict(task="segmentation", data=str(cfg["data"]["root"]), train_images=len(self.train),
-                    val_images=len(self.val) if self.has_val else 0)
+                    val_images=len(self.val) if self.has_val else 0, test_images=len(self.test) if self.test else 0,
+                    selected_on="val" if self.has_val and cfg["select"] == "best_val" else "none (last weights)")
 
     def on_new_run(self, run_dir: Path) -> None:
         from ..seg.data import write_split_file
 
         write_split_file(run_dir / SPLIT_TRAIN, self.train.names)
-        if self.has_val:
-            write_split_file(run_dir / SPLIT_VAL, self.val.names)
-        else:
-            (run_dir / SPLIT_VAL).unlink(missing_ok=True)
+        for name, part in ((SPLIT_VAL, self.val if self.has_val else None), (SPLIT_TEST, self.test)):
+            if part is not None:
+                write_split_file(run_dir / name, part.names)
+            else:
+                (run_dir / name).unlink(missing_ok=True)
 
     # --- training
     def forward_loss(self, net: nn.Module, x, masks):
@@ -192,14 +207,29 @@ class SegmentationTask(Task):
     def finish(self, model: nn.Module, which: str, best_val: float, best_epoch: int, run_dir) -> dict:
         from ..train.rundir import LAST
 
-        if not self.has_val:
+        out = {}
+        if self.has_val:
+            v = self.evaluate_split(model, self.val)
+            self.ctx.say(_figures_line(f"val ({which}, {len(self.val)} images)", v) + f"  [{run_dir}]")
+            out.update(evaluated=which, val=_percent(v))
+        else:
             self.ctx.say(f"trained without a validation split; weights in {Path(run_dir) / LAST}")
-            return {}
-        v = self.evaluate_split(model, self.val)
-        self.ctx.say(f"val ({which}, {len(self.val)} images): IoU {100 * v['iou']:.2f}  Dice {100 * v['dice']:.2f}  "
-                     f"(per image: IoU {100 * v['iou_per_image']:.2f} Dice {100 * v['dice_per_image']:.2f}; "
-                     f"precision {100 * v['precision']:.2f} recall {100 * v['recall']:.2f})  [{run_dir}]")
-        return dict(evaluated=which, val={k: (100 * x if k in _PERCENT else x) for k, x in v.items()})
+        if self.test:
+            t = self.evaluate_split(model, self.test)
+            self.ctx.say(_figures_line(f"test, held out: never trained on nor used to select ({len(self.test)} images)",
+                                       t))
+            out.update(test=_percent(t))
+        return out
+
+
+def _percent(figures: dict) -> dict:
+    return {k: (100 * x if k in _PERCENT else x) for k, x in figures.items()}
+
+
+def _figures_line(label: str, v: dict) -> str:
+    return (f"{label}: IoU {100 * v['iou']:.2f}  Dice {100 * v['dice']:.2f}  "
+            f"(per image: IoU {100 * v['iou_per_image']:.2f} Dice {100 * v['dice_per_image']:.2f}; "
+            f"precision {100 * v['precision']:.2f} recall {100 * v['recall']:.2f})")
 
 
 def evaluate_segmenter(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, cfg: dict, ctx: RunContext,

@@ -73,7 +73,11 @@ SEG_DEFAULTS: dict = {
     "epochs": 400,
     "batch_size": 8,
     "eval_batch_size": None,  # default: batch_size (the paper's validation loader uses the training batch size)
+    # test_split: a fraction of all cases (or test_split_file: their names) set aside before the
+    # train/val split, never used for training or selecting the weights: its figures hold on
+    # unseen images (val_split is then a fraction of the rest)
     "data": {"root": None, "val_split": 0.2, "split_seed": 41, "train_split_file": None, "val_split_file": None,
+             "test_split": 0.0, "test_split_file": None,
              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     "optimizer": copy.deepcopy(DEFAULTS["optimizer"]),
     "schedule": copy.deepcopy(DEFAULTS["schedule"]),
@@ -304,5 +308,3 @@ def evaluation_protocol(cfg: dict) -> dict:
                 selected_on_test=False)
 
 
-def dump(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)
