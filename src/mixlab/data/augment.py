@@ -154,10 +154,6 @@ class BatchAugment:
             self.mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob,
                                label_smoothing=label_smoothing, num_classes=num_classes)
 
-    @property
-    def soft_targets(self) -> bool:
-        return self.mixup is not None
-
     def _per_image(self, x: torch.Tensor, fn) -> torch.Tensor:
         # torchvision's v2 ops draw one parameter set per call: call them per image.
         # They use torch's global RNG, which the trainer seeds (and checkpoints) per run.
