@@ -80,7 +80,7 @@ def test_help(capsys, argv):
 
 
 def test_model_kwargs_take_lists_and_mappings(capsys):
-    from mixlab.commands.info import parse_kv
+    from mixlab.kv import parse_kv
 
     assert parse_kv("dims=[32,64,128,160,256],drop_rate=0.1") == {"dims": [32, 64, 128, 160, 256], "drop_rate": 0.1}
     assert parse_kv("a={k: 1, j: [1, 2]},b='x,y',c=null") == {"a": {"k": 1, "j": [1, 2]}, "b": "x,y", "c": None}

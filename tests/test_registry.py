@@ -16,6 +16,14 @@ def test_registry_is_populated():
     assert len(ALL) == len(set(ALL))
 
 
+def test_takes_img_size_names_the_models_whose_layout_depends_on_the_input_size():
+    from mixlab.registry import takes_img_size
+
+    sized = {n for n in ALL if takes_img_size(n)}
+    assert sized == {n for n in ALL if model_info(n).family in ("asmlp", "swin_mlp", "baseline-vit")}
+    assert "vit_tiny_cifar" in sized and "convmixer_256_8" not in sized and "unext" not in sized
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_model_builds_forwards_and_backwards(name):
     info = model_info(name)

@@ -1,34 +1,18 @@
 """Loading weights into mixlab models: mixlab's own files and official checkpoints.
 
-``load_official`` converts a state_dict saved from a paper's official implementation to
-mixlab's layout. Each model family registers its converter with
-:func:`register_official_converter`; a family whose key names already match needs none.
+Every mixlab family keeps the module names and parameter shapes of its paper's official
+code, so ``load_official`` loads an official state_dict as it is, strictly.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .io import normalize_state_dict, read_state_dict
 
-__all__ = ["load_weights", "load_official", "register_official_converter"]
-
-Converter = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
-_CONVERTERS: dict[type, Converter] = {}
-
-
-def register_official_converter(*model_classes: type):
-    """Decorator: ``fn(official_state_dict, model) -> mixlab_state_dict`` for these classes."""
-
-    def decorator(fn: Converter) -> Converter:
-        for cls in model_classes:
-            _CONVERTERS[cls] = fn
-        return fn
-
-    return decorator
+__all__ = ["load_weights", "load_official"]
 
 
 def _as_state_dict(state_dict_or_path) -> dict[str, torch.Tensor]:
@@ -68,13 +52,8 @@ def load_weights(model: nn.Module, state_dict_or_path) -> nn.Module:
 def load_official(model: nn.Module, state_dict_or_path) -> nn.Module:
     """Load a state_dict saved from the official implementation of ``model``'s paper.
 
-    Keys and layouts are converted where mixlab's differ, then matched strictly: every
-    tensor of the model must be in the file and nothing else may be.
+    mixlab keeps the official key names and layouts, so the keys are matched strictly as
+    they are: every tensor of the model must be in the file and nothing else may be.
     """
-    sd = _as_state_dict(state_dict_or_path)
-    for cls in type(model).__mro__:
-        if cls in _CONVERTERS:
-            sd = _CONVERTERS[cls](sd, model)
-            break
-    _strict_load(model, sd, "the official checkpoint")
+    _strict_load(model, _as_state_dict(state_dict_or_path), "the official checkpoint")
     return model

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import timm
 from timm.models import _registry as timm_registry
 
-__all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info"]
+__all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info", "takes_img_size"]
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,10 @@ def model_info(name: str) -> ModelInfo:
 
 
 def takes_img_size(name: str) -> bool:
-    """Whether the model's class takes ``img_size`` (its shape depends on the input size)."""
-    info = model_info(name)
-    return info.model_cls is not None and "img_size" in inspect.signature(info.model_cls).parameters
+    """Whether the model's class takes ``img_size`` (its layout depends on the input size:
+    ViT, Swin, Swin-MLP, AS-MLP...), so a run builds it for its image size."""
+    cls = model_info(name).model_cls
+    return cls is not None and "img_size" in inspect.signature(cls).parameters
 
 
 def _unknown(name: str) -> KeyError:

@@ -48,3 +48,14 @@ def test_dense_conv_backward_unchanged_by_the_correction():
 def test_feature_shapes():
     shapes = feature_shapes(create_model("convmixer_256_8"), 32)
     assert len(shapes) == 8 and shapes[-1]["shape"] == [1, 256, 16, 16]
+
+
+def test_format_count_fixed_decimals_and_the_reports_figures():
+    from mixlab.analysis.profile import format_count
+
+    assert format_count(11_173_962, 3) == "11.174M" and format_count(11_173_962, 2) == "11.17M"
+    assert format_count(1_500, 2) == "1.50K" and format_count(999, 3) == "999" and format_count(0, 2) == "0"
+    assert format_count(2_400_000_000, 3) == "2.400G"
+    # without decimals: about three figures, as `mixlab report` prints them
+    assert [format_count(n) for n in (12_345, 5_362_762, 555_422_720, 1_297_829_888, 42)] == \
+        ["12.3K", "5.36M", "555.4M", "1.30G", "42"]

@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from mixlab.analysis import report as rp
+from mixlab.analysis.profile import format_count
 from mixlab.cli import main
 
 
@@ -94,8 +95,8 @@ def test_sorting_and_number_formats(runs_root):
     assert [r.model for r in sorted(runs, key=rp.SORT_KEYS["val"])] == ["resnet18_cifar", "vgg16_bn_cifar",
                                                                         "mobilenetv2_cifar"]
     assert [r.model for r in sorted(runs, key=rp.SORT_KEYS["params"])][-1] == "vgg16_bn_cifar"  # unknown last
-    assert rp.fmt_count(1_297_829_888) == "1.30G" and rp.fmt_count(555_422_720) == "555.4M"
-    assert rp.fmt_count(5_362_762) == "5.36M" and rp.fmt_count(None) == "-"
+    assert format_count(1_297_829_888) == "1.30G" and format_count(555_422_720) == "555.4M"
+    assert format_count(5_362_762) == "5.36M" and format_count(None) == "-"
     assert rp.fmt_seconds(3725) == "1h02m05s" and rp.fmt_seconds(754) == "12m34s" and rp.fmt_seconds(45.2) == "45.2s"
 
 

@@ -238,7 +238,7 @@ def naive_shift(x, shift_size, dim, dilation, padding):
     (5, 2, "zero", "parallel"),
 ])
 def test_ablation_switches_follow_their_definition(shift_size, dilation, padding, connection):
-    from mixlab.commands.info import parse_kv
+    from mixlab.kv import parse_kv
 
     kwargs = parse_kv(f"shift_size={shift_size},dilation={dilation},padding={padding},connection={connection}")
     # 192 leaves a 6x6 last stage, enough for every padding below (circular 5 // 2 * 3 = 6)

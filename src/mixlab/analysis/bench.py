@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ..train.step import TrainStep, infer_step
-from .profile import flop_counter
+from .profile import flop_counter, input_hw_of
 
-__all__ = ["BenchConfig", "bench_model", "bench_pair"]
+__all__ = ["BenchConfig", "bench_model", "bench_pair", "bench_registered", "build_timm_model"]
 
 
 @dataclass
@@ -159,3 +159,70 @@ def bench_model(model: nn.Module, mode: str = "infer", batch_size: int = 32, img
                       precision=precision, channels_last=channels_last, compile=compile, windows=windows,
                       window_seconds=window_seconds, count_flops=False)
     return bench_pair(model, cfg, in_chans=in_chans)["result"]
+
+
+# ----------------------------------------------------------------------------- `mixlab bench`
+
+def build_timm_model(spec: str, kwargs: dict) -> nn.Module:
+    """A timm model from an entrypoint name or from ``module.Class`` under ``timm.models``."""
+    import importlib
+
+    import timm
+
+    from ..registry import list_models
+
+    if "." in spec:
+        module_name, cls_name = spec.rsplit(".", 1)
+        try:
+            cls = getattr(importlib.import_module(f"timm.models.{module_name}"), cls_name)
+        except (ImportError, AttributeError):
+            raise ValueError(f"timm has no class timm.models.{spec}") from None
+        return cls(**kwargs)
+    if spec in set(list_models()):
+        raise ValueError(f"{spec!r} is mixlab's own registration; name a timm entrypoint or class to compare against")
+    if not timm.is_model(spec):
+        raise ValueError(f"timm has no model {spec!r}")
+    return timm.create_model(spec, **kwargs)
+
+
+def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_size=None, device: str = "cpu",
+                     precision: str = "fp32", channels_last: bool = False, compile: bool = False,
+                     fast_depthwise: bool = True, num_classes: int | None = None, model_kwargs: dict | None = None,
+                     vs: str | None = None, vs_kwargs: dict | None = None, warmup: int = 3, windows: int = 5,
+                     window_seconds: float = 2.0, count_flops: bool = True) -> dict:
+    """Time the registered model ``name`` (and the timm model ``vs`` = ``timm:NAME``, alternating
+    windows), as ``mixlab bench`` does. ``img_size``: [N] or [H, W], or None for the model's own.
+    ``fast_depthwise``: on the CPU, run ``name`` with mixlab's fast depthwise convolution (the
+    ``vs`` model always keeps aten's). Returns :func:`bench_pair`'s dict with the model, the
+    versions, threads and CPU, and ``fast_depthwise_convs`` (layers switched)."""
+    from ..registry import create_model, model_info
+    from ..runtime import malloc_tuned
+    from ..train.cpu_defaults import cpu_model_name
+
+    if windows < 5:
+        raise ValueError("--windows must be at least 5 (the median of fewer windows is not a stable figure)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    info = model_info(name)
+    hw = input_hw_of(name, img_size)
+    model = create_model(name, num_classes=num_classes, img_size=hw if img_size else None, **(model_kwargs or {}))
+    fast_dw = 0
+    if fast_depthwise and not device.startswith("cuda"):
+        from ..ops.depthwise import use_fast_depthwise
+
+        fast_dw = use_fast_depthwise(model)
+    other = None
+    if vs:
+        if not vs.startswith("timm:"):
+            raise ValueError(f"--vs takes timm:NAME (a timm model name), got {vs!r}")
+        vs_kwargs = dict(vs_kwargs or {})
+        if num_classes is not None:
+            vs_kwargs.setdefault("num_classes", num_classes)
+        other = build_timm_model(vs[len("timm:"):], vs_kwargs)
+    cfg = BenchConfig(mode=mode, batch_size=batch_size, img_size=hw, device=device, precision=precision,
+                      channels_last=channels_last, compile=compile, warmup=warmup, windows=windows,
+                      window_seconds=window_seconds, count_flops=count_flops, task=info.task)
+    out = bench_pair(model, cfg, other, in_chans=getattr(model, "in_chans", 3))
+    out.update(model=name, vs=vs, torch=torch.__version__, malloc_tuned=malloc_tuned(),
+               threads=torch.get_num_threads(), fast_depthwise_convs=fast_dw, cpu=cpu_model_name())
+    return out

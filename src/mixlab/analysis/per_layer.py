@@ -12,25 +12,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
-from .profile import _example_input, flop_counter
+from .profile import counted_forward, format_count
 
 __all__ = ["per_layer_table", "format_per_layer"]
 
 
 def _module_macs(model: nn.Module, input_size) -> tuple[dict[str, int], int]:
     """{module path ('' = root): MACs} for one eval forward of batch 1, and the total."""
-    device = next(iter(model.parameters()), torch.zeros(())).device
-    x = _example_input(model, input_size, 1, device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), flop_counter() as counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    counter = counted_forward(model, input_size)
     root = type(model).__name__
     macs: dict[str, int] = {}
     for key, ops in counter.get_flop_counts().items():
@@ -89,13 +80,6 @@ def per_layer_table(model: nn.Module, input_size: int | Sequence[int]) -> list[d
     return rows
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{int(n)}"
-
-
 def format_per_layer(rows: list[dict], max_depth: int | None = None, hide_empty: bool = True) -> str:
     """A text table: the module tree (indented by depth) with parameters and MACs and their
     share of the total. ``max_depth`` folds deeper modules into their ancestors (their
@@ -118,5 +102,5 @@ def format_per_layer(rows: list[dict], max_depth: int | None = None, hide_empty:
                      f"{r['macs']:>15,} {mp:>5.1f}%")
     lines.append("-" * len(head))
     lines.append(f"{'total':<{width}}  {'':<{twidth}}  {total_p:>12,} {'':>6}  {total_m:>15,} {'':>6}"
-                 f"   ({_human(total_p)} params, {_human(total_m)} MACs)")
+                 f"   ({format_count(total_p, 2)} params, {format_count(total_m, 2)} MACs)")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Exact parameter counts, MACs/FLOPs and feature shapes of a model.
+"""Exact parameter counts, MACs/FLOPs and feature shapes of a model (all that `mixlab info`
+prints: :func:`describe_model`), and counts written short (:func:`format_count`: 11.17M).
 
 Convention (stated everywhere mixlab prints a number): ``torch.utils.flop_counter`` counts
 the floating-point operations of convolutions and matrix products (plus attention kernels),
@@ -13,8 +14,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from .probe import eval_mode, model_device
+
 __all__ = ["count_params", "count_flops", "count_macs", "feature_shapes", "conv_backward_flop_fixed",
-           "flop_counter"]
+           "flop_counter", "counted_forward", "format_count", "input_hw_of", "describe_model", "CONVENTION",
+           "registered_params"]
+
+CONVENTION = ("MACs and FLOPs of one forward pass at batch 1, counted by torch.utils.flop_counter "
+              "(convolutions and matrix products); FLOPs = 2 x MACs.")
 
 aten = torch.ops.aten
 
@@ -24,6 +31,15 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def registered_params(name: str) -> int:
+    """Parameters of the registered model ``name`` with its default arguments."""
+    from ..registry import create_model
+
+    with torch.device("meta"):  # no memory, no init compute: counting is instant even at 200M params
+        model = create_model(name)
+    return count_params(model)[0]
 
 
 def conv_backward_flop_fixed(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
@@ -66,18 +82,17 @@ def _example_input(model: nn.Module, input_size, batch_size: int, device) -> tor
     return torch.zeros(batch_size, *input_size, device=device)
 
 
+def counted_forward(model: nn.Module, input_size: int | Sequence[int], batch_size: int = 1) -> FlopCounterMode:
+    """The counter after one forward pass (eval mode, no grad) at ``input_size`` = N, (H, W) or (C, H, W)."""
+    x = _example_input(model, input_size, batch_size, model_device(model))
+    with eval_mode(model), flop_counter() as counter:
+        model(x)
+    return counter
+
+
 def count_flops(model: nn.Module, input_size: int | Sequence[int], batch_size: int = 1) -> int:
     """FLOPs of one forward pass (eval mode, no grad) at ``input_size`` = N, (H, W) or (C, H, W)."""
-    device = next(iter(model.parameters()), torch.zeros(())).device
-    x = _example_input(model, input_size, batch_size, device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), flop_counter() as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
+    return int(counted_forward(model, input_size, batch_size).get_total_flops())
 
 
 def count_macs(model: nn.Module, input_size: int | Sequence[int], batch_size: int = 1) -> int:
@@ -105,18 +120,61 @@ def feature_shapes(model: nn.Module, input_size: int | Sequence[int]) -> list[di
                 t = out[0] if isinstance(out, (tuple, list)) else out
                 shapes[name] = list(t.shape)
             hooks.append(modules[name].register_forward_hook(hook))
-    device = next(iter(model.parameters()), torch.zeros(())).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(_example_input(model, input_size, 1, device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    with eval_mode(model, hooks=hooks):
+        model(_example_input(model, input_size, 1, model_device(model)))
     if str(getattr(model, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC"):
         # Swin-style stages work in (N, H, W, C); report every stage as (N, C, H, W)
         shapes = {k: [v[0], v[3], v[1], v[2]] if len(v) == 4 else v for k, v in shapes.items()}
     return [dict(module=e.get("module"), shape=shapes.get(e.get("module")), reduction=e.get("reduction"),
                  num_chs=e.get("num_chs")) for e in entries if e.get("module") in shapes]
+
+
+def format_count(n: int | float | None, decimals: int | None = None) -> str:
+    """A count with a unit: G, M or K, and a whole number below 1,000 ('-' for None).
+
+    ``decimals``: digits after the point in every unit (``mixlab info``: 3, 11_173_962 ->
+    '11.174M'); None: the report's about three figures (11_173_962 -> '11.17M';
+    555_422_720 -> '555.4M'; 1_297_829_888 -> '1.30G'; 12_345 -> '12.3K').
+    """
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            if decimals is None:
+                decimals = 1 if unit == "K" or (unit == "M" and abs(n) >= 1e8) else 2
+            return f"{n / scale:.{decimals}f}{unit}"
+    return f"{n:.0f}"
+
+
+def input_hw_of(name: str, img_size=None) -> tuple[int, int]:
+    """(H, W) of ``img_size`` given as [N] or [H, W]; None: the registered model's own input size."""
+    from ..registry import model_info
+
+    if not img_size:
+        return tuple(model_info(name).input_size[1:])
+    return (img_size[0], img_size[0]) if len(img_size) == 1 else tuple(img_size[:2])
+
+
+def describe_model(name: str, img_size=None, num_classes=None, in_chans=None, model_kwargs=None) -> dict:
+    """Everything ``mixlab info`` prints about a registered model, as a dict; ``_model`` is the
+    model built (in eval mode) for it."""
+    from ..registry import create_model, model_info
+
+    info = model_info(name)
+    hw = input_hw_of(name, img_size)
+    kwargs = dict(model_kwargs or {})
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans,
+                         img_size=hw if img_size is not None else None, **kwargs)
+    model.eval()
+    chans = in_chans or getattr(model, "in_chans", info.input_size[0])
+    total, trainable = count_params(model)
+    flops = count_flops(model, (chans, *hw))
+    with torch.no_grad():
+        out = model(torch.zeros(1, chans, *hw))
+    out_shape = list(out.shape) if isinstance(out, torch.Tensor) else [list(o.shape) for o in out]
+    return dict(
+        name=name, family=info.family, paper=info.paper, params=total, trainable_params=trainable,
+        macs=flops // 2, flops=flops, input_size=[1, chans, *hw], output_shape=out_shape,
+        stages=feature_shapes(model, (chans, *hw)), paper_figures=info.paper_figures,
+        model_kwargs=kwargs, convention=CONVENTION, _model=model,
+    )

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .probe import eval_mode, model_device
+
 __all__ = [
     "utilisation_counts", "rf_size", "gridding_share", "sawtooth_groups", "hdc_check", "rf_report",
     "SpatialLayer", "model_spatial_layers", "stack_counts", "model_rf_report",
@@ -225,15 +227,8 @@ def model_spatial_layers(model: nn.Module, input_size, stop_at: str | None = Non
             hooks.append(module.register_forward_hook(hook))
         if stop_at is not None and name == stop_at:
             hooks.append(module.register_forward_hook(lambda *_: finished.append(len(calls))))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input(model, input_size))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    with eval_mode(model, hooks=hooks):
+        model(example_input(model, input_size))
     if stop_at is not None:
         if not finished:
             raise ValueError(f"module {stop_at!r} did not run in the forward pass")
@@ -349,11 +344,9 @@ def input_gradient_map(model: nn.Module, images: torch.Tensor | None, input_size
         gen = torch.Generator().manual_seed(seed)
         shape = example_input(model, input_size).shape[1:]
         images = torch.randn(n_random, *shape, generator=gen)
-    device = next(iter(model.parameters()), torch.zeros(())).device
+    device = model_device(model)
     total = None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model, grad=True):
         for chunk in images.split(16):
             x = chunk.to(device).float().requires_grad_(True)
             with capture_spatial(model, target, input_size, info) as cap:
@@ -363,8 +356,6 @@ def input_gradient_map(model: nn.Module, images: torch.Tensor | None, input_size
             fmap[:, :, h // 2, w // 2].sum().backward()
             g = x.grad.detach().abs().sum(1).sum(0).double().cpu()
             total = g if total is None else total + g
-    finally:
-        model.train(was_training)
     return (total / len(images)).numpy()
 
 

@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from .profile import format_count
+
 __all__ = ["RunRecord", "find_run_dirs", "load_run", "collect_runs", "measure_inference", "format_table",
-           "make_plots", "PLOT_FILES"]
+           "write_table", "make_plots", "PLOT_FILES"]
 
 _RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl")
 BENCH_FILE = "bench_infer.json"
@@ -266,20 +268,6 @@ SORT_KEYS = {
 }
 
 
-def fmt_count(n: int | float | None) -> str:
-    """11_173_962 -> '11.17M'; 555_422_720 -> '555.4M'; 1_297_829_888 -> '1.30G'."""
-    if n is None:
-        return "-"
-    n = float(n)
-    if n >= 1e9:
-        return f"{n / 1e9:.2f}G"
-    if n >= 1e6:
-        return f"{n / 1e6:.2f}M" if n < 1e8 else f"{n / 1e6:.1f}M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f}K"
-    return f"{n:.0f}"
-
-
 def fmt_seconds(s: float | None) -> str:
     """3725 -> '1h02m05s'; 754 -> '12m34s'; 45.2 -> '45.2s'."""
     if s is None:
@@ -312,7 +300,7 @@ def _md_rows(runs: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
             best, test = best + " " + TEST_SELECTED_MARK, test + " " + TEST_SELECTED_MARK
         epochs = f"{r.epochs_done}/{r.epochs}" if r.epochs is not None else str(r.epochs_done)
         rows.append(([r.run] if show_run else []) + [
-            r.model or "-", fmt_count(r.params), fmt_count(r.macs), _fmt(r.train_images_per_sec, ".0f"), infer,
+            r.model or "-", format_count(r.params), format_count(r.macs), _fmt(r.train_images_per_sec, ".0f"), infer,
             best, test, fmt_seconds(r.wall_seconds), epochs,
             "finished" if r.finished else "**partial**"])
     return head, rows
@@ -354,6 +342,21 @@ def format_table(runs: list[RunRecord], fmt: str = "md") -> str:
     raise ValueError(f"unknown report format {fmt!r}: md, csv or json")
 
 
+def write_table(text: str, out: str | Path, fmt: str = "md", plots: Iterable[Path] = ()) -> None:
+    """Write the table ``text`` to ``out`` (atomically); a Markdown table is followed by links
+    to ``plots``, relative to ``out``'s folder."""
+    import os
+
+    from ..io import atomic_write_text
+
+    out = Path(out)
+    plots = list(plots)
+    if fmt == "md" and plots:
+        links = [f"![{p.stem.replace('_', ' ')}]({Path(os.path.relpath(p, out.parent)).as_posix()})" for p in plots]
+        text += "\n\n" + "\n".join(links)
+    atomic_write_text(out, text + "\n")
+
+
 # ----------------------------------------------------------------------------- plots
 
 def _accuracy_of(runs: list[RunRecord]) -> tuple[str, str]:
@@ -389,7 +392,7 @@ def _scatter(plt, runs: list[RunRecord], xkey: str, xlabel: str, title: str, pat
         ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter
 
-    tick = fmt_seconds if xkey == "wall_seconds" else fmt_count
+    tick = fmt_seconds if xkey == "wall_seconds" else format_count
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: tick(v) if v > 0 else ""))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
     if len(set(xs)) == 1:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .probe import eval_mode, model_device
+
 __all__ = [
     "example_input", "input_hw", "stem_conv", "conv_layers", "depthwise_convs", "kernel_layer",
     "weight_tiles", "grid_shape", "tile_mosaic", "spatial_layout", "find_spatial_target", "spatial_candidates",
@@ -31,10 +33,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- model plumbing
-
-def _device(model: nn.Module) -> torch.device:
-    return next(iter(model.parameters()), torch.zeros(())).device
-
 
 def input_hw(model: nn.Module, input_size=None) -> tuple[int, int]:
     """(H, W) from an int, (H, W), (C, H, W), or the model's pretrained_cfg input size."""
@@ -47,7 +45,7 @@ def input_hw(model: nn.Module, input_size=None) -> tuple[int, int]:
 
 def example_input(model: nn.Module, input_size=None, batch_size: int = 1) -> torch.Tensor:
     chans = getattr(model, "in_chans", None) or stem_conv(model)[1].in_channels
-    return torch.zeros(batch_size, chans, *input_hw(model, input_size), device=_device(model))
+    return torch.zeros(batch_size, chans, *input_hw(model, input_size), device=model_device(model))
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
@@ -227,15 +225,8 @@ def spatial_candidates(model: nn.Module, input_size=None) -> list[dict]:
                     order.remove(name)
                 order.append(name)
         hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input(model, hw))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    with eval_mode(model, hooks=hooks):
+        model(example_input(model, hw))
     return [found[n] for n in order]
 
 
@@ -307,16 +298,12 @@ def gradcam(model: nn.Module, x: torch.Tensor, target=None, layer: str | None = 
     hw = tuple(x.shape[-2:])
     info = find_spatial_target(model, hw, layer)
     name = info["name"]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model, grad=True):
         with capture_spatial(model, name, hw, info) as cap:
             logits = model(x)
         cls = _targets(logits, target)
         score = logits.gather(1, cls[:, None]).sum()
         grad = torch.autograd.grad(score, cap.output)[0]
-    finally:
-        model.train(was_training)
     acts, grads = cap.nchw(cap.output.detach()).float(), cap.nchw(grad).float()
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * acts).sum(1, keepdim=True))
@@ -328,15 +315,11 @@ def gradcam(model: nn.Module, x: torch.Tensor, target=None, layer: str | None = 
 
 def input_gradients(model: nn.Module, x: torch.Tensor, target=None) -> tuple[np.ndarray, dict]:
     """|d score / d input|, max over colour channels (Simonyan et al. 2014), scaled to [0, 1]."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model, grad=True):
         x = x.detach().clone().requires_grad_(True)
         logits = model(x)
         cls = _targets(logits, target)
         grad = torch.autograd.grad(logits.gather(1, cls[:, None]).sum(), x)[0]
-    finally:
-        model.train(was_training)
     sal = grad.abs().amax(1)
     peak = sal.flatten(1).max(1).values.clamp_min(1e-12)
     return (sal / peak[:, None, None]).cpu().numpy(), dict(layer="input", logits=logits.detach().cpu(),
@@ -365,23 +348,17 @@ def feature_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[str], top_k
     if infos is None:
         cands = {c["name"]: c for c in spatial_candidates(model, hw)}
         infos = [cands[n] if n in cands else find_spatial_target(model, hw, n) for n in layers]
+    with eval_mode(model), contextlib.ExitStack() as stack:
+        caps = [stack.enter_context(capture_spatial(model, info["name"], hw, info)) for info in infos]
+        model(x)
     results = []
-    was_training = model.training
-    model.eval()
-    try:
-        with contextlib.ExitStack() as stack:
-            caps = [stack.enter_context(capture_spatial(model, info["name"], hw, info)) for info in infos]
-            with torch.no_grad():
-                model(x)
-        for info, cap in zip(infos, caps):
-            fmap = cap.nchw()[0].float().cpu()
-            energy = fmap.pow(2).mean(dim=(1, 2))
-            k = min(top_k, fmap.shape[0])
-            top = energy.topk(k).indices
-            results.append(dict(layer=info["name"], shape=list(fmap.shape), channels=top.tolist(),
-                                energies=energy[top].tolist(), maps=fmap[top].numpy()))
-    finally:
-        model.train(was_training)
+    for info, cap in zip(infos, caps):
+        fmap = cap.nchw()[0].float().cpu()
+        energy = fmap.pow(2).mean(dim=(1, 2))
+        k = min(top_k, fmap.shape[0])
+        top = energy.topk(k).indices
+        results.append(dict(layer=info["name"], shape=list(fmap.shape), channels=top.tolist(),
+                            energies=energy[top].tolist(), maps=fmap[top].numpy()))
     return results
 
 

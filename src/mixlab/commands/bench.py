@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-from .info import parse_kv
-
 
 def configure(p):
     p.add_argument("model", help="a registered model name")
@@ -31,70 +29,17 @@ def configure(p):
     p.add_argument("--json", action="store_true")
 
 
-def build_timm_model(spec: str, kwargs: dict):
-    """A timm model from an entrypoint name or from ``module.Class`` under ``timm.models``."""
-    import importlib
-
-    import timm
-
-    if "." in spec:
-        module_name, cls_name = spec.rsplit(".", 1)
-        try:
-            cls = getattr(importlib.import_module(f"timm.models.{module_name}"), cls_name)
-        except (ImportError, AttributeError):
-            raise ValueError(f"timm has no class timm.models.{spec}") from None
-        return cls(**kwargs)
-    if spec in _mixlab_names():
-        raise ValueError(f"{spec!r} is mixlab's own registration; name a timm entrypoint or class to compare against")
-    if not timm.is_model(spec):
-        raise ValueError(f"timm has no model {spec!r}")
-    return timm.create_model(spec, **kwargs)
-
-
-def _mixlab_names() -> set[str]:
-    from .. import list_models
-
-    return set(list_models())
-
-
 def run(args) -> int:
-    import torch
-    import timm
+    from ..analysis.bench import bench_registered
+    from ..kv import parse_kv
 
-    from .. import create_model, model_info
-    from ..analysis.bench import BenchConfig, bench_pair
-    from ..runtime import malloc_tuned
-    from ..train.cpu_defaults import cpu_model_name
-
-    if args.windows < 5:
-        raise ValueError("--windows must be at least 5 (the median of fewer windows is not a stable figure)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
-    info = model_info(args.model)
-    hw = tuple(info.input_size[1:]) if not args.img_size else (
-        (args.img_size[0],) * 2 if len(args.img_size) == 1 else tuple(args.img_size[:2]))
-    model = create_model(args.model, num_classes=args.num_classes,
-                         img_size=hw if args.img_size else None, **parse_kv(args.model_kwargs))
-    fast_dw = 0
-    if args.fast_depthwise == "on" and not args.device.startswith("cuda"):
-        from ..ops.depthwise import use_fast_depthwise
-
-        fast_dw = use_fast_depthwise(model)
-    other = None
-    if args.vs:
-        if not args.vs.startswith("timm:"):
-            raise ValueError(f"--vs takes timm:NAME (a timm model name), got {args.vs!r}")
-        vs_kwargs = parse_kv(args.vs_kwargs)
-        if args.num_classes is not None:
-            vs_kwargs.setdefault("num_classes", args.num_classes)
-        other = build_timm_model(args.vs[len("timm:"):], vs_kwargs)
-    cfg = BenchConfig(mode=args.mode, batch_size=args.batch_size, img_size=hw, device=args.device,
-                      precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-                      warmup=args.warmup, windows=args.windows, window_seconds=args.window_seconds,
-                      count_flops=not args.no_flops, task=info.task)
-    out = bench_pair(model, cfg, other, in_chans=getattr(model, "in_chans", 3))
-    out.update(model=args.model, vs=args.vs, torch=torch.__version__, malloc_tuned=malloc_tuned(),
-               threads=torch.get_num_threads(), fast_depthwise_convs=fast_dw, cpu=cpu_model_name())
+    out = bench_registered(
+        args.model, mode=args.mode, batch_size=args.batch_size, img_size=args.img_size, device=args.device,
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+        fast_depthwise=args.fast_depthwise == "on", num_classes=args.num_classes,
+        model_kwargs=parse_kv(args.model_kwargs), vs=args.vs, vs_kwargs=parse_kv(args.vs_kwargs) if args.vs else None,
+        warmup=args.warmup, windows=args.windows, window_seconds=args.window_seconds, count_flops=not args.no_flops)
+    hw, fast_dw, other = out["config"]["img_size"], out["fast_depthwise_convs"], out.get("other")
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -102,7 +47,7 @@ def run(args) -> int:
     print(f"{args.model}: {args.mode}, batch {args.batch_size}, {hw[0]}x{hw[1]}, {args.device}, "
           f"{args.precision}{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}"
           f"{f', fast depthwise conv ({fast_dw} layers)' if fast_dw else ''}"
-          f"  (torch {torch.__version__}, {out['threads']} threads, malloc tuning {'on' if out['malloc_tuned'] else 'off'}; "
+          f"  (torch {out['torch']}, {out['threads']} threads, malloc tuning {'on' if out['malloc_tuned'] else 'off'}; "
           f"{out['cpu']})")
 
     def line(label, res):
@@ -115,7 +60,7 @@ def run(args) -> int:
 
     line(f"mixlab {args.model}", r)
     if other is not None:
-        line(args.vs, out["other"])
+        line(args.vs, other)
         print(f"  ratio mixlab/timm        {out['ratio']:.3f}")
     print(f"  peak memory              {out['peak_memory_mib']:.0f} MiB ({out['peak_memory_kind']})")
     if "achieved_tflops" in r:

@@ -17,68 +17,10 @@ def configure(p):
     p.add_argument("--json", action="store_true")
 
 
-def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="auto", batch_size=500) -> dict:
-    import torch
-
-    from ..data.classification import load_classification_data
-    from ..tasks import load_run_model
-    from ..tasks.base import RunContext
-    from ..tasks.classification import evaluate_classifier
-    from ..train.distributed import Distributed
-    from ..train.settings import pick_channels_last, pick_device, pick_precision
-
-    model, cfg = load_run_model(run_dir, weights)
-    if data_root:
-        cfg["data"]["root"] = data_root
-    data = load_classification_data(cfg)
-    if data.num_classes != cfg["num_classes"]:
-        raise ValueError(f"the run was trained on {cfg['num_classes']} classes but the data has {data.num_classes}")
-    part = data.test if split == "test" else data.val
-    if part is None:
-        raise ValueError("the run was trained without a validation split (val_split 0): use --split test")
-    dev = pick_device(device, Distributed())
-    precision = pick_precision(cfg.get("precision", "auto") if cfg.get("precision") != "auto" else "auto", dev)
-    mf = torch.channels_last if pick_channels_last(cfg.get("channels_last", "auto"), model) else torch.contiguous_format
-    model = model.to(dev, memory_format=mf)
-    ctx = RunContext(device=dev, dist=Distributed(), precision=precision, memory_format=mf)
-    r = evaluate_classifier(model, part.images, part.labels, cfg["num_classes"], cfg["data"]["mean"],
-                            cfg["data"]["std"], batch_size, ctx)
-    conf = r["confusion"]
-    per_class = {c: 100.0 * float(conf[i, i]) / max(int(conf[i].sum()), 1) for i, c in enumerate(data.classes)}
-    return dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, n=r["n"], accuracy=r["acc"],
-                loss=r["loss"], per_class_accuracy=per_class, classes=data.classes, confusion=conf.tolist())
-
-
-def plot_confusion(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    conf = np.array(result["confusion"])
-    k = len(result["classes"])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.55 * k) if k <= 20 else (12, 11))
-    im = ax.imshow(conf, cmap="Blues")
-    fig.colorbar(im, ax=ax, label="images")
-    if k <= 20:
-        ax.set_xticks(range(k), result["classes"], rotation=45, ha="right")
-        ax.set_yticks(range(k), result["classes"])
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, conf[i, j], ha="center", va="center", fontsize=7,
-                        color="white" if conf[i, j] > conf.max() / 2 else "black")
-    ax.set(xlabel="predicted", ylabel="true",
-           title=f"{result['model']}: {result['split']} accuracy {result['accuracy']:.2f}% ({result['n']} images)")
-    fig.tight_layout()
-    from ..io import atomic_path
-
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-
-
 def run(args) -> int:
+    from ..analysis.confusion import plot_confusion
+    from ..evaluate import evaluate_run
+
     r = evaluate_run(args.checkpoint, args.weights, args.data, args.split, args.device, args.batch_size)
     if args.plot is not None:
         path = Path(args.plot) if args.plot else Path(args.checkpoint) / f"confusion_{args.split}.png"

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 
 def configure(p):
     p.add_argument("pattern", nargs="?", help="shell-style pattern or substring, e.g. 'conv2former*' or 'cifar'")
@@ -13,16 +11,9 @@ def configure(p):
     p.add_argument("--json", action="store_true", help="print a JSON list")
 
 
-def _params_on_meta(name: str) -> int:
-    from .. import create_model
-
-    with torch.device("meta"):  # no memory, no init compute: counting is instant even at 200M params
-        model = create_model(name)
-    return sum(p.numel() for p in model.parameters())
-
-
 def run(args) -> int:
     from .. import list_models, model_info
+    from ..analysis.profile import registered_params
 
     names = list_models(args.pattern, family=args.family, task=args.task)
     if not names:
@@ -31,7 +22,7 @@ def run(args) -> int:
     rows = []
     for name in names:
         info = model_info(name)
-        rows.append(dict(name=name, params=_params_on_meta(name), input_size=list(info.input_size),
+        rows.append(dict(name=name, params=registered_params(name), input_size=list(info.input_size),
                          family=info.family, paper=info.paper, cifar=info.cifar or None))
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -24,9 +24,7 @@ def configure(p):
 
 
 def run(args) -> int:
-    import os
-
-    from ..analysis.report import SORT_KEYS, collect_runs, format_table, make_plots, measure_inference
+    from ..analysis.report import SORT_KEYS, collect_runs, format_table, make_plots, measure_inference, write_table
 
     runs = collect_runs(args.dirs)
     if not runs:
@@ -49,15 +47,8 @@ def run(args) -> int:
         plot_dir = Path(args.plots) if args.plots else (Path(args.out).parent if args.out else Path(args.dirs[0]))
         plots = make_plots(runs, plot_dir)
     if args.out:
-        out = Path(args.out)
-        if args.format == "md" and plots:
-            links = [f"![{p.stem.replace('_', ' ')}]({Path(os.path.relpath(p, out.parent)).as_posix()})"
-                     for p in plots]
-            text += "\n\n" + "\n".join(links)
-        from ..io import atomic_write_text
-
-        atomic_write_text(out, text + "\n")
-        print(f"wrote {out}")
+        write_table(text, args.out, args.format, plots)
+        print(f"wrote {Path(args.out)}")
     else:
         print(text)
     for p in plots:

@@ -1,4 +1,4 @@
-"""`mixlab seg train | eval | predict`: segmentation (UNeXt on BUSI and any images + masks folder)."""
+"""`mixlab seg train | cv | eval | predict`: segmentation (UNeXt on BUSI and any images + masks folder)."""
 from __future__ import annotations
 
 import json
@@ -72,18 +72,6 @@ def run(args) -> int:
     return {"train": _train, "cv": _cv, "eval": _eval, "predict": _predict}[args.action](args)
 
 
-def _cv(args) -> int:
-    from ..train.cv import run_cv
-
-    report = run_cv(args.out, args.data, folds=args.folds, repeats=args.repeats, test_split=args.test_split,
-                    recipe=args.recipe, model=args.model, config_file=args.config, overrides=args.set,
-                    epochs=args.epochs, dry_run=args.dry_run, batch_size=args.batch_size, device=args.device,
-                    precision=args.precision)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    return 0
-
-
 # ----------------------------------------------------------------------------- train
 
 def _train(args) -> int:
@@ -123,70 +111,23 @@ def _is_fraction(text: str) -> bool:
     return True
 
 
+def _cv(args) -> int:
+    from ..train.cv import run_cv
+
+    report = run_cv(args.out, args.data, folds=args.folds, repeats=args.repeats, test_split=args.test_split,
+                    recipe=args.recipe, model=args.model, config_file=args.config, overrides=args.set,
+                    epochs=args.epochs, dry_run=args.dry_run, batch_size=args.batch_size, device=args.device,
+                    precision=args.precision)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval / predict
 
-def load_seg_run(run_dir, weights: str = "best"):
-    """(model in eval mode with the run's weights, config) of a `mixlab seg train` run."""
-    from ..tasks import load_run_model
-
-    run_dir = Path(run_dir)
-    from ..train import rundir as rd
-
-    cfg = rd.read_config(run_dir)
-    if cfg.get("task") != "segmentation":
-        raise ValueError(f"{run_dir} is a {cfg.get('task', 'classification')} run; use `mixlab eval` for it")
-    return load_run_model(run_dir, weights, task="segmentation")
-
-
-def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_size=None,
-                     keep_per_image=False, split_name: str = "val") -> dict:
-    import torch
-
-    from ..seg.data import load_segmentation_data
-    from ..seg.losses import build_loss
-    from ..train.distributed import Distributed
-    from ..tasks.base import RunContext
-    from ..tasks.segmentation import evaluate_segmenter, image_hw, load_seg_splits
-    from ..train.settings import pick_channels_last, pick_device, pick_precision
-
-    model, cfg = load_seg_run(run_dir, weights)
-    if batch_size:
-        cfg["eval_batch_size"] = batch_size
-    if data:
-        from ..data.classification import default_cache_dir
-
-        part = load_segmentation_data(data, size=image_hw(cfg.get("img_size")), cache_dir=default_cache_dir() / "seg")
-        split = f"all {len(part)} images of {data}"
-    elif split_name == "test":
-        _, _, part = load_seg_splits(cfg, run_dir)
-        if part is None:
-            raise ValueError(f"{run_dir} was trained without a test split (mixlab seg train --test-split): evaluate "
-                             "--split val, or pass --data DIR")
-        split = f"held-out test split of {cfg['data']['root']} ({len(part)} images, never trained on nor used to " \
-                "select the weights)"
-    else:
-        _, part, _ = load_seg_splits(cfg, run_dir)
-        if part is None:
-            raise ValueError(f"{run_dir} was trained without a validation split: pass --data DIR to evaluate")
-        split = f"validation split of {cfg['data']['root']} ({len(part)} images, the split that selected the " \
-                "weights)"
-    if part.num_classes != cfg["num_classes"]:
-        raise ValueError(f"the run predicts {cfg['num_classes']} mask class(es) but the {split} has "
-                         f"{part.num_classes}")
-    dev = pick_device(device, Distributed())
-    precision = pick_precision(cfg.get("precision", "auto"), dev)
-    mf = torch.channels_last if pick_channels_last(cfg.get("channels_last", "auto"), model) else torch.contiguous_format
-    model = model.to(dev, memory_format=mf)
-    ctx = RunContext(device=dev, dist=Distributed(), precision=precision, memory_format=mf)
-    r = evaluate_segmenter(model, part.images, part.masks, cfg, ctx, build_loss(cfg["loss"]["name"]),
-                           keep_per_image=keep_per_image)
-    if keep_per_image:
-        r["per_image"]["name"] = list(part.names)
-    return dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, autocast=precision,
-                threshold=float(cfg["threshold"]), **r)
-
-
 def _eval(args) -> int:
+    from ..evaluate import evaluate_seg_run
+
     r = evaluate_seg_run(args.checkpoint, args.data, args.weights, args.device, args.batch_size,
                          keep_per_image=args.json, split_name=args.split)
     if args.json:
@@ -203,48 +144,16 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    import torch
+    from ..evaluate import predict_seg_run
 
-    from ..seg.metrics import confusion_counts, scores_from_counts
-    from ..seg.predict import predict_images, read_predict_inputs, write_predictions
-    from ..train.distributed import Distributed
-    from ..train.settings import pick_device
-
-    model, cfg = load_seg_run(args.checkpoint, args.weights)
-    threshold = float(args.threshold if args.threshold is not None else cfg.get("threshold", 0.5))
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"--threshold must be between 0 and 1, got {threshold}")
-    names, images, truths = read_predict_inputs(args.input)
-    dev = pick_device(args.device, Distributed())
-    k = int(cfg["num_classes"])
-    mismatched = [n for n, t in zip(names, truths) if t is not None and t.shape[0] != k]
-    if mismatched:
-        raise ValueError(f"the run predicts {k} mask class(es) but the ground truth of {mismatched[0]!r}"
-                         f"{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''} has "
-                         f"{truths[names.index(mismatched[0])].shape[0]}; predict from an images folder without masks, "
-                         "or from data with the run's mask classes (nothing was written)")
-    from ..tasks.segmentation import image_hw
-
-    size = image_hw(cfg.get("img_size"))
-    probs = predict_images(model.to(dev), images, size=size, batch_size=int(cfg["batch_size"]),
-                           mean=cfg["data"]["mean"], std=cfg["data"]["std"], device=dev)
-    written = write_predictions(args.out, names, images, probs, truths, threshold, overlays=not args.no_overlays)
-    result = dict(run=str(args.checkpoint), input=str(args.input), out=str(args.out), images=len(names),
-                  threshold=threshold, masks=len(written["masks"]), overlays=len(written["overlays"]))
-    known = [(p, t) for p, t in zip(probs, truths) if t is not None]
-    if known:
-        counts = torch.cat([confusion_counts(p[None] > threshold, t[None]) for p, t in known])
-        pooled = scores_from_counts(counts.sum(0))
-        per_image = scores_from_counts(counts)
-        result.update(with_truth=len(known), iou_global=100 * float(pooled["iou"]),
-                      dice_global=100 * float(pooled["dice"]), iou_per_image=100 * float(per_image["iou"].mean()),
-                      dice_per_image=100 * float(per_image["dice"].mean()))
+    result = predict_seg_run(args.checkpoint, args.input, args.out, args.weights, args.threshold, args.device,
+                             overlays=not args.no_overlays)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{len(names)} image(s) -> {args.out}/masks/ ({result['masks']} mask PNGs)"
+    print(f"{result['images']} image(s) -> {args.out}/masks/ ({result['masks']} mask PNGs)"
           + (f" and {args.out}/overlays/ ({result['overlays']} side-by-side pictures)" if result["overlays"] else ""))
-    if known:
-        print(f"against the {len(known)} ground-truth mask(s) found: IoU {result['iou_per_image']:.2f} "
+    if "with_truth" in result:
+        print(f"against the {result['with_truth']} ground-truth mask(s) found: IoU {result['iou_per_image']:.2f} "
               f"Dice {result['dice_per_image']:.2f} (mean over images; at the images' own size)")
     return 0

@@ -26,8 +26,8 @@ def add_run_options(p, model_help: str, data_help: str, recipe_help: str, set_ex
 
 def config_from_args(args, task: str, overrides: list[str], **explicit) -> dict:
     """resolve_config from the shared options, ``overrides`` (the --set items) and ``explicit`` flags."""
+    from ..kv import parse_kv
     from ..train.config import resolve_config
-    from .info import parse_kv
 
     return resolve_config(model=args.model, recipe=args.recipe, config_file=args.config, overrides=overrides,
                           task=task, data=args.data, epochs=args.epochs, batch_size=args.batch_size,

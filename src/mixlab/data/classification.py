@@ -29,7 +29,6 @@ from ..io import atomic_save_safetensors
 
 log = logging.getLogger("mixlab.data")
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 CIFAR_LAYOUTS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 KNOWN_DATASETS = ("cifar10", "cifar100", "folder")
 

@@ -113,11 +113,6 @@ def _save_plan() -> None:
         pass  # a read-only home folder: the choice is kept for this process only
 
 
-def weight_grad_plan() -> dict[str, str]:
-    """The choices made so far: {shape key: method}."""
-    return dict(_load_plan())
-
-
 def _aten_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel, padding, dilation,
                       with_bias: bool = False, fp32: bool = True):
     """aten's depthwise weight (and bias) gradient; ``fp32`` on fp32 copies (on bf16 inputs often

@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
+from ..analysis.probe import eval_mode
 from ..io import atomic_path
 from .data import IMAGE_EXTS, _decode, normalize_images
 from .metrics import confusion_counts, scores_from_counts
 
-__all__ = ["read_predict_inputs", "predict_images", "save_mask_png", "overlay_panel", "write_predictions"]
+__all__ = ["read_predict_inputs", "predict_images", "save_mask_png", "overlay_panel", "write_predictions",
+           "truth_scores"]
 
 TRUTH_COLOR = (0, 200, 0)
 PRED_COLOR = (230, 40, 40)
@@ -70,7 +72,6 @@ def read_predict_inputs(path: str | os.PathLike) -> tuple[list[str], list[torch.
     return names, images, truths
 
 
-@torch.no_grad()
 def predict_images(model: torch.nn.Module, images: Sequence[torch.Tensor] | torch.Tensor,
                    size: tuple[int, int] = (256, 256), batch_size: int = 8,
                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -81,10 +82,8 @@ def predict_images(model: torch.nn.Module, images: Sequence[torch.Tensor] | torc
     is resized to ``size`` (bilinear) for the model, normalised with ``mean``/``std``, and its
     sigmoid probabilities are resized back (bilinear) before any threshold.
     """
-    was_training = model.training
-    model.eval()
     out: list[torch.Tensor] = []
-    try:
+    with eval_mode(model):
         items = list(images)
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -95,8 +94,6 @@ def predict_images(model: torch.nn.Module, images: Sequence[torch.Tensor] | torc
                 if hw != tuple(p.shape[-2:]):
                     p = F.interpolate(p[None], size=hw, mode="bilinear", align_corners=False)[0]
                 out.append(p)
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -203,6 +200,20 @@ def write_predictions(out_dir: str | os.PathLike, names: Sequence[str], images: 
                 sheet.save(tmp, format="PNG")
             written["overlays"].append(str(path))
     return written
+
+
+def truth_scores(probs: Sequence[torch.Tensor], truths: Sequence[torch.Tensor | None], threshold: float = 0.5) -> dict:
+    """IoU and Dice (percent) of the predictions whose ground truth is known, at the images' own
+    size: ``with_truth`` (how many), ``iou_global`` / ``dice_global`` (all their pixels pooled) and
+    ``iou_per_image`` / ``dice_per_image`` (mean over images); empty when no truth is known."""
+    known = [(p, t) for p, t in zip(probs, truths) if t is not None]
+    if not known:
+        return {}
+    counts = torch.cat([confusion_counts(p[None] > threshold, t[None]) for p, t in known])
+    pooled = scores_from_counts(counts.sum(0))
+    per_image = scores_from_counts(counts)
+    return dict(with_truth=len(known), iou_global=100 * float(pooled["iou"]), dice_global=100 * float(pooled["dice"]),
+                iou_per_image=100 * float(per_image["iou"].mean()), dice_per_image=100 * float(per_image["dice"].mean()))
 
 
 def _stack_rows(rows: list[Image.Image]) -> Image.Image:

@@ -41,6 +41,8 @@ def load_run_model(run_dir: str | Path, which: str = "best", task: str | None = 
         if run_task == "segmentation":
             raise ValueError(f"{run_dir} is a segmentation run: use `mixlab seg eval --checkpoint {run_dir}` or "
                              f"`mixlab seg predict --checkpoint {run_dir} ...`")
+        if run_task == "classification":
+            raise ValueError(f"{run_dir} is a classification run; use `mixlab eval --checkpoint {run_dir}` for it")
         raise ValueError(f"{run_dir} is a {run_task} run, not a {task} run")
     path = rd.weights_path(run_dir, which)
     model = get_task(run_task).build_model(cfg, for_eval=True)
