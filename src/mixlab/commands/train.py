@@ -22,6 +22,12 @@ def add_run_options(p, model_help: str, data_help: str, recipe_help: str, set_ex
                    help=f"override any setting, e.g. {set_example}")
     p.add_argument("--model-kwargs", default="", metavar="K=V,...", help="architecture arguments")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    p.add_argument("--init", metavar="FILE|RUN_DIR", help="start from trained weights: a .safetensors / torch "
+                   "weights file or a run directory (its best weights); a classifier of another size starts new")
+    p.add_argument("--freeze-backbone", action="store_true", default=None,
+                   help="with --init: train only the classifier")
+    p.add_argument("--logger", metavar="csv,tensorboard", help="also log the loss and lr every "
+                   "log.every_n_steps steps and each epoch's figures: csv (steps.csv), tensorboard (tensorboard/)")
 
 
 def config_from_args(args, task: str, overrides: list[str], **explicit) -> dict:
@@ -29,10 +35,13 @@ def config_from_args(args, task: str, overrides: list[str], **explicit) -> dict:
     from ..kv import parse_kv
     from ..train.config import resolve_config
 
+    if args.logger is not None:
+        overrides = [*overrides, f"log.loggers=[{args.logger}]"]
     return resolve_config(model=args.model, recipe=args.recipe, config_file=args.config, overrides=overrides,
                           task=task, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
                           seed=args.seed, device=args.device, precision=args.precision, compile=args.compile,
-                          model_kwargs=parse_kv(args.model_kwargs) or None, **explicit)
+                          model_kwargs=parse_kv(args.model_kwargs) or None, init=args.init,
+                          freeze_backbone=args.freeze_backbone, **explicit)
 
 
 # (argparse attribute, flag) of the settings a resumed run keeps from its config.yaml
@@ -40,7 +49,8 @@ _FIXED_ON_RESUME = (("batch_size", "--batch-size"), ("seed", "--seed"), ("device
                     ("precision", "--precision"), ("compile", "--compile"), ("out", "--out"),
                     ("recipe", "--recipe"), ("config", "--config"), ("set", "--set"),
                     ("model_kwargs", "--model-kwargs"), ("dataset", "--dataset"), ("download", "--download"),
-                    ("train_split", "--train-split"), ("val_split", "--val-split"))
+                    ("train_split", "--train-split"), ("val_split", "--val-split"), ("test_split", "--test-split"),
+                    ("init", "--init"), ("freeze_backbone", "--freeze-backbone"), ("logger", "--logger"))
 
 
 def refuse_ignored_on_resume(args, command: str) -> None:

@@ -56,6 +56,13 @@ DEFAULTS: dict = {
     "compile": "auto",
     "num_threads": None,
     "select": "best_val",  # which weights test accuracy is reported for: best_val | last
+    # start from trained weights (a weights file or a run directory; mixlab.finetune): every
+    # tensor whose name and shape match is loaded, a classifier of another size is new
+    "init": None,
+    "freeze_backbone": False,  # train only the classifier (with init)
+    # loggers beside metrics.jsonl and train.log: csv (steps.csv) and/or tensorboard; the step
+    # loss and lr are written every every_n_steps optimizer steps (mixlab.train.loggers)
+    "log": {"loggers": [], "every_n_steps": 50},
     "progress": True,
     "description": "",
     "recipe": None,
@@ -98,6 +105,9 @@ SEG_DEFAULTS: dict = {
     "compile": "auto",
     "num_threads": None,
     "select": "best_val",  # best_val (highest validation IoU, as the paper's code keeps) | last
+    "init": None,
+    "freeze_backbone": False,
+    "log": {"loggers": [], "every_n_steps": 10},
     "progress": True,
     "description": "",
     "recipe": None,
@@ -218,6 +228,15 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
     if cfg["task"] != task:
         raise ValueError(f"task cannot be changed to {cfg['task']!r} here; use `{_TASK_COMMAND.get(cfg['task'], 'mixlab')}`")
     validate(cfg)
+    from .loggers import parse_loggers
+
+    cfg["log"]["loggers"] = parse_loggers(cfg["log"]["loggers"])
+    if not isinstance(cfg["log"]["every_n_steps"], int) or cfg["log"]["every_n_steps"] < 1:
+        raise ValueError(f"log.every_n_steps must be a whole number of steps, 1 or more, got "
+                         f"{cfg['log']['every_n_steps']!r}")
+    if cfg["freeze_backbone"] and not cfg["init"]:
+        raise ValueError("freeze_backbone trains only the classifier of weights given with --init FILE|RUN_DIR; "
+                         "without --init the backbone would stay at its random initialisation")
     from .. import model_info
 
     model_task = model_info(cfg["model"]).task

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import time
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 
 from . import rundir as rd
 from .distributed import Distributed
+from .loggers import StepLoggers
 from .optim import build_optimizer, lr_factor
 from .settings import pick_device, pick_run_settings
 from .step import TrainStep, autocast
@@ -34,12 +36,17 @@ from ..errors import TrainingDiverged
 def run_training(task, cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     """Train ``cfg`` as ``task`` into ``out_dir`` (resume: from its last checkpoint), holding
     the folder's lock throughout; returns the final summary."""
-    with rd.writing(out_dir):
-        return _run(task, cfg, Path(out_dir), resume)
+    from .loggers import TRAIN_LOG, console_to
+
+    with ExitStack() as stack:  # whatever the run opens is closed when it ends, however it ends
+        stack.enter_context(rd.writing(out_dir))
+        main = Distributed.from_env().is_main
+        stack.enter_context(console_to(Path(out_dir) / TRAIN_LOG if main else None))
+        return _run(task, cfg, Path(out_dir), resume, stack)
 
 
 def train_one_epoch(task, step: TrainStep, loader, epoch: int, cfg: dict, optimizer, base_lrs, ema, model,
-                    bar=None, out_dir: Path | None = None) -> tuple[dict, float, float]:
+                    bar=None, out_dir: Path | None = None, loggers=None) -> tuple[dict, float, float]:
     """One pass over the task's training batches: (training figures, images seen, seconds)."""
     steps, epochs = len(loader), int(cfg["epochs"])
     meter = task.train_meter()
@@ -52,6 +59,8 @@ def train_one_epoch(task, step: TrainStep, loader, epoch: int, cfg: dict, optimi
         if ema is not None:
             ema.update(model)
         meter.update(loss, outputs, target)
+        if loggers is not None and loggers.wants(i + 1):
+            loggers.step(epoch, i + 1, float(loss), optimizer.param_groups[0]["lr"])
         if (i + 1) % task.check_every == 0 or i + 1 == steps:
             running = meter.running_loss()  # a device sync: every check_every steps, not every step
             if not math.isfinite(running):
@@ -81,7 +90,7 @@ def evaluate(model: torch.nn.Module, loader, meter, ctx) -> dict:
     return meter.compute()
 
 
-def _run(task, cfg: dict, out_dir: Path, resume: bool) -> dict:
+def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack) -> dict:
     from ..analysis.curves import plot_curves
     from ..analysis.profile import count_macs, count_params
     from ..tasks.base import RunContext
@@ -102,6 +111,14 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool) -> dict:
     # --- model, speed settings, optimizer
     torch.manual_seed(int(cfg["seed"]))
     model = task.build_model(cfg)
+    if cfg.get("init") and not (resume and rd.has_checkpoint(out_dir)):
+        from ..finetune import init_from
+
+        init_from(model, cfg["init"], say=say)
+    if cfg.get("freeze_backbone"):  # on resume too: the optimizer's parameter groups must match
+        from ..finetune import freeze_backbone
+
+        freeze_backbone(model)
     params, _ = count_params(model)
     macs = count_macs(model, task.input_shape(cfg))
     batch_size = int(cfg["batch_size"])
@@ -144,6 +161,9 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool) -> dict:
                    device=str(device), world_size=dist.world_size, precision=ctx.precision,
                    channels_last=picked["channels_last"], fast_depthwise=picked["fast_depthwise"],
                    settings_picked=picked, **task.run_summary(cfg))
+    log = cfg.get("log") or {}
+    loggers = stack.enter_context(closing(StepLoggers(out_dir, log.get("loggers") or [] if main else [],
+                                                      log.get("every_n_steps", 50), len(loader), start_epoch)))
     t_run = time.perf_counter()
     for epoch in range(start_epoch, int(cfg["epochs"])):
         seed = epoch_seed(cfg["seed"], epoch, dist.rank)
@@ -156,7 +176,7 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool) -> dict:
         bar = _progress(cfg, main, len(loader), f"epoch {epoch + 1}/{cfg['epochs']}")
         try:
             figures, seen, train_seconds = train_one_epoch(task, step, loader, epoch, cfg, optimizer, base_lrs, ema,
-                                                           model, bar, out_dir)
+                                                           model, bar, out_dir, loggers)
         finally:
             if bar is not None:
                 bar.close()
@@ -167,6 +187,7 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool) -> dict:
         row.update(epoch_seconds=time.perf_counter() - t0, train_seconds=train_seconds,
                    images_per_sec=seen / train_seconds)
         rows.append(row)
+        loggers.epoch(row)
         improved = row[task.best_key] is not None and row[task.best_key] > best_val
         if improved:
             best_val, best_epoch = row[task.best_key], epoch + 1
@@ -202,8 +223,6 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool) -> dict:
                  images_per_sec=sum(r["images_per_sec"] for r in rows) / max(len(rows), 1))
     if main:
         rd.write_summary(out_dir, final)
-    dist.barrier()
-    dist.shutdown()
     return final
 
 
