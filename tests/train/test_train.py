@@ -44,7 +44,8 @@ def test_run_directory_contents(make_folder_dataset, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] and summary["epochs_done"] == 2 and 0 <= summary["test_acc"] <= 100
     assert summary["best_val_acc"] == max(r["val_acc"] for r in rows)
-    assert summary["selected_on_test"] is False and "25% of train held out" in summary["protocol"]
+    assert summary["selected_on_test"] is False and summary["selected_on"] == "val"
+    assert "25% of train held out" in summary["protocol"]
     assert summary["params"] == sum(p.numel() for p in load_run_model(out)[0].parameters())
     from PIL import Image
 
@@ -203,5 +204,6 @@ def test_validating_on_the_test_set_is_the_seeds_protocol_and_says_so(make_folde
     train(*TINY, "--data", str(data), "--epochs", "2", "--out", str(out), "--set", "data.val_holdout=test")
     summary = json.loads((out / "summary.json").read_text())
     # the kept "val" weights are the best on the test set: tested, they score the best "val" accuracy
-    assert summary["selected_on_test"] is True and "selected on the test set" in summary["protocol"]
+    assert summary["selected_on_test"] is True and summary["selected_on"] == "test"
+    assert "selected on the test set" in summary["protocol"]
     assert summary["test_acc"] == summary["best_val_acc"]

@@ -309,6 +309,17 @@ def evaluation_protocol(cfg: dict) -> dict:
     were chosen by their accuracy on the test set, so its test accuracy is not held out)."""
     if cfg.get("task", "classification") != "classification":
         return {}
+    out = _protocol(cfg)
+    # which split chose the reported weights, in one word, as the segmentation summary says it
+    best = cfg.get("select", "best_val") == "best_val"
+    data = cfg.get("data") or {}
+    out["selected_on"] = (("test" if data.get("val_holdout") == "test" else "val")
+                          if best and (data.get("val_split") or data.get("val_holdout") == "test")
+                          else "none (last weights)")
+    return out
+
+
+def _protocol(cfg: dict) -> dict:
     data = cfg.get("data") or {}
     best = cfg.get("select", "best_val") == "best_val"
     if data.get("val_holdout") == "test":
