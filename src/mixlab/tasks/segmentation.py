@@ -132,14 +132,8 @@ class SegmentationTask(Task):
                                          rank=ctx.dist.rank, world_size=ctx.dist.world_size, prepare=train_prepare)
 
     def build_model(self, cfg: dict, for_eval: bool = False) -> nn.Module:
-        from ..registry import create_model, model_info
+        from ..registry import create_model
 
-        info = model_info(cfg["model"])
-        if info.task != "segmentation":
-            from ..registry import list_models
-
-            raise ValueError(f"{cfg['model']} is a {info.task} model; `mixlab seg train` trains segmentation "
-                             f"models: {', '.join(list_models(task='segmentation'))}")
         kwargs = dict(cfg.get("model_kwargs") or {})
         if cfg.get("drop_path_rate") is not None and not for_eval:
             kwargs["drop_path_rate"] = cfg["drop_path_rate"]
