@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 TRAIN_LOG, STEPS_CSV, TB_DIR = "train.log", "steps.csv", "tensorboard"
@@ -32,37 +31,46 @@ def parse_loggers(value) -> list[str]:
     return names
 
 
-class _Tee:
-    """A text stream that writes to the console and to a file."""
+class ConsoleLog:
+    """Copies everything printed to stdout while it is entered: kept in memory until
+    :meth:`attach` names the file (a run folder that ends up holding no run gets no log),
+    then appended to it as it is printed."""
 
-    def __init__(self, stream, file):
-        self.stream, self.file = stream, file
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.buffer, self.file, self.stream = enabled, [], None, None
+
+    def __enter__(self):
+        if self.enabled:
+            self.stream, sys.stdout = sys.stdout, self
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            sys.stdout = self.stream
+            if self.file is not None:
+                self.file.close()
+        return False
+
+    def attach(self, path: Path) -> None:
+        if self.enabled and self.file is None:
+            self.file = open(path, "a", buffering=1)
+            self.file.write("".join(self.buffer))
+            self.buffer = []
 
     def write(self, text: str) -> int:
-        self.file.write(text)
+        if self.file is not None:
+            self.file.write(text)
+        else:
+            self.buffer.append(text)
         return self.stream.write(text)
 
     def flush(self) -> None:
         self.stream.flush()
-        self.file.flush()
+        if self.file is not None:
+            self.file.flush()
 
     def __getattr__(self, name):  # isatty, encoding, fileno ... of the console
         return getattr(self.stream, name)
-
-
-@contextmanager
-def console_to(path: Path | None):
-    """Copy everything printed to stdout meanwhile into ``path`` (appended; None: no copy)."""
-    if path is None:
-        yield
-        return
-    with open(path, "a", buffering=1) as f:
-        old = sys.stdout
-        sys.stdout = _Tee(old, f)
-        try:
-            yield
-        finally:
-            sys.stdout = old
 
 
 class StepLoggers:

@@ -25,7 +25,7 @@ import torch
 
 from . import rundir as rd
 from .distributed import Distributed
-from .loggers import StepLoggers
+from .loggers import TRAIN_LOG, StepLoggers
 from .optim import build_optimizer, lr_factor
 from .settings import pick_device, pick_run_settings
 from .step import TrainStep, autocast
@@ -36,13 +36,12 @@ from ..errors import TrainingDiverged
 def run_training(task, cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     """Train ``cfg`` as ``task`` into ``out_dir`` (resume: from its last checkpoint), holding
     the folder's lock throughout; returns the final summary."""
-    from .loggers import TRAIN_LOG, console_to
+    from .loggers import ConsoleLog
 
     with ExitStack() as stack:  # whatever the run opens is closed when it ends, however it ends
         stack.enter_context(rd.writing(out_dir))
-        main = Distributed.from_env().is_main
-        stack.enter_context(console_to(Path(out_dir) / TRAIN_LOG if main else None))
-        return _run(task, cfg, Path(out_dir), resume, stack)
+        console = stack.enter_context(ConsoleLog(enabled=Distributed.from_env().is_main))
+        return _run(task, cfg, Path(out_dir), resume, stack, console)
 
 
 def train_one_epoch(task, step: TrainStep, loader, epoch: int, cfg: dict, optimizer, base_lrs, ema, model,
@@ -90,7 +89,7 @@ def evaluate(model: torch.nn.Module, loader, meter, ctx) -> dict:
     return meter.compute()
 
 
-def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack) -> dict:
+def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack, console) -> dict:
     from ..analysis.curves import plot_curves
     from ..analysis.profile import count_macs, count_params
     from ..tasks.base import RunContext
@@ -145,6 +144,7 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack) -> dict
                                                             r["wall_seconds"], r["rows"])
     if main and start_epoch == 0:  # a new run, or one started again (no checkpoint)
         task.on_new_run(out_dir)
+    console.attach(out_dir / TRAIN_LOG)  # the console so far, and from now on
     dist.barrier()
     net = dist.wrap(model, device)
     if picked.get("compile"):
