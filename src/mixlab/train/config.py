@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from ..data.augment import AugmentConfig
+from ..tasks.refine import REFINE_DEFAULTS
 
 DEFAULTS: dict = {
     "task": "classification",
@@ -112,8 +113,11 @@ SEG_DEFAULTS: dict = {
     "description": "",
     "recipe": None,
 }
-TASK_DEFAULTS = {"classification": DEFAULTS, "segmentation": SEG_DEFAULTS}
-_TASK_COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train"}
+TASK_DEFAULTS = {"classification": DEFAULTS, "segmentation": SEG_DEFAULTS, "refine": REFINE_DEFAULTS}
+_TASK_COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train", "refine": "mixlab refine train"}
+# the kind of model a task trains where it is not the task's own: a refiner is a segmentation
+# model (4 input channels), and its config a segmentation config plus the refine keys
+_MODEL_TASK = {"refine": "segmentation"}
 
 
 # adamw: torch's AdamW (decay lr * weight_decay per step); adamw_tfa: TensorFlow Addons' AdamW
@@ -227,7 +231,8 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
     cfg = merge(cfg, parse_set(overrides or []))
     if cfg["task"] != task:
         raise ValueError(f"task cannot be changed to {cfg['task']!r} here; use `{_TASK_COMMAND.get(cfg['task'], 'mixlab')}`")
-    validate(cfg)
+    model_kind = _MODEL_TASK.get(task, task)
+    validate(dict(cfg, task=model_kind))
     from .loggers import parse_loggers
 
     cfg["log"]["loggers"] = parse_loggers(cfg["log"]["loggers"])
@@ -238,11 +243,13 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
         raise ValueError("freeze_backbone trains only the classifier of weights given with --init FILE|RUN_DIR; "
                          "without --init the backbone would stay at its random initialisation")
     from .. import model_info
+    from ..tasks import get_task
 
+    get_task(task).validate_config(cfg)
     model_task = model_info(cfg["model"]).task
-    if model_task != task:
+    if model_task != model_kind:
         raise ValueError(f"{cfg['model']} is a {model_task} model; train it with `{_TASK_COMMAND[model_task]}` "
-                         f"(`mixlab models --task {task}` lists the {task} models)")
+                         f"(`mixlab models --task {model_kind}` lists the {model_kind} models)")
     return cfg
 
 
