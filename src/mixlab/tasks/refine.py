@@ -184,6 +184,7 @@ class RefineTask(SegmentationTask):
                 "--val-split FILE")
         by_name = {n: i for i, n in enumerate(coarse.names)}
         self.train, self.val = ds.subset(train_names), ds.subset(val_names) if val_names else None
+        self.test = None  # the refiner is measured on its validation images (`mixlab refine eval` on any split)
         self.train_coarse = coarse.masks[torch.tensor([by_name[n] for n in train_names], dtype=torch.long)]
         self.val_coarse = (coarse.masks[torch.tensor([by_name[n] for n in val_names], dtype=torch.long)]
                            if val_names else None)
