@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .io import normalize_state_dict, read_state_dict
+from .errors import UsageError
 
 __all__ = ["load_weights", "load_official", "register_official_converter"]
 
@@ -55,7 +56,7 @@ def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> No
         if shape:
             lines.append(f"  shape mismatch: {few(shape)}")
         lines.append("  (is it a checkpoint of another architecture or variant?)")
-        raise ValueError("\n".join(lines))
+        raise UsageError("\n".join(lines))
     model.load_state_dict(sd, strict=True)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .viz import add_source_args, emit, load_model, load_test_split, model_input_size, normalisation, to_model_input
+from ..errors import UsageError
 
 _JSON_CELLS = 128 * 128  # matrices larger than this are summarised, not listed, in --json
 
@@ -54,19 +55,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     if args.dpi < 10:
-        raise ValueError(f"--dpi must be at least 10, got {args.dpi}")
+        raise UsageError(f"--dpi must be at least 10, got {args.dpi}")
     from ..analysis.receptive_field import count_colour_map
 
     count_colour_map(args.cmap)  # an unknown name fails now, not after the work
     has_model = bool(args.model or args.checkpoint)
     if args.effective:
         if not has_model:
-            raise ValueError("--effective needs --checkpoint RUN_DIR (or --model NAME with --random-inputs)")
+            raise UsageError("--effective needs --checkpoint RUN_DIR (or --model NAME with --random-inputs)")
         return _effective(args)
     if has_model:
         return _model(args)
     if not args.dilations:
-        raise ValueError("give --dilations R1,R2,... (with --kernel K), or --model NAME, "
+        raise UsageError("give --dilations R1,R2,... (with --kernel K), or --model NAME, "
                          "or --effective --checkpoint RUN_DIR")
     return _stack(args)
 
@@ -84,9 +85,9 @@ def _stack(args) -> int:
     from ..analysis.viz import save_figure
 
     if args.kernel < 1:
-        raise ValueError(f"--kernel must be at least 1, got {args.kernel}")
+        raise UsageError(f"--kernel must be at least 1, got {args.kernel}")
     if args.size is not None and args.size < 1:
-        raise ValueError(f"--size must be at least 1, got {args.size}")
+        raise UsageError(f"--size must be at least 1, got {args.size}")
     report = rf_report(args.kernel, args.dilations, args.size)
     out = save_figure(plot_rf_counts(report, dpi=args.dpi, cmap=args.cmap),
                       _out(args, f"rf_k{args.kernel}_d{'-'.join(map(str, args.dilations))}"))
@@ -163,10 +164,10 @@ def _effective(args) -> int:
     model, config, name = load_model(args)
     size = model_input_size(model, config)
     if args.images < 1:
-        raise ValueError(f"--images must be at least 1, got {args.images}")
+        raise UsageError(f"--images must be at least 1, got {args.images}")
     if args.random_inputs or config is None:
         if not args.random_inputs:
-            raise ValueError("an untrained --model has no test split: add --random-inputs")
+            raise UsageError("an untrained --model has no test split: add --random-inputs")
         images, source = None, "N(0,1) random inputs"
     else:
         all_images, _, _ = load_test_split(config, size)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import MissingFileError, UsageError
+
 WHAT = {
     "filters": "the stem (patch-embedding) filters as a grid, one tile per output channel",
     "kernels": "the depthwise kernels of one block as a grid",
@@ -97,7 +99,7 @@ def read_image(path: str, size: tuple[int, int], channels: int = 3) -> torch.Ten
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"image not found: {p}")
+        raise MissingFileError(f"image not found: {p}")
     img = Image.open(p).convert("RGB" if channels == 3 else "L")
     if img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.BICUBIC)
@@ -132,20 +134,20 @@ def _split_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
     for a, b in (("images", "labels"), ("x", "y"), ("data", "targets"), ("inputs", "targets")):
         if hasattr(split, a) and hasattr(split, b):
             return getattr(split, a), getattr(split, b)
-    raise ValueError(f"cannot read images and labels from a data split of type {type(split).__name__}")
+    raise UsageError(f"cannot read images and labels from a data split of type {type(split).__name__}")
 
 
 def load_test_split(config: dict | None, size: tuple[int, int]):
     """(uint8 images (N, C, H, W) at ``size``, int64 labels, data object) of the run's test split."""
     if config is None:
-        raise ValueError("--index and --misclassified read the run's test split: give --checkpoint RUN_DIR "
+        raise UsageError("--index and --misclassified read the run's test split: give --checkpoint RUN_DIR "
                          "(with --model, use --image PATH)")
     from ..data import classification
 
     data = classification.load_classification_data(config)
     split = getattr(data, "test", None)
     if split is None:
-        raise ValueError("the run's data has no test split")
+        raise UsageError("the run's data has no test split")
     images, labels = _split_tensors(split)
     images, labels = torch.as_tensor(images), torch.as_tensor(labels).long()
     if tuple(images.shape[-2:]) != tuple(size):
@@ -227,7 +229,7 @@ def run(args) -> int:
     if args.list_layers:
         return _list_layers(args, model, config)
     if args.dpi < 10:
-        raise ValueError(f"--dpi must be at least 10, got {args.dpi}")
+        raise UsageError(f"--dpi must be at least 10, got {args.dpi}")
     return {"filters": _weights, "kernels": _weights, "features": _features, "saliency": _saliency}[args.what](
         args, model, config, name)
 
@@ -271,7 +273,7 @@ def _weights(args, model, config, name) -> int:
     from ..analysis.viz import kernel_layer, plot_weight_grid, save_figure, stem_conv, weight_tiles
 
     if args.max_tiles < 1:
-        raise ValueError(f"--max-tiles must be at least 1, got {args.max_tiles}")
+        raise UsageError(f"--max-tiles must be at least 1, got {args.max_tiles}")
     if args.what == "filters":
         layer, conv = stem_conv(model) if args.layer == "auto" else kernel_layer(model, layer=args.layer)
     else:
@@ -279,7 +281,7 @@ def _weights(args, model, config, name) -> int:
     from matplotlib import colormaps
 
     if args.cmap not in colormaps:
-        raise ValueError(f"unknown colour map {args.cmap!r}: give a matplotlib colour map name (coolwarm, viridis...)")
+        raise UsageError(f"unknown colour map {args.cmap!r}: give a matplotlib colour map name (coolwarm, viridis...)")
     weight = conv.weight.detach().float().cpu()
     tiles, mode = weight_tiles(weight, args.normalize)
     total = tiles.shape[0]
@@ -328,14 +330,14 @@ def _inputs(args, model, config):
         if getattr(args, "index", None) is not None:
             bad = [i for i in args.index if not 0 <= i < len(all_images)]
             if bad:
-                raise ValueError(f"--index {bad[0]} is out of range: the test split has {len(all_images)} images")
+                raise UsageError(f"--index {bad[0]} is out of range: the test split has {len(all_images)} images")
             idx = list(args.index)
         else:
             idx = _misclassified(model, all_images, all_labels, args.misclassified, mean, std)
         images, labels = all_images[idx], all_labels[idx]
         sources = [f"test #{i}" for i in idx]
     else:
-        raise ValueError("give images: --image PATH, or with --checkpoint --index N"
+        raise UsageError("give images: --image PATH, or with --checkpoint --index N"
                          + (" or --misclassified K" if args.what == "saliency" else ""))
     names = class_names(config, getattr(model, "num_classes", 0), data)
     if labels is None and names and getattr(args, "image", None):
@@ -349,7 +351,7 @@ def _inputs(args, model, config):
 
 def _misclassified(model, images, labels, k: int, mean, std, batch: int = 256) -> list[int]:
     if k < 1:
-        raise ValueError(f"--misclassified must be at least 1, got {k}")
+        raise UsageError(f"--misclassified must be at least 1, got {k}")
     device = next(iter(model.parameters())).device
     found: list[int] = []
     with torch.no_grad():
@@ -361,7 +363,7 @@ def _misclassified(model, images, labels, k: int, mean, std, batch: int = 256) -
             if len(found) >= k:
                 break
     if not found:
-        raise ValueError("the model classifies every test image correctly: nothing misclassified to show")
+        raise UsageError("the model classifies every test image correctly: nothing misclassified to show")
     if len(found) < k:
         print(f"only {len(found)} misclassified test images", file=sys.stderr)
     return found[:k]
@@ -371,10 +373,10 @@ def _features(args, model, config, name) -> int:
     from ..analysis.viz import default_feature_layers, feature_maps, plot_features, save_figure
 
     if args.top < 1:
-        raise ValueError(f"--top must be at least 1, got {args.top}")
+        raise UsageError(f"--top must be at least 1, got {args.top}")
     images, x, labels, sources, names = _inputs(args, model, config)
     if len(images) != 1:
-        raise ValueError("features are drawn for one image: give one --image or one --index")
+        raise UsageError("features are drawn for one image: give one --image or one --index")
     size = tuple(x.shape[-2:])
     layers = args.layers or default_feature_layers(model, size)
     results = feature_maps(model, x, layers, args.top)
@@ -400,7 +402,7 @@ def _saliency(args, model, config, name) -> int:
     images, x, labels, sources, names = _inputs(args, model, config)
     if args.target == "true":
         if labels is None:
-            raise ValueError("--target true needs known labels (--index/--misclassified, or images in class folders)")
+            raise UsageError("--target true needs known labels (--index/--misclassified, or images in class folders)")
         target = labels.to(x.device)
     else:
         target = None
