@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UsageError
+
 
 def configure(p):
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a `mixlab train` run directory")
@@ -31,10 +33,10 @@ def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="
         cfg["data"]["root"] = data_root
     data = load_classification_data(cfg)
     if data.num_classes != cfg["num_classes"]:
-        raise ValueError(f"the run was trained on {cfg['num_classes']} classes but the data has {data.num_classes}")
+        raise UsageError(f"the run was trained on {cfg['num_classes']} classes but the data has {data.num_classes}")
     part = data.test if split == "test" else data.val
     if part is None:
-        raise ValueError("the run was trained without a validation split (val_split 0): use --split test")
+        raise UsageError("the run was trained without a validation split (val_split 0): use --split test")
     dev = pick_device(device, Distributed())
     precision = pick_precision(cfg.get("precision", "auto") if cfg.get("precision") != "auto" else "auto", dev)
     mf = torch.channels_last if pick_channels_last(cfg.get("channels_last", "auto"), model) else torch.contiguous_format
@@ -43,7 +45,9 @@ def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="
     r = evaluate(model, part.images.to(dev), part.labels.to(dev), prep, batch_size, dev, precision, Distributed(),
                  cfg["num_classes"], mf)
     conf = r["confusion"]
-    per_class = {c: 100.0 * float(conf[i, i]) / max(int(conf[i].sum()), 1) for i, c in enumerate(data.classes)}
+    # a class without images in the split has no accuracy (None, shown as n/a), not 0%
+    per_class = {c: 100.0 * float(conf[i, i]) / int(conf[i].sum()) if int(conf[i].sum()) else None
+                 for i, c in enumerate(data.classes)}
     return dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, n=r["n"], accuracy=r["acc"],
                 loss=r["loss"], per_class_accuracy=per_class, classes=data.classes, confusion=conf.tolist())
 
@@ -89,7 +93,7 @@ def run(args) -> int:
     print(f"{r['model']} ({r['weights']} weights) on the {r['split']} split: accuracy {r['accuracy']:.2f}% "
           f"over {r['n']} images, loss {r['loss']:.4f}")
     for c, a in r["per_class_accuracy"].items():
-        print(f"  {c:<14} {a:6.2f}%")
+        print(f"  {c:<14} {a:6.2f}%" if a is not None else f"  {c:<14}    n/a  (no {r['split']} images)")
     if "plot" in r:
         print(f"confusion matrix: {r['plot']}")
     return 0

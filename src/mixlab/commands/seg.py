@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import MissingFileError, UsageError
+
 
 def configure(p):
     from .train import add_run_options
@@ -83,15 +85,15 @@ def load_seg_run(run_dir, weights: str = "best"):
     run_dir = Path(run_dir)
     cfg = rd.read_config(run_dir)
     if cfg.get("task") != "segmentation":
-        raise ValueError(f"{run_dir} is a {cfg.get('task', 'classification')} run; use `mixlab eval` for it")
+        raise UsageError(f"{run_dir} is a {cfg.get('task', 'classification')} run; use `mixlab eval` for it")
     path = run_dir / (rd.BEST if weights == "best" else rd.LAST)
     if weights == "best" and not path.is_file():
         path = run_dir / rd.LAST
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no weights yet ({rd.BEST} / {rd.LAST}); has it finished an epoch?")
+        raise MissingFileError(f"{run_dir} has no weights yet ({rd.BEST} / {rd.LAST}); has it finished an epoch?")
     stored = rd.weights_model_name(path)
     if stored and stored != cfg["model"]:
-        raise ValueError(f"{path} holds weights of {stored!r} but {run_dir / rd.CONFIG} says model {cfg['model']!r}")
+        raise UsageError(f"{path} holds weights of {stored!r} but {run_dir / rd.CONFIG} says model {cfg['model']!r}")
     size = image_hw(cfg.get("img_size"))
     model = build_seg_model({**cfg, "drop_path_rate": None}, int(cfg["num_classes"]), size)
     load_weights(model, read_state_dict(path))
@@ -114,15 +116,17 @@ def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_si
     if data:
         from ..data.classification import default_cache_dir
 
-        part = load_segmentation_data(data, size=image_hw(cfg.get("img_size")), cache_dir=default_cache_dir() / "seg")
+        part = load_segmentation_data(data, size=image_hw(cfg.get("img_size")), cache_dir=default_cache_dir() / "seg",
+                                      mask_threshold=cfg["data"].get("mask_threshold"),
+                                      mask_values=cfg["data"].get("mask_values"))
         split = f"all {len(part)} images of {data}"
     else:
         _, part = load_seg_data(cfg, run_dir)
         if part is None:
-            raise ValueError(f"{run_dir} was trained without a validation split: pass --data DIR to evaluate")
+            raise UsageError(f"{run_dir} was trained without a validation split: pass --data DIR to evaluate")
         split = f"validation split of {cfg['data']['root']} ({len(part)} images)"
     if part.num_classes != cfg["num_classes"]:
-        raise ValueError(f"the run predicts {cfg['num_classes']} mask class(es) but the {split} has "
+        raise UsageError(f"the run predicts {cfg['num_classes']} mask class(es) but the {split} has "
                          f"{part.num_classes}")
     dev = pick_device(device, Distributed())
     precision = pick_precision(cfg.get("precision", "auto"), dev)
@@ -163,13 +167,14 @@ def _predict(args) -> int:
     model, cfg = load_seg_run(args.checkpoint, args.weights)
     threshold = float(args.threshold if args.threshold is not None else cfg.get("threshold", 0.5))
     if not 0.0 < threshold < 1.0:
-        raise ValueError(f"--threshold must be between 0 and 1, got {threshold}")
-    names, images, truths = read_predict_inputs(args.input)
+        raise UsageError(f"--threshold must be between 0 and 1, got {threshold}")
+    names, images, truths = read_predict_inputs(args.input, cfg["data"].get("mask_threshold"),
+                                                cfg["data"].get("mask_values"))
     dev = pick_device(args.device, Distributed())
     k = int(cfg["num_classes"])
     mismatched = [n for n, t in zip(names, truths) if t is not None and t.shape[0] != k]
     if mismatched:
-        raise ValueError(f"the run predicts {k} mask class(es) but the ground truth of {mismatched[0]!r}"
+        raise UsageError(f"the run predicts {k} mask class(es) but the ground truth of {mismatched[0]!r}"
                          f"{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''} has "
                          f"{truths[names.index(mismatched[0])].shape[0]}; predict from an images folder without masks, "
                          "or from data with the run's mask classes (nothing was written)")

@@ -52,7 +52,8 @@ def load_seg_data(cfg: dict, run_dir: Path | None = None, verbose: bool = False)
                          "on this project's machines: --data ../shared/data/busi")
     size = image_hw(cfg.get("img_size"))
     t0 = time.perf_counter()
-    ds = load_segmentation_data(d["root"], size=size, cache_dir=default_cache_dir() / "seg")
+    ds = load_segmentation_data(d["root"], size=size, cache_dir=default_cache_dir() / "seg",
+                                mask_threshold=d.get("mask_threshold"), mask_values=d.get("mask_values"))
     seconds = time.perf_counter() - t0
     train_file, val_file = d.get("train_split_file"), d.get("val_split_file")
     if run_dir is not None and (Path(run_dir) / SPLIT_TRAIN).is_file():
