@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from .info import parse_kv
+from ..errors import UsageError
 
 
 def configure(p):
@@ -29,6 +30,8 @@ def configure(p):
     p.add_argument("--window-seconds", type=float, default=2.0, help="target length of one window")
     p.add_argument("--no-flops", action="store_true", help="skip counting FLOPs per step")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the step's memory estimate is above the memory free")
 
 
 def build_timm_model(spec: str, kwargs: dict):
@@ -42,12 +45,12 @@ def build_timm_model(spec: str, kwargs: dict):
         try:
             cls = getattr(importlib.import_module(f"timm.models.{module_name}"), cls_name)
         except (ImportError, AttributeError):
-            raise ValueError(f"timm has no class timm.models.{spec}") from None
+            raise UsageError(f"timm has no class timm.models.{spec}") from None
         return cls(**kwargs)
     if spec in _mixlab_names():
-        raise ValueError(f"{spec!r} is mixlab's own registration; name a timm entrypoint or class to compare against")
+        raise UsageError(f"{spec!r} is mixlab's own registration; name a timm entrypoint or class to compare against")
     if not timm.is_model(spec):
-        raise ValueError(f"timm has no model {spec!r}")
+        raise UsageError(f"timm has no model {spec!r}")
     return timm.create_model(spec, **kwargs)
 
 
@@ -65,16 +68,19 @@ def run(args) -> int:
     from ..analysis.bench import BenchConfig, bench_pair
     from ..runtime import malloc_tuned
     from ..train.cpu_defaults import cpu_model_name
+    from ..train.validation import check_model_kwargs
 
     if args.windows < 5:
-        raise ValueError("--windows must be at least 5 (the median of fewer windows is not a stable figure)")
+        raise UsageError("--windows must be at least 5 (the median of fewer windows is not a stable figure)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
     info = model_info(args.model)
     hw = tuple(info.input_size[1:]) if not args.img_size else (
         (args.img_size[0],) * 2 if len(args.img_size) == 1 else tuple(args.img_size[:2]))
+    kwargs = parse_kv(args.model_kwargs)
+    check_model_kwargs(args.model, kwargs)
     model = create_model(args.model, num_classes=args.num_classes,
-                         img_size=hw if args.img_size else None, **parse_kv(args.model_kwargs))
+                         img_size=hw if args.img_size else None, **kwargs)
     fast_dw = 0
     if args.fast_depthwise == "on" and not args.device.startswith("cuda"):
         from ..ops.depthwise import use_fast_depthwise
@@ -83,11 +89,25 @@ def run(args) -> int:
     other = None
     if args.vs:
         if not args.vs.startswith("timm:"):
-            raise ValueError(f"--vs takes timm:NAME (a timm model name), got {args.vs!r}")
+            raise UsageError(f"--vs takes timm:NAME (a timm model name), got {args.vs!r}")
         vs_kwargs = parse_kv(args.vs_kwargs)
         if args.num_classes is not None:
             vs_kwargs.setdefault("num_classes", args.num_classes)
         other = build_timm_model(args.vs[len("timm:"):], vs_kwargs)
+    if not args.no_memory_check:
+        from ..analysis.memory import check_memory, estimate_memory
+
+        builders = [(args.model, lambda: create_model(args.model, num_classes=args.num_classes,
+                                                      img_size=hw if args.img_size else None, **kwargs))]
+        if other is not None:
+            builders.append((args.vs, lambda: build_timm_model(args.vs[len("timm:"):], vs_kwargs)))
+        chans = getattr(model, "in_chans", 3)
+        for label, build in builders:
+            check_memory(estimate_memory(build, (args.batch_size, chans, *hw), args.mode,
+                                         low_precision=args.precision != "fp32"), args.device,
+                         f"{'a training' if args.mode == 'train' else 'an inference'} step of {label} with batch "
+                         f"{args.batch_size} at {hw[0]}x{hw[1]}", "lower --batch-size or --img-size",
+                         "pass --no-memory-check")
     cfg = BenchConfig(mode=args.mode, batch_size=args.batch_size, img_size=hw, device=args.device,
                       precision=args.precision, channels_last=args.channels_last, compile=args.compile,
                       warmup=args.warmup, windows=args.windows, window_seconds=args.window_seconds,

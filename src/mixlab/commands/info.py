@@ -5,6 +5,8 @@ import json
 
 import torch
 
+from ..errors import UsageError
+
 CONVENTION = ("MACs and FLOPs of one forward pass at batch 1, counted by torch.utils.flop_counter "
               "(convolutions and matrix products); FLOPs = 2 x MACs.")
 
@@ -19,6 +21,8 @@ def configure(p):
                    help="architecture arguments, e.g. kernel_size=9,patch_size=1")
     p.add_argument("--per-layer", action="store_true", help="parameters and MACs of every module")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run the forward pass even when its memory estimate is above the memory free")
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -51,25 +55,28 @@ def parse_kv(text: str) -> dict:
     out = {}
     for item in _split_top_level(text or ""):
         if "=" not in item:
-            raise ValueError(f"--model-kwargs takes KEY=VALUE pairs separated by commas "
+            raise UsageError(f"--model-kwargs takes KEY=VALUE pairs separated by commas "
                              f"(e.g. dims=[32,64,128,160,256],drop_rate=0.1), got {item!r}")
         key, value = item.split("=", 1)
         key = key.strip()
         if not key.isidentifier():
-            raise ValueError(f"--model-kwargs: {key!r} is not an argument name (in {item!r})")
+            raise UsageError(f"--model-kwargs: {key!r} is not an argument name (in {item!r})")
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             problem = str(e).splitlines()[0]
-            raise ValueError(f"--model-kwargs: the value of {key} ({value.strip()!r}) cannot be read ({problem}); "
+            raise UsageError(f"--model-kwargs: the value of {key} ({value.strip()!r}) cannot be read ({problem}); "
                              "write lists as [a,b,c], mappings as {k: v}, text with commas in quotes") from None
     return out
 
 
-def describe(name: str, img_size=None, num_classes=None, in_chans=None, model_kwargs=None) -> dict:
-    """Everything `mixlab info` prints, as a dict."""
+def describe(name: str, img_size=None, num_classes=None, in_chans=None, model_kwargs=None,
+             memory_check: bool = True) -> dict:
+    """Everything `mixlab info` prints, as a dict. ``memory_check``: refuse a size whose forward
+    pass would not fit in the memory free (estimated first, see :mod:`mixlab.analysis.memory`)."""
     from .. import create_model, model_info
     from ..analysis.profile import count_flops, count_params, feature_shapes
+    from ..train.validation import check_model_kwargs
 
     info = model_info(name)
     if img_size is None:
@@ -77,10 +84,19 @@ def describe(name: str, img_size=None, num_classes=None, in_chans=None, model_kw
     else:
         hw = (img_size[0], img_size[0]) if len(img_size) == 1 else tuple(img_size[:2])
     kwargs = dict(model_kwargs or {})
+    check_model_kwargs(name, kwargs)
     model = create_model(name, num_classes=num_classes, in_chans=in_chans,
                          img_size=hw if img_size is not None else None, **kwargs)
     model.eval()
     chans = in_chans or getattr(model, "in_chans", info.input_size[0])
+    if memory_check:
+        from ..analysis.memory import check_memory, estimate_memory
+
+        build = lambda: create_model(name, num_classes=num_classes, in_chans=in_chans,  # noqa: E731
+                                     img_size=hw if img_size is not None else None, **kwargs)
+        check_memory(estimate_memory(build, (1, chans, *hw), "infer"), "cpu",
+                     f"a forward pass of {name} at {hw[0]}x{hw[1]}", "give a smaller --img-size",
+                     "pass --no-memory-check")
     total, trainable = count_params(model)
     flops = count_flops(model, (chans, *hw))
     with torch.no_grad():
@@ -102,7 +118,8 @@ def _human(n: float) -> str:
 
 
 def run(args) -> int:
-    d = describe(args.model, args.img_size, args.num_classes, args.in_chans, parse_kv(args.model_kwargs))
+    d = describe(args.model, args.img_size, args.num_classes, args.in_chans, parse_kv(args.model_kwargs),
+                 memory_check=not args.no_memory_check)
     model = d.pop("_model")
     if args.per_layer:
         from ..analysis.per_layer import format_per_layer, per_layer_table
