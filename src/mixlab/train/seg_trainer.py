@@ -27,7 +27,7 @@ from torch import nn
 from . import rundir as rd
 from .distributed import Distributed
 from .step import TrainStep, autocast
-from ..errors import TrainingDiverged
+from ..errors import TrainingDiverged, UsageError
 from .trainer import _progress, build_optimizer, epoch_seed, lr_factor, pick_device, pick_run_settings
 
 SPLIT_TRAIN, SPLIT_VAL = "split_train.txt", "split_val.txt"
@@ -47,7 +47,7 @@ def load_seg_data(cfg: dict, run_dir: Path | None = None, verbose: bool = False)
 
     d = cfg["data"]
     if not d.get("root"):
-        raise ValueError("no data folder given: pass --data DIR, a folder in the UNeXt layout "
+        raise UsageError("no data folder given: pass --data DIR, a folder in the UNeXt layout "
                          "(images/<name>.png with masks/0/<name>.png) or images/ + masks/ with matching names; "
                          "on this project's machines: --data ../shared/data/busi")
     size = image_hw(cfg.get("img_size"))
@@ -79,7 +79,7 @@ def image_hw(value) -> tuple[int, int] | None:
         return None
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
-            raise ValueError(f"img_size must be N or [H, W], got {value!r}")
+            raise UsageError(f"img_size must be N or [H, W], got {value!r}")
         return int(value[0]), int(value[1])
     return int(value), int(value)
 
@@ -92,7 +92,7 @@ def build_seg_model(cfg: dict, num_classes: int, img_size: tuple[int, int] | Non
     if info.task != "segmentation":
         from .. import list_models
 
-        raise ValueError(f"{cfg['model']} is a {info.task} model; `mixlab seg train` trains segmentation models: "
+        raise UsageError(f"{cfg['model']} is a {info.task} model; `mixlab seg train` trains segmentation models: "
                          f"{', '.join(list_models(task='segmentation'))}")
     kwargs = dict(cfg.get("model_kwargs") or {})
     if cfg.get("drop_path_rate") is not None:
@@ -167,7 +167,7 @@ def _run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> d
     train, val = load_seg_data(cfg, out_dir if resume else None, verbose=main)
     num_classes = train.num_classes
     if cfg["num_classes"] not in (None, num_classes):
-        raise ValueError(f"num_classes is {cfg['num_classes']} but the masks have {num_classes} class(es) "
+        raise UsageError(f"num_classes is {cfg['num_classes']} but the masks have {num_classes} class(es) "
                          f"(masks/0 .. masks/{num_classes - 1})")
     cfg["num_classes"] = num_classes
     size = train.image_size
@@ -177,7 +177,7 @@ def _run_seg_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> d
     select = cfg["select"] if has_val else "last"
     batch_size = int(cfg["batch_size"])
     if cfg["drop_last"] and len(train) // dist.world_size < batch_size:
-        raise ValueError(f"{len(train)} training images are fewer than one batch of {batch_size} per rank "
+        raise UsageError(f"{len(train)} training images are fewer than one batch of {batch_size} per rank "
                          "(and drop_last is on): lower --batch-size or set --set drop_last=false")
 
     # --- model, loss, optimizer

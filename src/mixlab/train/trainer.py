@@ -29,6 +29,7 @@ from .step import TrainStep, autocast
 
 
 from ..errors import TrainingDiverged  # noqa: E402,F401  (re-exported: mixlab.train.trainer.TrainingDiverged)
+from ..errors import UsageError  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -38,7 +39,7 @@ def pick_device(name: str, dist: Distributed) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+            raise UsageError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
         if dist.enabled and name == "cuda":
             name = f"cuda:{dist.local_rank}"
     return torch.device(name)
@@ -176,7 +177,7 @@ def _run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
 
     out_dir = Path(out_dir)
     if model_info(cfg["model"]).task != "classification":
-        raise ValueError(f"{cfg['model']} is a {model_info(cfg['model']).task} model; train it with `mixlab seg "
+        raise UsageError(f"{cfg['model']} is a {model_info(cfg['model']).task} model; train it with `mixlab seg "
                          f"train --model {cfg['model']} --data DIR` (`mixlab models --task classification` lists "
                          "classifiers)")
     dist = Distributed.from_env()
@@ -190,7 +191,7 @@ def _run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     data = load_classification_data(cfg, verbose=main)
     cfg["num_classes"] = cfg["num_classes"] or data.num_classes
     if cfg["num_classes"] != data.num_classes:
-        raise ValueError(f"num_classes is {cfg['num_classes']} but the data set has {data.num_classes} classes")
+        raise UsageError(f"num_classes is {cfg['num_classes']} but the data set has {data.num_classes} classes")
     img_size = int(data.image_size[0])
     cfg["img_size"] = cfg["img_size"] or img_size
     mean = tuple(cfg["data"]["mean"] or (CIFAR_MEAN if data.name.startswith("cifar") else (0.5, 0.5, 0.5)))
@@ -209,7 +210,7 @@ def _run_training(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     macs = count_macs(model, (3, cfg["img_size"], cfg["img_size"]))
     per_rank, batch_size = len(train_y) // dist.world_size, int(cfg["batch_size"])
     if cfg["drop_last"] and per_rank < batch_size:
-        raise ValueError(f"{len(train_y)} training images are fewer than one batch of {batch_size} per rank "
+        raise UsageError(f"{len(train_y)} training images are fewer than one batch of {batch_size} per rank "
                          "(and drop_last is on): lower --batch-size or set --set drop_last=false")
     # drop_last: only whole batches, as a loader with drop_last=True (the Conv2Former seed's)
     steps_per_epoch = (per_rank // batch_size if cfg["drop_last"]

@@ -448,11 +448,17 @@ def check_model_builds(cfg: dict, where: str = "model_kwargs") -> None:
 
     from ..registry import create_model, model_info
 
+    from ..registry import _accepted_kwargs
+
     kwargs = dict(cfg.get("model_kwargs") or {})
+    info = model_info(cfg["model"])
     if cfg.get("drop_path_rate") is not None:
+        accepted = _accepted_kwargs(info)
+        if accepted is not None and "drop_path_rate" not in accepted:
+            raise UsageError(f"{cfg['model']} has no stochastic depth (it takes no drop_path_rate): set "
+                             f"drop_path_rate to null for it, got {show(cfg['drop_path_rate'])}")
         kwargs["drop_path_rate"] = cfg["drop_path_rate"]
     size = cfg.get("img_size")
-    info = model_info(cfg["model"])
     hw = tuple(info.input_size[1:]) if size is None else ((size, size) if isinstance(size, int) else tuple(size))
     given = dict(kwargs, **({"img_size": size} if size is not None else {}))
     try:
