@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .io import normalize_state_dict, read_state_dict
+from .errors import UsageError
 
 __all__ = ["load_weights", "load_official"]
 
@@ -39,7 +40,7 @@ def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> No
         if shape:
             lines.append(f"  shape mismatch: {few(shape)}")
         lines.append("  (is it a checkpoint of another architecture or variant?)")
-        raise ValueError("\n".join(lines))
+        raise UsageError("\n".join(lines))
     model.load_state_dict(sd, strict=True)
 
 

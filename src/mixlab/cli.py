@@ -6,7 +6,9 @@ Each subcommand lives in its own module and is imported only when it runs, so
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Order is the order of `mixlab --help`.
@@ -68,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         print(f"mixlab: unknown command {command!r}.{hint} Run `mixlab --help`.", file=sys.stderr)
         return 2
-    from .errors import CheckpointWriteError, RunLocked, TrainingDiverged
     from .runtime import tune_malloc
 
     tune_malloc()  # before any large tensor is allocated; see runtime.py for why
@@ -79,14 +80,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nmixlab: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, TypeError, FileNotFoundError, TrainingDiverged, RunLocked,
-            CheckpointWriteError) as e:
-        # Errors mixlab raises on bad input carry a message written for the user: show it,
-        # not a traceback. MIXLAB_DEBUG=1 shows the traceback.
-        import os
-
-        if os.environ.get("MIXLAB_DEBUG"):
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"mixlab {command}: error: {msg}", file=sys.stderr)
+    except Exception as e:
+        message = user_message(e)
+        if message is None or os.environ.get("MIXLAB_DEBUG"):
+            raise  # a bug (or MIXLAB_DEBUG=1): the traceback is what a report needs
+        print(f"mixlab {command}: error: {message}", file=sys.stderr)
         return 2
+
+
+# errno values of an OSError that the user fixes outside mixlab (permissions, space, a
+# read-only mount); with the file named, one line says all there is to say
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def user_message(e: BaseException) -> str | None:
+    """The one-line message the CLI prints for ``e``, or None for an error that is a bug.
+
+    mixlab's own errors (:class:`mixlab.errors.MixlabError`: bad input, a locked run, a
+    diverged training...) carry a message written for the user. An ``OSError`` for a named
+    file that the user fixes outside mixlab (no permission, a full disk, a read-only mount)
+    is shown as one line too. Everything else, including a ``ValueError`` or ``TypeError``
+    that is not a :class:`~mixlab.errors.UsageError`, is a bug and gets its traceback.
+    """
+    from .errors import MixlabError
+
+    if isinstance(e, MixlabError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS and e.filename:
+        return f"cannot write {e.filename}: {e.strerror}" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) \
+            else f"{e.filename}: {e.strerror} (check the permissions of the file and its folder)"
+    return None

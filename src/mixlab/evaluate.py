@@ -20,6 +20,8 @@ from .tasks.segmentation import evaluate_segmenter, image_hw, load_seg_splits
 from .train.distributed import Distributed
 from .train.settings import pick_channels_last, pick_device, pick_precision
 
+from .errors import UsageError
+
 __all__ = ["evaluate_run", "load_seg_run", "evaluate_seg_run", "predict_seg_run"]
 
 
@@ -42,17 +44,19 @@ def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="
         cfg["data"]["root"] = data_root
     data = load_classification_data(cfg)
     if data.num_classes != cfg["num_classes"]:
-        raise ValueError(f"the run was trained on {cfg['num_classes']} classes but the data has {data.num_classes}")
+        raise UsageError(f"the run was trained on {cfg['num_classes']} classes but the data has {data.num_classes}")
     part = data.test if split == "test" else data.val
     if part is None:
-        raise ValueError("the run was trained without a validation split (val_split 0): use --split test")
+        raise UsageError("the run was trained without a validation split (val_split 0): use --split test")
     dist = Distributed()
     model, dev, precision, mf = _on_device(model, device, cfg, dist)
     ctx = RunContext(device=dev, dist=dist, precision=precision, memory_format=mf)
     r = evaluate_classifier(model, part.images, part.labels, cfg["num_classes"], cfg["data"]["mean"],
                             cfg["data"]["std"], batch_size, ctx)
     conf = r["confusion"]
-    per_class = {c: 100.0 * float(conf[i, i]) / max(int(conf[i].sum()), 1) for i, c in enumerate(data.classes)}
+    # a class without images in the split has no accuracy (None, shown as n/a), not 0%
+    per_class = {c: 100.0 * float(conf[i, i]) / int(conf[i].sum()) if int(conf[i].sum()) else None
+                 for i, c in enumerate(data.classes)}
     return dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, n=r["n"], accuracy=r["acc"],
                 loss=r["loss"], per_class_accuracy=per_class, classes=data.classes, confusion=conf.tolist())
 
@@ -79,22 +83,24 @@ def evaluate_seg_run(run_dir, data=None, weights="best", device="auto", batch_si
     if data:
         from .data.classification import default_cache_dir
 
-        part = load_segmentation_data(data, size=image_hw(cfg.get("img_size")), cache_dir=default_cache_dir() / "seg")
+        part = load_segmentation_data(data, size=image_hw(cfg.get("img_size")), cache_dir=default_cache_dir() / "seg",
+                                      mask_threshold=cfg["data"].get("mask_threshold"),
+                                      mask_values=cfg["data"].get("mask_values"))
         split = f"all {len(part)} images of {data}"
     elif split_name == "test":
         _, _, part = load_seg_splits(cfg, run_dir)
         if part is None:
-            raise ValueError(f"{run_dir} was trained without a test split (mixlab seg train --test-split): evaluate "
+            raise UsageError(f"{run_dir} was trained without a test split (mixlab seg train --test-split): evaluate "
                              "--split val, or pass --data DIR")
         split = (f"held-out test split of {cfg['data']['root']} ({len(part)} images, never trained on nor used to "
                  "select the weights)")
     else:
         _, part, _ = load_seg_splits(cfg, run_dir)
         if part is None:
-            raise ValueError(f"{run_dir} was trained without a validation split: pass --data DIR to evaluate")
+            raise UsageError(f"{run_dir} was trained without a validation split: pass --data DIR to evaluate")
         split = f"validation split of {cfg['data']['root']} ({len(part)} images, the split that selected the weights)"
     if part.num_classes != cfg["num_classes"]:
-        raise ValueError(f"the run predicts {cfg['num_classes']} mask class(es) but the {split} has "
+        raise UsageError(f"the run predicts {cfg['num_classes']} mask class(es) but the {split} has "
                          f"{part.num_classes}")
     model, dev, precision, mf = _on_device(model, device, cfg, Distributed())
     ctx = RunContext(device=dev, dist=Distributed(), precision=precision, memory_format=mf)
@@ -116,13 +122,14 @@ def predict_seg_run(run_dir, input_path, out_dir, weights="best", threshold=None
     model, cfg = load_seg_run(run_dir, weights)
     threshold = float(threshold if threshold is not None else cfg.get("threshold", 0.5))
     if not 0.0 < threshold < 1.0:
-        raise ValueError(f"--threshold must be between 0 and 1, got {threshold}")
-    names, images, truths = read_predict_inputs(input_path)
+        raise UsageError(f"--threshold must be between 0 and 1, got {threshold}")
+    names, images, truths = read_predict_inputs(input_path, cfg["data"].get("mask_threshold"),
+                                                cfg["data"].get("mask_values"))
     dev = pick_device(device, Distributed())
     k = int(cfg["num_classes"])
     mismatched = [n for n, t in zip(names, truths) if t is not None and t.shape[0] != k]
     if mismatched:
-        raise ValueError(f"the run predicts {k} mask class(es) but the ground truth of {mismatched[0]!r}"
+        raise UsageError(f"the run predicts {k} mask class(es) but the ground truth of {mismatched[0]!r}"
                          f"{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''} has "
                          f"{truths[names.index(mismatched[0])].shape[0]}; predict from an images folder without masks, "
                          "or from data with the run's mask classes (nothing was written)")

@@ -1,5 +1,6 @@
 """``K=V,...`` text (``--model-kwargs``, ``--vs-kwargs``) read into keyword arguments."""
 from __future__ import annotations
+from .errors import UsageError
 
 __all__ = ["parse_kv"]
 
@@ -34,16 +35,16 @@ def parse_kv(text: str) -> dict:
     out = {}
     for item in _split_top_level(text or ""):
         if "=" not in item:
-            raise ValueError(f"--model-kwargs takes KEY=VALUE pairs separated by commas "
+            raise UsageError(f"--model-kwargs takes KEY=VALUE pairs separated by commas "
                              f"(e.g. dims=[32,64,128,160,256],drop_rate=0.1), got {item!r}")
         key, value = item.split("=", 1)
         key = key.strip()
         if not key.isidentifier():
-            raise ValueError(f"--model-kwargs: {key!r} is not an argument name (in {item!r})")
+            raise UsageError(f"--model-kwargs: {key!r} is not an argument name (in {item!r})")
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             problem = str(e).splitlines()[0]
-            raise ValueError(f"--model-kwargs: the value of {key} ({value.strip()!r}) cannot be read ({problem}); "
+            raise UsageError(f"--model-kwargs: the value of {key} ({value.strip()!r}) cannot be read ({problem}); "
                              "write lists as [a,b,c], mappings as {k: v}, text with commas in quotes") from None
     return out

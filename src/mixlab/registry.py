@@ -15,6 +15,8 @@ from typing import Any, Callable
 import timm
 from timm.models import _registry as timm_registry
 
+from .errors import ArgumentError, UnknownNameError, UsageError
+
 __all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info", "takes_img_size"]
 
 
@@ -109,12 +111,12 @@ def takes_img_size(name: str) -> bool:
     return cls is not None and "img_size" in inspect.signature(cls).parameters
 
 
-def _unknown(name: str) -> KeyError:
+def _unknown(name: str) -> UnknownNameError:
     close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
     if not close:  # fall back to prefix/substring matches ("conv2former" -> conv2former_*)
         close = [n for n in _MODELS if name.lower() in n or n in name.lower()][:5]
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return KeyError(f"unknown model {name!r}.{hint} Run `mixlab models` for the full list.")
+    return UnknownNameError(f"unknown model {name!r}.{hint} Run `mixlab models` for the full list.")
 
 
 def _accepted_kwargs(info: ModelInfo) -> set[str] | None:
@@ -162,7 +164,7 @@ def create_model(
     """
     info = model_info(name)
     if pretrained and info.timm_name is None and info.family != "timm":
-        raise ValueError(
+        raise UsageError(
             f"mixlab has no hosted weights for {name!r}; build it with pretrained=False and pass "
             "checkpoint_path=FILE (official=True for a state_dict saved from the official code)"
         )
@@ -178,16 +180,30 @@ def create_model(
         bad = sorted(k for k in extra if k not in accepted)
         if bad:
             valid = sorted(accepted - _FACTORY_KWARGS)
-            raise TypeError(
+            raise ArgumentError(
                 f"model {name!r} does not take argument(s) {', '.join(bad)}; "
                 f"it takes: {', '.join(valid)}"
             )
-    model = timm.create_model(info.timm_name or name, pretrained=pretrained, **extra)
+    try:
+        model = timm.create_model(info.timm_name or name, pretrained=pretrained, **extra)
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as e:
+        # given architecture arguments or a size, a model that cannot be built was given
+        # arguments it cannot take (dim=-4: torch's "negative dimension"): say so, naming them;
+        # without any, it is a bug and keeps its traceback
+        given = dict(kwargs, **({"img_size": img_size} if img_size is not None else {}))
+        if not given or isinstance(e, UsageError):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shown = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ArgumentError(f"{name} cannot be built with {shown}: {type(e).__name__}: {reason[:300]}") from e
     if img_size is not None:
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         check = getattr(model, "check_input_size", None)
         if check is not None:
-            check(*size)
+            try:
+                check(*size)
+            except ValueError as e:  # the model's own message: which sizes it takes
+                raise UsageError(f"{name} cannot take {size[0]}x{size[1]} inputs: {e}") from None
     if checkpoint_path is not None:
         from .checkpoint import load_official, load_weights
 
@@ -196,5 +212,5 @@ def create_model(
         else:
             load_weights(model, checkpoint_path)
     elif official:
-        raise ValueError("official=True needs checkpoint_path=FILE")
+        raise UsageError("official=True needs checkpoint_path=FILE")
     return model

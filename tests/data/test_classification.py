@@ -133,3 +133,69 @@ def test_val_holdout_test_trains_on_all_and_validates_on_the_test_set(make_folde
     assert len(d.train) == 24 and len(d.test) == 12 and d.val is d.test
     with pytest.raises(DataError, match="val_holdout"):
         load_dataset("folder", root, val_holdout="tset", verbose=False)
+
+
+# ----------------------------------------------------------------------------- nothing silently wrong
+
+def test_16_bit_images_are_scaled_not_clipped(make_folder_dataset):
+    root = make_folder_dataset(n_classes=2, per_class=(2, 1), size=8)
+    wide = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63000
+    Image.fromarray(wide).save(root / "train" / "class0" / "0000.png")  # Pillow reads it as I;16
+    assert Image.open(root / "train" / "class0" / "0000.png").mode == "I;16"
+    d = load_dataset("folder", root, val_split=0.0, verbose=False)
+    expected = torch.from_numpy(np.rint(wide / 65535 * 255).astype(np.uint8))
+    for channel in range(3):  # grey: the same on each channel
+        assert torch.equal(d.train.images[0, channel], expected)
+    assert (d.train.images[0] == 255).float().mean() < 0.05  # clipping made 98% of it 255
+
+
+def test_an_empty_class_folder_is_left_out_saying_so(make_folder_dataset, capsys):
+    root = make_folder_dataset(n_classes=3, per_class=(2, 1), size=8)
+    for split in ("train", "test"):
+        (root / split / "empty").mkdir()
+    d = load_dataset("folder", root, val_split=0.0, verbose=True)
+    assert d.classes == ["class0", "class1", "class2"] and d.num_classes == 3
+    assert "left out empty class folder(s) empty" in capsys.readouterr().out
+    again = load_dataset("folder", root, val_split=0.0, verbose=True)  # from the cache: said again
+    assert again.classes == d.classes and "left out empty class folder(s) empty" in capsys.readouterr().out
+
+
+def test_a_class_with_test_images_but_nothing_to_train_on_is_refused(make_folder_dataset):
+    root = make_folder_dataset(n_classes=3, per_class=(2, 1), size=8)
+    for f in (root / "train" / "class1").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"class folder .*train.class1 is empty but .*test.class1 has images"):
+        load_dataset("folder", root, verbose=False)
+
+
+def test_a_class_whose_every_training_image_is_skipped_is_refused(make_folder_dataset):
+    root = make_folder_dataset(n_classes=2, per_class=(2, 1), size=8)
+    for f in (root / "train" / "class1").iterdir():
+        f.write_text("not an image")
+    with pytest.raises(DataError, match="every training image of class.*class1.*skipped"):
+        load_dataset("folder", root, on_bad_image="skip", verbose=False)
+
+
+def test_the_cache_honours_on_bad_image(make_folder_dataset):
+    root = make_folder_dataset(n_classes=2, per_class=(4, 2), size=8)
+    (root / "train" / "class1" / "notes.txt").write_text("not an image")
+    d = load_dataset("folder", root, val_split=0.0, on_bad_image="skip", verbose=False)
+    assert len(d.skipped) == 1
+    # the cache built while skipping does not make a later run that asks for errors skip too
+    with pytest.raises(DataError, match="notes.txt.*on_bad_image=skip"):
+        load_dataset("folder", root, verbose=False)
+    assert len(load_dataset("folder", root, val_split=0.0, on_bad_image="skip", verbose=False).train) == 8
+
+
+def test_a_damaged_cache_is_rebuilt_saying_so(make_folder_dataset, tmp_path, capsys):
+    root = make_folder_dataset(n_classes=2, per_class=(4, 2), size=8)
+    first = load_dataset("folder", root, val_split=0.0, verbose=False)
+    [cache] = (tmp_path / "cache" / "datasets").glob("*.safetensors")
+    cache.write_bytes(cache.read_bytes()[:50])
+    d = load_dataset("folder", root, val_split=0.0, verbose=True)
+    out = capsys.readouterr().out
+    assert f"the cache {cache} is damaged" in out and "decoding the data again" in out
+    assert torch.equal(d.train.images, first.train.images)
+    assert load_dataset("folder", root, val_split=0.0, verbose=True).train.images.shape == first.train.images.shape
+    again = capsys.readouterr().out
+    assert "is damaged" not in again and "(cache in" in again  # rebuilt whole, then read

@@ -133,6 +133,67 @@ def test_cache_is_reused_and_invalidated(tmp_path):
     assert changed.masks[0].all() and not first.masks[0].all()
 
 
+@pytest.mark.parametrize("values", [(0, 100), (0, 1, 2), (0, 37, 255)])
+def test_masks_that_are_not_0_255_or_0_1_are_refused_not_guessed(tmp_path, values):
+    _make_unext(tmp_path, n=2, size=(16, 16))
+    m = np.zeros((16, 16), np.uint8)
+    for i, v in enumerate(values):
+        m[:, 4 * i:4 * i + 4] = v
+    _write(tmp_path / "masks" / "0" / "case 1.png", m)
+    shown = ", ".join(map(str, values))
+    with pytest.raises(ValueError, match=rf"mask .*case 1.png holds the values {shown}, not only 0 and 255 or "
+                                         r"0 and 1.*data.mask_threshold=N.*data.mask_values"):
+        read_unext_folder(tmp_path)
+
+
+def test_a_mask_threshold_or_mask_values_say_which_pixels_are_foreground(tmp_path):
+    _make_unext(tmp_path, n=1, size=(16, 16))
+    m = np.zeros((16, 16), np.uint8)
+    m[:, 4:8], m[:, 8:12] = 1, 2  # a 0/1/2 label map
+    _write(tmp_path / "masks" / "0" / "case 0.png", m)
+    above0 = read_unext_folder(tmp_path, mask_threshold=0).masks[0, 0].numpy()
+    assert np.array_equal(above0, (m > 0).astype(np.uint8))
+    only2 = read_unext_folder(tmp_path, mask_values=[2]).masks[0, 0].numpy()
+    assert np.array_equal(only2, (m == 2).astype(np.uint8))
+    with pytest.raises(ValueError, match="not both"):
+        read_unext_folder(tmp_path, mask_threshold=0, mask_values=[2])
+
+
+def test_0_1_and_16_bit_masks_are_read_as_they_are(tmp_path):
+    truth = _make_unext(tmp_path, n=2, size=(16, 16))
+    _write(tmp_path / "masks" / "0" / "case 0.png", truth["case 0"][0])  # 0/1
+    _write(tmp_path / "masks" / "0" / "case 1.png", truth["case 1"][0].astype(np.uint16) * 65535)  # 16-bit 0/65535
+    ds = read_unext_folder(tmp_path)
+    for i, name in enumerate(ds.names):
+        assert np.array_equal(ds.masks[i, 0].numpy(), truth[name][0])
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    _make_unext(tmp_path, n=1, size=(16, 16))
+    wide = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 250)  # 0 .. 63750
+    _write(tmp_path / "images" / "case 0.png", wide)
+    ds = read_unext_folder(tmp_path)
+    expected = torch.from_numpy(np.rint(wide / 65535 * 255).astype(np.uint8))
+    assert all(torch.equal(ds.images[0, c], expected) for c in range(3))
+
+
+def test_the_cache_is_keyed_by_the_mask_rule_and_a_damaged_one_is_rebuilt(tmp_path, caplog):
+    _make_unext(tmp_path / "d", n=1, size=(16, 16))
+    m = np.zeros((16, 16), np.uint8)
+    m[:, :8] = 100
+    _write(tmp_path / "d" / "masks" / "0" / "case 0.png", m)
+    low = read_unext_folder(tmp_path / "d", cache_dir=tmp_path / "cache", mask_threshold=50)
+    high = read_unext_folder(tmp_path / "d", cache_dir=tmp_path / "cache", mask_threshold=150)
+    assert low.masks.sum() == 16 * 8 and high.masks.sum() == 0  # not the first rule's cached masks
+    with pytest.raises(ValueError, match="holds the values 0, 100"):
+        read_unext_folder(tmp_path / "d", cache_dir=tmp_path / "cache")
+    for cached in (tmp_path / "cache").glob("seg-unext-*.pt"):
+        cached.write_bytes(b"cut short")
+    again = read_unext_folder(tmp_path / "d", cache_dir=tmp_path / "cache", mask_threshold=50)
+    assert torch.equal(again.masks, low.masks)
+    assert "is damaged" in caplog.text and "decoding the data again" in caplog.text
+
+
 # -- splits -----------------------------------------------------------------------------------
 
 def test_seeded_split_80_20():
@@ -237,3 +298,21 @@ def test_normalize_images():
     out = normalize_images(x, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
     assert out[0, :, 0, 0].tolist() == [2.0, 1.0, 0.5]
     assert math.isclose(float(normalize_images(x.float() / 255)[0, 0, 0, 0]), (1 - 0.485) / 0.229, rel_tol=1e-6)
+
+
+def test_seg_train_refuses_unclear_masks_and_takes_the_rule_from_its_settings(tmp_path, capsys):
+    from mixlab.cli import main
+    from mixlab.train import rundir as rd
+
+    _make_unext(tmp_path / "d", n=4, size=(32, 32))
+    for i in range(4):  # the masks stored as 0/100
+        path = tmp_path / "d" / "masks" / "0" / f"case {i}.png"
+        _write(path, (np.asarray(Image.open(path)) > 0).astype(np.uint8) * 100)
+    args = ["seg", "train", "--model", "unext_s", "--data", str(tmp_path / "d"), "--epochs", "1", "--batch-size", "2",
+            "--precision", "fp32", "--set", "img_size=32", "--set", "progress=false", "--set", "autotune=false",
+            "--set", "data.val_split=0.5"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "holds the values 0, 100" in capsys.readouterr().err
+    assert main([*args, "--set", "data.mask_threshold=50", "--out", str(tmp_path / "b")]) == 0
+    assert rd.read_config(tmp_path / "b")["data"]["mask_threshold"] == 50
+    assert rd.read_metrics(tmp_path / "b")[0]["val_iou"] > 1  # masks read with their foreground (empty masks: IoU 0.00)

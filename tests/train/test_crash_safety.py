@@ -126,6 +126,71 @@ def test_a_killed_seg_checkpoint_resumes_to_the_same_metrics(tmp_path):
         assert _leftovers(out) == []
 
 
+# ----------------------------------------------------------------------------- Ctrl-C (SIGINT)
+# A SIGINT is raised by Python as KeyboardInterrupt in the main thread, at the point the
+# signal arrives: the CLI ends with 130 after the context managers ran (temp file removed,
+# lock released), so these runs stay in this process (no interpreter start per point). Both
+# tasks, every event of a checkpoint write, with 2 epochs (the interrupted checkpoint is
+# epoch 2's, so a previous one exists; best.* are the points of epoch 1).
+
+SIGINT_POINTS = ([(e, 2) for e in rd.CRASH_EVENTS if not e.startswith("best")]
+                 + [("best.tmp", 1), ("best", 1)])
+
+
+def _interrupt_then_resume(argv: list[str], out: Path, event: str, epoch: int, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("MIXLAB_TEST_CRASH_AT", f"{event}:{epoch}")
+    monkeypatch.setenv("MIXLAB_TEST_CRASH_SIGNAL", "INT")
+    assert main([*argv, "--out", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (out / runlock.LOCK).exists()  # released on the way out
+    committed = rd.CRASH_EVENTS.index(event) >= rd.CRASH_EVENTS.index("manifest")
+    assert (rd.checkpoint_epoch(out) or 0) == (epoch if committed else epoch - 1)
+    monkeypatch.delenv("MIXLAB_TEST_CRASH_AT")
+    assert main([*argv[:2 if argv[0] == "seg" else 1], "--resume", str(out)]) == 0
+    assert _leftovers(out) == []
+
+
+@pytest.fixture(scope="module")
+def sigint_runs(tmp_path_factory):
+    """{task: (argv without --out, an uninterrupted run)} for 2-epoch runs of both tasks."""
+    from test_seg_train import TINY as SEG_TINY, _make_busi_like
+
+    base = tmp_path_factory.mktemp("sigint")
+    data = _folder_dataset(base / "cls")
+    seg_data = _make_busi_like(base / "seg", n=8)
+    runs = {"classification": ["train", *TINY, "--epochs", "2", "--data", str(data)],
+            "segmentation": ["seg", "train", *SEG_TINY, "--set", "fast_depthwise=false", "--set", "autotune=false",
+                             "--epochs", "2", "--data", str(seg_data)]}
+    out = {}
+    for task, argv in runs.items():
+        full = base / f"full-{task}"
+        assert main([*argv, "--out", str(full)]) == 0
+        out[task] = (argv, full)
+    return out
+
+
+def test_the_sigint_points_cover_every_event():
+    assert {e for e, _ in SIGINT_POINTS} == set(rd.CRASH_EVENTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+@pytest.mark.parametrize("event,epoch", SIGINT_POINTS, ids=[f"{e}@{n}" for e, n in SIGINT_POINTS])
+def test_a_ctrl_c_at_any_point_of_a_checkpoint_resumes_to_the_same_metrics(sigint_runs, tmp_path, task, event,
+                                                                         epoch, monkeypatch, capsys):
+    from test_seg_train import metrics_without_timing as seg_metrics
+
+    argv, full = sigint_runs[task]
+    out = tmp_path / "run"
+    _interrupt_then_resume(argv, out, event, epoch, monkeypatch, capsys)
+    if task == "classification":
+        assert metrics_without_timing(out) == metrics_without_timing(full)
+        assert rd.read_summary(out)["test_acc"] == rd.read_summary(full)["test_acc"]
+    else:
+        assert seg_metrics(out) == seg_metrics(full)
+        assert rd.read_summary(out)["val"] == rd.read_summary(full)["val"]
+
+
 def test_a_full_disk_gives_one_line_and_keeps_the_previous_checkpoint(baseline, tmp_path, monkeypatch, capsys):
     data, full = baseline
     out = tmp_path / "run"

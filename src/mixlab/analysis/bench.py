@@ -18,6 +18,7 @@ from torch import nn
 
 from ..train.step import TrainStep, infer_step
 from .profile import flop_counter, input_hw_of
+from ..errors import UsageError
 
 __all__ = ["BenchConfig", "bench_model", "bench_pair", "bench_registered", "build_timm_model"]
 
@@ -60,7 +61,7 @@ class _Runner:
             self.y = torch.randint(0, max(num_classes, 1), (cfg.batch_size,), generator=gen).to(self.device)
             loss_fn = nn.CrossEntropyLoss()
         else:
-            raise ValueError(f"task must be 'classification' or 'segmentation', got {cfg.task!r}")
+            raise UsageError(f"task must be 'classification' or 'segmentation', got {cfg.task!r}")
         fn = torch.compile(model) if cfg.compile else model
         if cfg.mode == "train":
             model.train()
@@ -71,7 +72,7 @@ class _Runner:
             model.eval()
             self._call = lambda: infer_step(fn, self.x, self.device, cfg.precision)
         else:
-            raise ValueError(f"mode must be 'train' or 'infer', got {cfg.mode!r}")
+            raise UsageError(f"mode must be 'train' or 'infer', got {cfg.mode!r}")
 
     def sync(self):
         if self.device.type == "cuda":
@@ -176,12 +177,12 @@ def build_timm_model(spec: str, kwargs: dict) -> nn.Module:
         try:
             cls = getattr(importlib.import_module(f"timm.models.{module_name}"), cls_name)
         except (ImportError, AttributeError):
-            raise ValueError(f"timm has no class timm.models.{spec}") from None
+            raise UsageError(f"timm has no class timm.models.{spec}") from None
         return cls(**kwargs)
     if spec in set(list_models()):
-        raise ValueError(f"{spec!r} is mixlab's own registration; name a timm entrypoint or class to compare against")
+        raise UsageError(f"{spec!r} is mixlab's own registration; name a timm entrypoint or class to compare against")
     if not timm.is_model(spec):
-        raise ValueError(f"timm has no model {spec!r}")
+        raise UsageError(f"timm has no model {spec!r}")
     return timm.create_model(spec, **kwargs)
 
 
@@ -189,23 +190,27 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
                      precision: str = "fp32", channels_last: bool = False, compile: bool = False,
                      fast_depthwise: bool = True, num_classes: int | None = None, model_kwargs: dict | None = None,
                      vs: str | None = None, vs_kwargs: dict | None = None, warmup: int = 3, windows: int = 5,
-                     window_seconds: float = 2.0, count_flops: bool = True) -> dict:
+                     window_seconds: float = 2.0, count_flops: bool = True, memory_check: bool = True) -> dict:
     """Time the registered model ``name`` (and the timm model ``vs`` = ``timm:NAME``, alternating
     windows), as ``mixlab bench`` does. ``img_size``: [N] or [H, W], or None for the model's own.
     ``fast_depthwise``: on the CPU, run ``name`` with mixlab's fast depthwise convolution (the
     ``vs`` model always keeps aten's). Returns :func:`bench_pair`'s dict with the model, the
-    versions, threads and CPU, and ``fast_depthwise_convs`` (layers switched)."""
+    versions, threads and CPU, and ``fast_depthwise_convs`` (layers switched). ``memory_check``:
+    refuse a batch whose step would not fit in the memory free (estimated first)."""
     from ..registry import create_model, model_info
     from ..runtime import malloc_tuned
     from ..train.cpu_defaults import cpu_model_name
+    from ..train.validation import check_model_kwargs
 
     if windows < 5:
-        raise ValueError("--windows must be at least 5 (the median of fewer windows is not a stable figure)")
+        raise UsageError("--windows must be at least 5 (the median of fewer windows is not a stable figure)")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
     info = model_info(name)
     hw = input_hw_of(name, img_size)
-    model = create_model(name, num_classes=num_classes, img_size=hw if img_size else None, **(model_kwargs or {}))
+    kwargs = dict(model_kwargs or {})
+    check_model_kwargs(name, kwargs)
+    model = create_model(name, num_classes=num_classes, img_size=hw if img_size else None, **kwargs)
     fast_dw = 0
     if fast_depthwise and not device.startswith("cuda"):
         from ..ops.depthwise import use_fast_depthwise
@@ -214,11 +219,24 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
     other = None
     if vs:
         if not vs.startswith("timm:"):
-            raise ValueError(f"--vs takes timm:NAME (a timm model name), got {vs!r}")
+            raise UsageError(f"--vs takes timm:NAME (a timm model name), got {vs!r}")
         vs_kwargs = dict(vs_kwargs or {})
         if num_classes is not None:
             vs_kwargs.setdefault("num_classes", num_classes)
         other = build_timm_model(vs[len("timm:"):], vs_kwargs)
+    if memory_check:
+        from .memory import check_memory, estimate_memory
+
+        builders = [(name, lambda: create_model(name, num_classes=num_classes, img_size=hw if img_size else None,
+                                                **kwargs))]
+        if other is not None:
+            builders.append((vs, lambda: build_timm_model(vs[len("timm:"):], vs_kwargs)))
+        for label, build in builders:
+            check_memory(estimate_memory(build, (batch_size, getattr(model, "in_chans", 3), *hw), mode,
+                                         low_precision=precision != "fp32"), device,
+                         f"{'a training' if mode == 'train' else 'an inference'} step of {label} with batch "
+                         f"{batch_size} at {hw[0]}x{hw[1]}", "lower --batch-size or --img-size",
+                         "pass --no-memory-check")
     cfg = BenchConfig(mode=mode, batch_size=batch_size, img_size=hw, device=device, precision=precision,
                       channels_last=channels_last, compile=compile, warmup=warmup, windows=windows,
                       window_seconds=window_seconds, count_flops=count_flops, task=info.task)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .probe import model_device
+from ..errors import MissingFileError, UsageError
 
 __all__ = [
     "CIFAR10_CLASSES", "load_model", "model_input_size", "normalisation", "class_names", "label_of", "read_image",
@@ -95,7 +96,7 @@ def read_image(path: str, size: tuple[int, int], channels: int = 3) -> torch.Ten
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"image not found: {p}")
+        raise MissingFileError(f"image not found: {p}")
     img = Image.open(p).convert("RGB" if channels == 3 else "L")
     if img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.BICUBIC)
@@ -130,20 +131,20 @@ def _split_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
     for a, b in (("images", "labels"), ("x", "y"), ("data", "targets"), ("inputs", "targets")):
         if hasattr(split, a) and hasattr(split, b):
             return getattr(split, a), getattr(split, b)
-    raise ValueError(f"cannot read images and labels from a data split of type {type(split).__name__}")
+    raise UsageError(f"cannot read images and labels from a data split of type {type(split).__name__}")
 
 
 def load_test_split(config: dict | None, size: tuple[int, int]):
     """(uint8 images (N, C, H, W) at ``size``, int64 labels, data object) of the run's test split."""
     if config is None:
-        raise ValueError("--index and --misclassified read the run's test split: give --checkpoint RUN_DIR "
+        raise UsageError("--index and --misclassified read the run's test split: give --checkpoint RUN_DIR "
                          "(with --model, use --image PATH)")
     from ..data import classification
 
     data = classification.load_classification_data(config)
     split = getattr(data, "test", None)
     if split is None:
-        raise ValueError("the run's data has no test split")
+        raise UsageError("the run's data has no test split")
     images, labels = _split_tensors(split)
     images, labels = torch.as_tensor(images), torch.as_tensor(labels).long()
     if tuple(images.shape[-2:]) != tuple(size):
@@ -157,7 +158,7 @@ def misclassified(model, images, labels, k: int, mean, std, batch: int = 256) ->
     """Indices of the first ``k`` images the model (in eval mode) gets wrong; fewer, said on
     stderr, when there are not so many."""
     if k < 1:
-        raise ValueError(f"--misclassified must be at least 1, got {k}")
+        raise UsageError(f"--misclassified must be at least 1, got {k}")
     device = model_device(model)
     found: list[int] = []
     with torch.no_grad():
@@ -169,7 +170,7 @@ def misclassified(model, images, labels, k: int, mean, std, batch: int = 256) ->
             if len(found) >= k:
                 break
     if not found:
-        raise ValueError("the model classifies every test image correctly: nothing misclassified to show")
+        raise UsageError("the model classifies every test image correctly: nothing misclassified to show")
     if len(found) < k:
         print(f"only {len(found)} misclassified test images", file=sys.stderr)
     return found[:k]
@@ -194,14 +195,14 @@ def pick_images(model, config: dict | None, image: list[str] | None = None, inde
         if index is not None:
             bad = [i for i in index if not 0 <= i < len(all_images)]
             if bad:
-                raise ValueError(f"--index {bad[0]} is out of range: the test split has {len(all_images)} images")
+                raise UsageError(f"--index {bad[0]} is out of range: the test split has {len(all_images)} images")
             idx = list(index)
         else:
             idx = misclassified(model, all_images, all_labels, misclassified_k, mean, std)
         images, labels = all_images[idx], all_labels[idx]
         sources = [f"test #{i}" for i in idx]
     else:
-        raise ValueError("give images: --image PATH, or with --checkpoint --index N"
+        raise UsageError("give images: --image PATH, or with --checkpoint --index N"
                          + (" or --misclassified K" if can_misclassify else ""))
     names = class_names(config, getattr(model, "num_classes", 0), data)
     if labels is None and names and image:

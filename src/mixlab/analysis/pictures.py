@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from .inputs import for_display, label_of, load_test_split, model_input_size, normalisation, pick_images, \
     to_model_input
 
@@ -66,7 +67,7 @@ def draw_weights(model, name: str, what: str, out: Path, layer: str = "auto", bl
     from .viz import grid_shape, kernel_layer, plot_weight_grid, save_figure, stem_conv, weight_tiles
 
     if max_tiles < 1:
-        raise ValueError(f"--max-tiles must be at least 1, got {max_tiles}")
+        raise UsageError(f"--max-tiles must be at least 1, got {max_tiles}")
     if what == "filters":
         layer, conv = stem_conv(model) if layer == "auto" else kernel_layer(model, layer=layer)
     else:
@@ -74,7 +75,7 @@ def draw_weights(model, name: str, what: str, out: Path, layer: str = "auto", bl
     from matplotlib import colormaps
 
     if cmap not in colormaps:
-        raise ValueError(f"unknown colour map {cmap!r}: give a matplotlib colour map name (coolwarm, viridis...)")
+        raise UsageError(f"unknown colour map {cmap!r}: give a matplotlib colour map name (coolwarm, viridis...)")
     weight = conv.weight.detach().float().cpu()
     tiles, mode = weight_tiles(weight, normalize)
     total = tiles.shape[0]
@@ -106,10 +107,10 @@ def draw_features(model, config: dict | None, name: str, out: Path, image=None, 
     from .viz import default_feature_layers, feature_maps, plot_features, save_figure
 
     if top < 1:
-        raise ValueError(f"--top must be at least 1, got {top}")
+        raise UsageError(f"--top must be at least 1, got {top}")
     images, x, labels, sources, names = pick_images(model, config, image, index)
     if len(images) != 1:
-        raise ValueError("features are drawn for one image: give one --image or one --index")
+        raise UsageError("features are drawn for one image: give one --image or one --index")
     size = tuple(x.shape[-2:])
     layers = layers or default_feature_layers(model, size)
     results = feature_maps(model, x, layers, top)
@@ -138,7 +139,7 @@ def draw_saliency(model, config: dict | None, name: str, out: Path, image=None, 
                                                     can_misclassify=True)
     if target == "true":
         if labels is None:
-            raise ValueError("--target true needs known labels (--index/--misclassified, or images in class folders)")
+            raise UsageError("--target true needs known labels (--index/--misclassified, or images in class folders)")
         target = labels.to(x.device)
     else:
         target = None
@@ -193,9 +194,9 @@ def draw_rf_stack(kernel: int, dilations: list[int], out: Path, size: int | None
     from .viz import save_figure
 
     if kernel < 1:
-        raise ValueError(f"--kernel must be at least 1, got {kernel}")
+        raise UsageError(f"--kernel must be at least 1, got {kernel}")
     if size is not None and size < 1:
-        raise ValueError(f"--size must be at least 1, got {size}")
+        raise UsageError(f"--size must be at least 1, got {size}")
     report = rf_report(kernel, dilations, size)
     out = save_figure(plot_rf_counts(report, dpi=dpi, cmap=cmap), out)
     hdc = report["hdc"]
@@ -263,10 +264,10 @@ def draw_effective_rf(model, config: dict | None, name: str, out: Path, images: 
 
     size = model_input_size(model, config)
     if images < 1:
-        raise ValueError(f"--images must be at least 1, got {images}")
+        raise UsageError(f"--images must be at least 1, got {images}")
     if random_inputs or config is None:
         if not random_inputs:
-            raise ValueError("an untrained --model has no test split: add --random-inputs")
+            raise UsageError("an untrained --model has no test split: add --random-inputs")
         inputs, source = None, "N(0,1) random inputs"
     else:
         all_images, _, _ = load_test_split(config, size)

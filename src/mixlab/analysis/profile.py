@@ -155,18 +155,30 @@ def input_hw_of(name: str, img_size=None) -> tuple[int, int]:
     return (img_size[0], img_size[0]) if len(img_size) == 1 else tuple(img_size[:2])
 
 
-def describe_model(name: str, img_size=None, num_classes=None, in_chans=None, model_kwargs=None) -> dict:
+def describe_model(name: str, img_size=None, num_classes=None, in_chans=None, model_kwargs=None,
+                   memory_check: bool = True) -> dict:
     """Everything ``mixlab info`` prints about a registered model, as a dict; ``_model`` is the
-    model built (in eval mode) for it."""
+    model built (in eval mode) for it. ``memory_check``: refuse a size whose forward pass would
+    not fit in the memory free (estimated first, see :mod:`mixlab.analysis.memory`)."""
     from ..registry import create_model, model_info
+    from ..train.validation import check_model_kwargs
 
     info = model_info(name)
     hw = input_hw_of(name, img_size)
     kwargs = dict(model_kwargs or {})
-    model = create_model(name, num_classes=num_classes, in_chans=in_chans,
-                         img_size=hw if img_size is not None else None, **kwargs)
-    model.eval()
+    check_model_kwargs(name, kwargs)
+
+    def build():
+        return create_model(name, num_classes=num_classes, in_chans=in_chans,
+                            img_size=hw if img_size is not None else None, **kwargs)
+    model = build().eval()
     chans = in_chans or getattr(model, "in_chans", info.input_size[0])
+    if memory_check:
+        from .memory import check_memory, estimate_memory
+
+        check_memory(estimate_memory(build, (1, chans, *hw), "infer"), "cpu",
+                     f"a forward pass of {name} at {hw[0]}x{hw[1]}", "give a smaller --img-size",
+                     "pass --no-memory-check")
     total, trainable = count_params(model)
     flops = count_flops(model, (chans, *hw))
     with torch.no_grad():

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .probe import eval_mode, model_device
+from ..errors import UsageError
 
 __all__ = [
     "utilisation_counts", "rf_size", "gridding_share", "sawtooth_groups", "hdc_check", "rf_report",
@@ -40,12 +41,12 @@ __all__ = [
 
 def _check_stack(kernel_size: int, dilations: Sequence[int]) -> list[int]:
     if int(kernel_size) != kernel_size or kernel_size < 1:
-        raise ValueError(f"kernel size must be a positive integer, got {kernel_size}")
+        raise UsageError(f"kernel size must be a positive integer, got {kernel_size}")
     rates = [int(r) for r in dilations]
     if not rates:
-        raise ValueError("give at least one dilation rate")
+        raise UsageError("give at least one dilation rate")
     if any(r < 1 or r != d for r, d in zip(rates, dilations)):
-        raise ValueError(f"dilation rates must be positive integers, got {list(dilations)}")
+        raise UsageError(f"dilation rates must be positive integers, got {list(dilations)}")
     return rates
 
 
@@ -71,7 +72,7 @@ def utilisation_counts(kernel_size: int, dilations: Sequence[int], size: int | N
     side = counts.shape[0]
     if size is not None:
         if size < side:
-            raise ValueError(f"--size {size} is smaller than the receptive field ({side}x{side})")
+            raise UsageError(f"--size {size} is smaller than the receptive field ({side}x{side})")
         before = (size - side) // 2
         counts = np.pad(counts, (before, size - side - before))
     return counts
@@ -294,7 +295,7 @@ def model_rf_report(model: nn.Module, input_size, target: str | None = None) -> 
     target = target or find_spatial_target(model, input_size)["name"]
     layers = model_spatial_layers(model, input_size, stop_at=target)
     if not any(layer.kind == "depthwise" for layer in layers):
-        raise ValueError(
+        raise UsageError(
             f"{type(model).__name__} has no depthwise convolution before {target!r}: the stem + depthwise "
             "receptive field is defined for convolutional mixers (ConvMixer, Conv2Former, ConvMLP...); "
             "use `mixlab rf --effective` to measure where any model looks")
@@ -441,7 +442,7 @@ def count_colour_map(name: str = "seed"):
     if name == "seed":
         return LinearSegmentedColormap.from_list("seed_counts", SEED_COUNT_COLOURS)
     if name not in colormaps:
-        raise ValueError(f"unknown colour map {name!r}: use 'seed' (white -> blue -> red) or a matplotlib "
+        raise UsageError(f"unknown colour map {name!r}: use 'seed' (white -> blue -> red) or a matplotlib "
                          "colour map name such as viridis or magma")
     return colormaps[name]
 

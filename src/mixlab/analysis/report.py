@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .profile import format_count
+from ..errors import MissingFileError, UsageError
 
 __all__ = ["RunRecord", "find_run_dirs", "load_run", "collect_runs", "measure_inference", "format_table",
            "write_table", "make_plots", "PLOT_FILES"]
@@ -88,9 +89,9 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
     seen: set[Path] = set()
     for root in map(Path, paths):
         if not root.exists():
-            raise FileNotFoundError(f"no such run directory or folder: {root}")
+            raise MissingFileError(f"no such run directory or folder: {root}")
         if not root.is_dir():
-            raise ValueError(f"{root} is a file; pass run directories or folders that hold them")
+            raise UsageError(f"{root} is a file; pass run directories or folders that hold them")
         stack = [root]
         hits = []
         while stack:
@@ -113,7 +114,7 @@ def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise UsageError(f"{path} is not valid JSON: {e}") from None
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -133,9 +134,9 @@ def _read_metrics(path: Path) -> list[dict]:
 def _read_config(path: Path) -> dict:
     if not path.is_file():
         return {}
-    import yaml
+    from ..train.rundir import read_config
 
-    return yaml.safe_load(path.read_text()) or {}
+    return read_config(path.parent)  # a broken or foreign config.yaml is refused, naming it
 
 
 def _num(x, kind=float):
@@ -146,11 +147,11 @@ def load_run(run_dir: str | Path, root: str | Path | None = None) -> RunRecord:
     """Read one run directory; fields its files do not give stay None."""
     run_dir = Path(run_dir)
     if not _is_run_dir(run_dir):
-        raise ValueError(f"{run_dir} is not a mixlab run directory (none of {', '.join(_RUN_FILES)})")
+        raise UsageError(f"{run_dir} is not a mixlab run directory (none of {', '.join(_RUN_FILES)})")
     summary = _read_json(run_dir / "summary.json") or {}
     config = _read_config(run_dir / "config.yaml")
     if config.get("task") == "segmentation":
-        raise ValueError(f"{run_dir} is a segmentation run; `mixlab report` tabulates classification runs "
+        raise UsageError(f"{run_dir} is a segmentation run; `mixlab report` tabulates classification runs "
                          f"(see `mixlab seg eval --checkpoint {run_dir}`)")
     metrics = _read_metrics(run_dir / "metrics.jsonl")
     vals = [(int(r["epoch"]), r.get("val_acc")) for r in metrics if "epoch" in r]
@@ -228,7 +229,7 @@ def measure_inference(rec: RunRecord, batch_size: int = 128, device: str | None 
     run_dir = Path(rec.run_dir)
     cfg = rd.read_config(run_dir)
     if rec.img_size is None or cfg.get("num_classes") is None:
-        raise ValueError(f"{run_dir}: config.yaml lacks num_classes/img_size (the run never started): "
+        raise UsageError(f"{run_dir}: config.yaml lacks num_classes/img_size (the run never started): "
                          "nothing to measure")
     dev = device or rec.device or "cpu"
     if dev.startswith("cuda") and not torch.cuda.is_available():
@@ -339,7 +340,7 @@ def format_table(runs: list[RunRecord], fmt: str = "md") -> str:
         return buf.getvalue().rstrip("\n")
     if fmt == "json":
         return json.dumps([r.row() for r in runs], indent=2)
-    raise ValueError(f"unknown report format {fmt!r}: md, csv or json")
+    raise UsageError(f"unknown report format {fmt!r}: md, csv or json")
 
 
 def write_table(text: str, out: str | Path, fmt: str = "md", plots: Iterable[Path] = ()) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .probe import eval_mode, model_device
+from ..errors import UsageError
 
 __all__ = [
     "example_input", "input_hw", "stem_conv", "conv_layers", "depthwise_convs", "kernel_layer",
@@ -61,7 +62,7 @@ def stem_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
         return first, modules[first]
     convs = conv_layers(model)
     if not convs:
-        raise ValueError(f"{type(model).__name__} has no Conv2d: there are no stem filters to show")
+        raise UsageError(f"{type(model).__name__} has no Conv2d: there are no stem filters to show")
     return convs[0]
 
 
@@ -78,17 +79,17 @@ def kernel_layer(model: nn.Module, layer: str | None = None, block: int | None =
     if layer not in (None, "auto"):
         convs = dict(conv_layers(model))
         if layer not in convs:
-            raise ValueError(f"{layer!r} is not a Conv2d of {type(model).__name__}; "
+            raise UsageError(f"{layer!r} is not a Conv2d of {type(model).__name__}; "
                              "run with --list-layers for the names")
         return layer, convs[layer]
     dws = depthwise_convs(model)
     if not dws:
-        raise ValueError(f"{type(model).__name__} has no depthwise convolution with a kernel larger than 1x1; "
+        raise UsageError(f"{type(model).__name__} has no depthwise convolution with a kernel larger than 1x1; "
                          "pick a convolution with --layer NAME (see --list-layers)")
     if block is None:
         return dws[(len(dws) - 1) // 2]
     if not -len(dws) <= block < len(dws):
-        raise ValueError(f"--block {block} is out of range: the model has {len(dws)} depthwise convolutions "
+        raise UsageError(f"--block {block} is out of range: the model has {len(dws)} depthwise convolutions "
                          f"(blocks 0..{len(dws) - 1})")
     return dws[block]
 
@@ -110,7 +111,7 @@ def weight_tiles(weight: torch.Tensor, normalize: str = "global") -> tuple[np.nd
     min and max of those slices).
     """
     if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be 'global' (one min-max over the whole tensor, as the seed) or 'tile' "
+        raise UsageError(f"normalize must be 'global' (one min-max over the whole tensor, as the seed) or 'tile' "
                          f"(each tile on its own), got {normalize!r}")
     w = weight.detach().float().cpu()
     if w.dim() != 4:
@@ -238,11 +239,11 @@ def find_spatial_target(model: nn.Module, input_size=None, layer: str | None = N
             if c["name"] == layer:
                 return c
         if layer not in dict(model.named_modules()):
-            raise ValueError(f"{layer!r} is not a module of {type(model).__name__}; run with --list-layers")
-        raise ValueError(f"module {layer!r} does not output a spatial map (N,C,H,W / N,H,W,C / tokens) "
+            raise UsageError(f"{layer!r} is not a module of {type(model).__name__}; run with --list-layers")
+        raise UsageError(f"module {layer!r} does not output a spatial map (N,C,H,W / N,H,W,C / tokens) "
                          "with more than one pixel; run with --list-layers")
     if not cands:
-        raise ValueError(f"{type(model).__name__} has no module producing a spatial map with more than one "
+        raise UsageError(f"{type(model).__name__} has no module producing a spatial map with more than one "
                          "pixel at this input size")
     return cands[-1]
 
@@ -342,7 +343,7 @@ def feature_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[str], top_k
     """For one image ``x`` (1, C, H, W): per layer the ``top_k`` channels with the highest
     activation energy (mean square over the map), their maps and energies."""
     if x.shape[0] != 1:
-        raise ValueError("feature maps are drawn for one image at a time")
+        raise UsageError("feature maps are drawn for one image at a time")
     hw = tuple(x.shape[-2:])
     infos = [find_spatial_target(model, hw, name) for name in layers] if len(layers) == 1 else None
     if infos is None:
@@ -389,7 +390,7 @@ def save_figure(fig, path: str | Path) -> Path:
 
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise ValueError(f"figures are written as PNG: give an --out ending in .png, got {path}")
+        raise UsageError(f"figures are written as PNG: give an --out ending in .png, got {path}")
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=fig.dpi)
     return path

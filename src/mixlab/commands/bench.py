@@ -27,6 +27,8 @@ def configure(p):
     p.add_argument("--window-seconds", type=float, default=2.0, help="target length of one window")
     p.add_argument("--no-flops", action="store_true", help="skip counting FLOPs per step")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the step's memory estimate is above the memory free")
 
 
 def run(args) -> int:
@@ -38,7 +40,8 @@ def run(args) -> int:
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
         fast_depthwise=args.fast_depthwise == "on", num_classes=args.num_classes,
         model_kwargs=parse_kv(args.model_kwargs), vs=args.vs, vs_kwargs=parse_kv(args.vs_kwargs) if args.vs else None,
-        warmup=args.warmup, windows=args.windows, window_seconds=args.window_seconds, count_flops=not args.no_flops)
+        warmup=args.warmup, windows=args.windows, window_seconds=args.window_seconds, count_flops=not args.no_flops,
+        memory_check=not args.no_memory_check)
     hw, fast_dw, other = out["config"]["img_size"], out["fast_depthwise_convs"], out.get("other")
     if args.json:
         print(json.dumps(out, indent=2))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UsageError
+
 
 def configure(p):
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a `mixlab train` run directory")
@@ -32,7 +34,7 @@ def run(args) -> int:
     print(f"{r['model']} ({r['weights']} weights) on the {r['split']} split: accuracy {r['accuracy']:.2f}% "
           f"over {r['n']} images, loss {r['loss']:.4f}")
     for c, a in r["per_class_accuracy"].items():
-        print(f"  {c:<14} {a:6.2f}%")
+        print(f"  {c:<14} {a:6.2f}%" if a is not None else f"  {c:<14}    n/a  (no {r['split']} images)")
     if "plot" in r:
         print(f"confusion matrix: {r['plot']}")
     return 0

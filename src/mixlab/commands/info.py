@@ -14,13 +14,16 @@ def configure(p):
                    help="architecture arguments, e.g. kernel_size=9,patch_size=1")
     p.add_argument("--per-layer", action="store_true", help="parameters and MACs of every module")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run the forward pass even when its memory estimate is above the memory free")
 
 
 def run(args) -> int:
     from ..analysis.profile import CONVENTION, describe_model, format_count
     from ..kv import parse_kv
 
-    d = describe_model(args.model, args.img_size, args.num_classes, args.in_chans, parse_kv(args.model_kwargs))
+    d = describe_model(args.model, args.img_size, args.num_classes, args.in_chans, parse_kv(args.model_kwargs),
+                       memory_check=not args.no_memory_check)
     model = d.pop("_model")
     if args.per_layer:
         from ..analysis.per_layer import format_per_layer, per_layer_table

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UsageError
+
 
 def configure(p):
     p.add_argument("dirs", nargs="+", metavar="DIR",
@@ -28,7 +30,7 @@ def run(args) -> int:
 
     runs = collect_runs(args.dirs)
     if not runs:
-        raise ValueError(f"no training runs under {', '.join(args.dirs)} (a run directory holds config.yaml, "
+        raise UsageError(f"no training runs under {', '.join(args.dirs)} (a run directory holds config.yaml, "
                          "metrics.jsonl or summary.json)")
     runs.sort(key=SORT_KEYS[args.sort])
     if args.measure:

@@ -50,7 +50,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     if args.dpi < 10:
-        raise ValueError(f"--dpi must be at least 10, got {args.dpi}")
+        raise UsageError(f"--dpi must be at least 10, got {args.dpi}")
     from ..analysis.receptive_field import count_colour_map
 
     count_colour_map(args.cmap)  # an unknown name fails now, not after the work
@@ -66,7 +66,7 @@ def run(args) -> int:
 
         return _of_model(args, draw_model_rf, "rf")
     if not args.dilations:
-        raise ValueError("give --dilations R1,R2,... (with --kernel K), or --model NAME, "
+        raise UsageError("give --dilations R1,R2,... (with --kernel K), or --model NAME, "
                          "or --effective --checkpoint RUN_DIR")
     return _stack(args)
 

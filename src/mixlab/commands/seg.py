@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import MissingFileError, UsageError
+
 
 def configure(p):
     from .train import add_run_options

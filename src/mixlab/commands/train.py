@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UsageError, as_usage_error
+
 
 def add_run_options(p, model_help: str, data_help: str, recipe_help: str, set_example: str) -> None:
     """The options `mixlab train` and `mixlab seg train` share (help texts per command)."""
@@ -37,11 +39,14 @@ def config_from_args(args, task: str, overrides: list[str], **explicit) -> dict:
 
     if args.logger is not None:
         overrides = [*overrides, f"log.loggers=[{args.logger}]"]
-    return resolve_config(model=args.model, recipe=args.recipe, config_file=args.config, overrides=overrides,
-                          task=task, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
-                          seed=args.seed, device=args.device, precision=args.precision, compile=args.compile,
-                          model_kwargs=parse_kv(args.model_kwargs) or None, init=args.init,
-                          freeze_backbone=args.freeze_backbone, **explicit)
+    try:
+        return resolve_config(model=args.model, recipe=args.recipe, config_file=args.config, overrides=overrides,
+                              task=task, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
+                              seed=args.seed, device=args.device, precision=args.precision, compile=args.compile,
+                              model_kwargs=parse_kv(args.model_kwargs) or None, init=args.init,
+                              freeze_backbone=args.freeze_backbone, **explicit)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise as_usage_error(e) from None  # resolving a configuration only refuses input
 
 
 # (argparse attribute, flag) of the settings a resumed run keeps from its config.yaml
@@ -59,7 +64,7 @@ def refuse_ignored_on_resume(args, command: str) -> None:
     setting given with it would be ignored, so it is refused, naming the flags."""
     given = [flag for attr, flag in _FIXED_ON_RESUME if getattr(args, attr, None) not in (None, False, "", [])]
     if given:
-        raise ValueError(f"--resume continues {args.resume} with the settings in its config.yaml, so "
+        raise UsageError(f"--resume continues {args.resume} with the settings in its config.yaml, so "
                          f"{', '.join(given)} would be ignored: drop {'it' if len(given) == 1 else 'them'}, or start "
                          f"a new run with `{command} --out NEW_DIR ...`. With --resume only --epochs (to extend the "
                          f"run) and --data (if its data moved) apply")

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 
 @dataclass
 class AugmentConfig:
@@ -55,13 +57,13 @@ class AugmentConfig:
         d = dict(d or {})
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown augmentation key(s): {', '.join(unknown)}; "
+            raise UsageError(f"unknown augmentation key(s): {', '.join(unknown)}; "
                              f"known: {', '.join(cls.__dataclass_fields__)}")
         for k in ("rrc_scale", "rrc_ratio"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         if d.get("erasing_mode", "noise") not in ("noise", "zero"):
-            raise ValueError(f"augment.erasing_mode must be 'noise' (timm's: N(0, 1) noise after normalising) or "
+            raise UsageError(f"augment.erasing_mode must be 'noise' (timm's: N(0, 1) noise after normalising) or "
                              f"'zero' (torchvision's/Paddle's: black, before flip and rotation), "
                              f"got {d['erasing_mode']!r}")
         return cls(**d)

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from ..io import atomic_save_safetensors
+from .images import rgb_image
 
 log = logging.getLogger("mixlab.data")
 
@@ -33,7 +35,7 @@ CIFAR_LAYOUTS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python
 KNOWN_DATASETS = ("cifar10", "cifar100", "folder")
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data set that cannot be read as asked; the message says what and how to fix it."""
 
 
@@ -113,10 +115,32 @@ def locate(dataset: str, data: str | os.PathLike | None) -> tuple[str, Path]:
 
 # ----------------------------------------------------------------------------- folder trees
 
-def _list_folder(root: Path) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:
-    """{split: [(file, class_index)]}, classes. Checks that train and test have the same classes."""
+def _files_in(folder: Path) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if not name.startswith(".")) if folder.is_dir() else []
+
+
+def _list_folder(root: Path, say=print, left_out: list[str] | None = None,
+                 ) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:
+    """{split: [(file, class_index)]}, classes. Checks that train and test have the same classes.
+
+    A class folder that is empty in every split is left out, saying so (a class with no image
+    cannot be learnt or tested); one with test (or val) images but none to train on is refused."""
     splits = {s: root / s for s in ("train", "test", "val") if (root / s).is_dir()}
     class_sets = {s: sorted(d.name for d in p.iterdir() if d.is_dir()) for s, p in splits.items()}
+    empty = {c for c in class_sets["train"] if not _files_in(splits["train"] / c)}
+    if empty:
+        elsewhere = {c: [s for s in splits if s != "train" and _files_in(splits[s] / c)] for c in sorted(empty)}
+        untrainable = {c: where for c, where in elsewhere.items() if where}
+        if untrainable:
+            c, where = next(iter(untrainable.items()))
+            more = f" ({len(untrainable) - 1} more such class(es))" if len(untrainable) > 1 else ""
+            raise DataError(f"class folder {splits['train'] / c} is empty but {splits[where[0]] / c} has images: "
+                            "a class with nothing to train on cannot be learnt. Add training images, or remove the "
+                            f"class from every split{more}")
+        say(f"data: left out empty class folder(s) {', '.join(sorted(empty))} (no images in any split)")
+        if left_out is not None:
+            left_out.extend(sorted(empty))
+        class_sets = {s: [c for c in names if c not in empty] for s, names in class_sets.items()}
     classes = class_sets["train"]
     if not classes:
         raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/<image>)")
@@ -133,9 +157,8 @@ def _list_folder(root: Path) -> tuple[dict[str, list[tuple[Path, int]]], list[st
     for s, p in splits.items():
         items = []
         for ci, c in enumerate(classes):
-            for name in sorted(os.listdir(p / c)):
-                if not name.startswith("."):
-                    items.append((p / c / name, ci))
+            for name in _files_in(p / c):
+                items.append((p / c / name, ci))
         files[s] = items
     return files, classes
 
@@ -163,12 +186,15 @@ def _decode(path: Path, resize: int | None):
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = rgb_image(im)  # 16-bit greyscale scaled to 0-255, not clipped
             if resize and im.size != (resize, resize):
                 im = im.resize((resize, resize), Image.BILINEAR)
             return np.asarray(im)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         return f"{path}: not a readable image ({type(e).__name__})"
+
+
+_SKIP_HINT = ". To skip such files (counted and logged), use --set data.on_bad_image=skip"
 
 
 def _decode_all(items, resize: int | None, on_bad: str, skipped: list[str]) -> Split:
@@ -189,7 +215,7 @@ def _decode_all(items, resize: int | None, on_bad: str, skipped: list[str]) -> S
             if on_bad == "skip":
                 skipped.append(problem)
                 continue
-            raise DataError(problem + ". To skip such files (counted and logged), use --set data.on_bad_image=skip")
+            raise DataError(problem + _SKIP_HINT)
         arrays.append(arr)
         labels.append(label)
     if not arrays:
@@ -263,12 +289,14 @@ def _cache_file(dataset: str, key: str, resize: int | None) -> Path:
     return default_cache_dir() / "datasets" / f"{dataset}-{key}{f'-r{resize}' if resize else ''}.safetensors"
 
 
-def _save_cache(path: Path, train: Split, test: Split, extra: Split | None, classes, source: str, skipped):
+def _save_cache(path: Path, train: Split, test: Split, extra: Split | None, classes, source: str, skipped,
+                left_out=()):
     tensors = {"train_images": train.images, "train_labels": train.labels,
                "test_images": test.images, "test_labels": test.labels}
     if extra is not None:
         tensors.update(val_images=extra.images, val_labels=extra.labels)
-    meta = {"classes": json.dumps(classes), "source": source, "skipped": json.dumps(skipped)}
+    meta = {"classes": json.dumps(classes), "source": source, "skipped": json.dumps(skipped),
+            "left_out": json.dumps(list(left_out))}
     atomic_save_safetensors(tensors, path, metadata=meta)
 
 
@@ -281,7 +309,13 @@ def _load_cache(path: Path):
     t = load_file(str(path))
     val = Split(t["val_images"], t["val_labels"]) if "val_images" in t else None
     return (Split(t["train_images"], t["train_labels"]), Split(t["test_images"], t["test_labels"]), val,
-            json.loads(meta["classes"]), meta["source"], json.loads(meta.get("skipped", "[]")))
+            json.loads(meta["classes"]), meta["source"], json.loads(meta.get("skipped", "[]")),
+            json.loads(meta.get("left_out", "[]")))
+
+
+def _classes_without_training_images(train: Split, classes: list[str]) -> list[str]:
+    counts = torch.bincount(train.labels, minlength=len(classes)).tolist()
+    return [c for c, n in zip(classes, counts) if n == 0]
 
 
 def holdout(split: Split, fraction: float, seed: int, mode: str = "random") -> tuple[Split, Split | None]:
@@ -336,13 +370,27 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
         + str(path.resolve()).encode()).hexdigest()[:16]
     cache = _cache_file(dataset, key, resize)
     skipped: list[str] = []
+    left_out: list[str] = []
+    say = print if verbose else log.warning
+    loaded = None
     if cache.is_file() and not rebuild_cache:
-        train, test, extra_val, classes, source, skipped = _load_cache(cache)
+        try:
+            loaded = _load_cache(cache)
+        except Exception as e:  # SafetensorError, a cut-short file, missing keys: rebuilt, never trusted
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            say(f"data: the cache {cache} is damaged ({type(e).__name__}: {reason[:160]}): decoding the data again")
+    if loaded is not None:
+        train, test, extra_val, classes, source, skipped, left_out = loaded
+        if skipped and on_bad_image == "error":  # this cache was built with on_bad_image: skip
+            raise DataError(skipped[0] + (f" (and {len(skipped) - 1} more bad file(s))" if len(skipped) > 1 else "")
+                            + _SKIP_HINT)
+        if left_out:
+            say(f"data: left out empty class folder(s) {', '.join(left_out)} (no images in any split)")
         how = "cache"
     else:
         extra_val = None
         if kind == "folder":
-            files, classes = _list_folder(path)
+            files, classes = _list_folder(path, say, left_out)
             train = _decode_all(files["train"], resize, on_bad_image, skipped)
             test = _decode_all(files["test"], resize, on_bad_image, skipped)
             if "val" in files:
@@ -350,10 +398,15 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
             if train.images.shape[1:] != test.images.shape[1:]:
                 raise DataError(f"train images are {tuple(train.images.shape[1:])} but test images are "
                                 f"{tuple(test.images.shape[1:])}; use --set data.resize=N")
+            lost = _classes_without_training_images(train, classes)
+            if lost:
+                raise DataError(f"every training image of class(es) {', '.join(lost)} was unreadable and skipped "
+                                f"(on_bad_image: skip), so the class cannot be learnt: fix or replace those files "
+                                f"(the first: {skipped[0] if skipped else '?'})")
         else:
             train, test, classes = _load_pickle_release(dataset, path)
         source = str(path)
-        _save_cache(cache, train, test, extra_val, classes, source, skipped)
+        _save_cache(cache, train, test, extra_val, classes, source, skipped, left_out)
         how = "decoded"
     for problem in skipped:
         log.warning("skipped %s", problem)

@@ -74,6 +74,9 @@ def _build(compiler: str) -> Path:
                               timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{Path(compiler).name} failed: {proc.stderr.strip()[-800:]}")
+        from ..io import _UMASK
+
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkstemp made it 0600: the mode a compiler gives a library
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -15,13 +15,18 @@ Layouts read:
 * an images folder and a masks folder whose files have matching names
   (``mask_suffix`` allows e.g. ``x.png`` <-> ``x_mask.png``).
 
-Mask files are binarised on reading: a pixel is foreground when its grey value is > 127, or
-> 0 when the file's maximum is 1 (masks stored as 0/1 rather than 0/255).
+Mask files are binarised on reading. A mask holding only 0 and 255 (65535 for a 16-bit file)
+or only 0 and 1 is read as it is; any other mask (0/100, a 0/1/2 label map, a JPEG mask with
+in-between values) is refused unless the data's settings say which pixels are foreground:
+``mask_threshold=N`` (value > N) or ``mask_values=[V, ...]`` (one of these values). It is
+never guessed: a threshold picked for the user reads a 0/100 mask as empty. 16-bit images are
+scaled to 8 bits, not clipped (:mod:`mixlab.data.images`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +40,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
+from ..data.images import mask_array, rgb_image
 from ..io import atomic_torch_save, atomic_write_text
+from ..errors import MissingFileError, UnknownNameError, UsageError
 
 __all__ = [
     "IMAGE_EXTS", "SegDataset", "read_unext_folder", "read_image_mask_dirs", "load_segmentation_data",
@@ -44,7 +51,44 @@ __all__ = [
 ]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: masks checked against {0, max} / {0, 1} or an explicit rule; 16-bit images scaled
+log = logging.getLogger("mixlab.data")
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """Which mask pixels are foreground when a mask is not a 0/255 (0/65535) or 0/1 mask:
+    ``threshold`` (value > threshold) or ``values`` (one of them); neither: such masks are refused."""
+
+    threshold: int | None = None
+    values: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.threshold is not None and self.values is not None:
+            raise UsageError("give mask_threshold or mask_values, not both: each says which mask pixels are foreground")
+
+    def key(self):
+        return [self.threshold, list(self.values) if self.values is not None else None]
+
+
+def _foreground(arr: np.ndarray, full: int, path: Path, rule: MaskRule) -> np.ndarray:
+    """The foreground (bool) of a mask's pixel values, by ``rule`` or, without one, for a mask
+    of {0, full} or {0, 1} only; other masks are refused, naming the file and its values."""
+    if rule.values is not None:
+        return np.isin(arr, rule.values)
+    if rule.threshold is not None:
+        return arr > rule.threshold
+    present = np.flatnonzero(np.bincount(arr.ravel(), minlength=2)) if arr.dtype == np.uint8 else np.unique(arr)
+    if set(present.tolist()) <= {0, 1}:
+        return arr == 1
+    if set(present.tolist()) <= {0, full}:
+        return arr == full
+    shown = ", ".join(str(v) for v in present[:8].tolist())
+    shown += f", ... ({len(present)} values)" if len(present) > 8 else ""
+    raise UsageError(f"mask {path} holds the values {shown}, not only 0 and {full} or 0 and 1, so which pixels are "
+                     "foreground cannot be told (a label map, or a lossy JPEG mask?): say it with --set "
+                     "data.mask_threshold=N (foreground: value > N) or --set data.mask_values=[V, ...] (foreground: "
+                     "these values)")
 
 
 @dataclass
@@ -90,26 +134,28 @@ class SegDataset:
 # ---------------------------------------------------------------------------------------------
 # reading files
 
-def _decode(path: Path, mode: str, size: tuple[int, int] | None) -> tuple[tuple[int, int], np.ndarray]:
-    """(native (W, H), array) of an RGB image or a 0/1 mask (``mode="mask"``), resized to
-    ``size`` = (H, W) when given."""
+def _decode(path: Path, mode: str, size: tuple[int, int] | None,
+            rule: MaskRule = MaskRule()) -> tuple[tuple[int, int], np.ndarray]:
+    """(native (W, H), array) of an RGB image or a 0/1 mask (``mode="mask"``, binarised by
+    ``rule``, see :class:`MaskRule`), resized to ``size`` = (H, W) when given."""
     try:
         with Image.open(path) as im:
             native = im.size
             if mode == "mask":
-                arr = np.asarray(im.convert("L"))
-                fg = arr > (0 if arr.max() == 1 else 127)
+                fg = _foreground(*mask_array(im), path, rule)
                 if size is not None and (size[1], size[0]) != native:
                     fg = np.asarray(Image.fromarray(fg.astype(np.uint8)).resize((size[1], size[0]), Image.NEAREST))
                 return native, fg.astype(np.uint8)
-            im = im.convert("RGB")
+            im = rgb_image(im)
             if size is not None and (size[1], size[0]) != native:
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
             return native, np.array(im)  # writable: torch.from_numpy warns on read-only arrays
+    except UsageError:
+        raise
     except FileNotFoundError:
-        raise FileNotFoundError(f"file not found: {path}") from None
+        raise MissingFileError(f"file not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {e}") from None
+        raise UsageError(f"cannot read image file {path}: {type(e).__name__}: {e}") from None
 
 
 def _find_with_stem(folder: Path, stem: str, preferred_ext: str, exts: Sequence[str]) -> Path | None:
@@ -119,20 +165,20 @@ def _find_with_stem(folder: Path, stem: str, preferred_ext: str, exts: Sequence[
         return first
     found = [folder / f"{stem}{e}" for e in exts if e != preferred_ext and (folder / f"{stem}{e}").is_file()]
     if len(found) > 1:
-        raise ValueError(f"several files could be the mask of {stem!r}: {', '.join(map(str, found))}")
+        raise UsageError(f"several files could be the mask of {stem!r}: {', '.join(map(str, found))}")
     return found[0] if found else None
 
 
 def _list_images(folder: Path, exts: Sequence[str]) -> list[Path]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"folder not found: {folder}")
+        raise MissingFileError(f"folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts)
     if not files:
-        raise ValueError(f"no image files ({', '.join(exts)}) in {folder}")
+        raise UsageError(f"no image files ({', '.join(exts)}) in {folder}")
     stems = [p.stem for p in files]
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})
-        raise ValueError(f"{folder} has several images with the same name: {', '.join(dup[:5])}")
+        raise UsageError(f"{folder} has several images with the same name: {', '.join(dup[:5])}")
     return files
 
 
@@ -142,15 +188,16 @@ def _missing_error(missing: list[tuple[Path, Path]]) -> FileNotFoundError:
     return FileNotFoundError(f"{len(missing)} mask file(s) missing:\n{shown}{more}")
 
 
-def _decode_all(image_paths: list[Path], mask_paths: list[list[Path]], size, workers) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_all(image_paths: list[Path], mask_paths: list[list[Path]], size, workers,
+                rule: MaskRule = MaskRule()) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode every image and its K masks; check sizes; stack into uint8 tensors."""
     def one(i):
         native, img = _decode(image_paths[i], "RGB", size)
         masks = []
         for mp in mask_paths[i]:
-            m_native, m = _decode(mp, "mask", size)
+            m_native, m = _decode(mp, "mask", size, rule)
             if m_native != native:
-                raise ValueError(f"mask {mp} is {m_native[0]}x{m_native[1]} (WxH) but its image "
+                raise UsageError(f"mask {mp} is {m_native[0]}x{m_native[1]} (WxH) but its image "
                                  f"{image_paths[i]} is {native[0]}x{native[1]}")
             masks.append(m)
         return img, np.stack(masks)
@@ -161,7 +208,7 @@ def _decode_all(image_paths: list[Path], mask_paths: list[list[Path]], size, wor
     first_shape = decoded[0][0].shape
     for i, (img, _) in enumerate(decoded):
         if img.shape != first_shape:
-            raise ValueError(
+            raise UsageError(
                 f"{image_paths[i]} is {img.shape[1]}x{img.shape[0]} (WxH) but {image_paths[0]} is "
                 f"{first_shape[1]}x{first_shape[0]}: all images must share one size (pass size=(H, W) to "
                 "resize them on reading)")
@@ -170,29 +217,32 @@ def _decode_all(image_paths: list[Path], mask_paths: list[list[Path]], size, wor
     return images, masks
 
 
-def _cache_key(kind: str, files: list[Path], size) -> str:
+def _cache_key(kind: str, files: list[Path], size, rule: MaskRule = MaskRule()) -> str:
     entries = []
     for p in files:
         st = p.stat()
         entries.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-    blob = json.dumps([_CACHE_VERSION, kind, list(size) if size else None, entries])
+    blob = json.dumps([_CACHE_VERSION, kind, list(size) if size else None, rule.key(), entries])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _with_cache(cache_dir, kind, image_paths, mask_paths, size, build) -> tuple[torch.Tensor, torch.Tensor]:
+def _with_cache(cache_dir, kind, image_paths, mask_paths, size, build,
+                rule: MaskRule = MaskRule()) -> tuple[torch.Tensor, torch.Tensor]:
     """Build the tensors, or read them from ``cache_dir`` when every file is unchanged."""
     if cache_dir is None:
         return build()
     files = list(image_paths) + [m for ms in mask_paths for m in ms]
-    key = _cache_key(kind, files, size)
+    key = _cache_key(kind, files, size, rule)
     path = Path(cache_dir) / f"seg-{kind}-{key}.pt"
     if path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            if blob.get("key") == key:
+            if blob.get("key") == key and blob["images"].shape[0] == len(image_paths) == blob["masks"].shape[0]:
                 return blob["images"], blob["masks"]
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            pass
+            problem = "it holds other data"
+        except Exception as e:  # a damaged cache is rebuilt, never trusted
+            problem = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        log.warning("the decoded-data cache %s is damaged (%s): decoding the data again", path, problem[:200])
     images, masks = build()
     atomic_torch_save({"key": key, "images": images, "masks": masks}, path)
     return images, masks
@@ -200,24 +250,27 @@ def _with_cache(cache_dir, kind, image_paths, mask_paths, size, build) -> tuple[
 
 def read_unext_folder(root: str | os.PathLike, size: tuple[int, int] | None = None,
                       cache_dir: str | os.PathLike | None = None, workers: int | None = None,
-                      exts: Sequence[str] = IMAGE_EXTS) -> SegDataset:
+                      exts: Sequence[str] = IMAGE_EXTS, mask_threshold: int | None = None,
+                      mask_values: Sequence[int] | None = None) -> SegDataset:
     """Read ``ROOT/images/<name>`` with ``ROOT/masks/<k>/<name>`` for k = 0..K-1.
 
     Args:
         size: (H, W) to resize to on reading (bilinear for images, nearest for masks);
             None keeps the files' size, which must then be the same for every image.
         cache_dir: where to keep the decoded tensors; reused while no file changed.
+        mask_threshold, mask_values: which pixels of masks that are not 0/255 or 0/1 are
+            foreground (value > threshold, or one of the values); see :class:`MaskRule`.
     """
     root = Path(root)
     image_dir, mask_root = root / "images", root / "masks"
     if not image_dir.is_dir() or not mask_root.is_dir():
-        raise FileNotFoundError(f"{root} is not in the UNeXt layout: it needs images/ and masks/0/ folders")
+        raise MissingFileError(f"{root} is not in the UNeXt layout: it needs images/ and masks/0/ folders")
     class_dirs = sorted((p for p in mask_root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     if not class_dirs:
-        raise FileNotFoundError(f"{mask_root} has no class folders: binary masks go in {mask_root / '0'}")
+        raise MissingFileError(f"{mask_root} has no class folders: binary masks go in {mask_root / '0'}")
     numbers = [int(p.name) for p in class_dirs]
     if numbers != list(range(len(numbers))):
-        raise ValueError(f"mask class folders in {mask_root} must be 0..K-1 without gaps, found {numbers}")
+        raise UsageError(f"mask class folders in {mask_root} must be 0..K-1 without gaps, found {numbers}")
     image_paths = _list_images(image_dir, exts)
     mask_paths, missing = [], []
     for img in image_paths:
@@ -230,14 +283,16 @@ def read_unext_folder(root: str | os.PathLike, size: tuple[int, int] | None = No
         mask_paths.append(ms)
     if missing:
         raise _missing_error(missing)
+    rule = _mask_rule(mask_threshold, mask_values)
     images, masks = _with_cache(cache_dir, "unext", image_paths, mask_paths, size,
-                                lambda: _decode_all(image_paths, mask_paths, size, workers))
+                                lambda: _decode_all(image_paths, mask_paths, size, workers, rule), rule)
     return SegDataset(images, masks, [p.stem for p in image_paths], str(root), [str(p) for p in image_paths])
 
 
 def read_image_mask_dirs(image_dir: str | os.PathLike, mask_dir: str | os.PathLike, mask_suffix: str = "",
                          size: tuple[int, int] | None = None, cache_dir: str | os.PathLike | None = None,
-                         workers: int | None = None, exts: Sequence[str] = IMAGE_EXTS) -> SegDataset:
+                         workers: int | None = None, exts: Sequence[str] = IMAGE_EXTS,
+                         mask_threshold: int | None = None, mask_values: Sequence[int] | None = None) -> SegDataset:
     """Read images and binary masks from two folders, matched by name.
 
     The mask of ``image_dir/x.jpg`` is ``mask_dir/x{mask_suffix}.<ext>`` (any image extension;
@@ -245,10 +300,10 @@ def read_image_mask_dirs(image_dir: str | os.PathLike, mask_dir: str | os.PathLi
     """
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
     if not mask_dir.is_dir():
-        raise FileNotFoundError(f"mask folder not found: {mask_dir}")
+        raise MissingFileError(f"mask folder not found: {mask_dir}")
     image_paths = _list_images(image_dir, exts)
     if mask_suffix == "" and image_dir.resolve() == mask_dir.resolve():
-        raise ValueError(f"images and masks are the same folder ({image_dir}); pass mask_suffix=")
+        raise UsageError(f"images and masks are the same folder ({image_dir}); pass mask_suffix=")
     if mask_suffix:  # masks beside the images: don't take a mask for an image
         image_paths = [p for p in image_paths if not p.stem.endswith(mask_suffix)]
     mask_paths, missing = [], []
@@ -259,22 +314,28 @@ def read_image_mask_dirs(image_dir: str | os.PathLike, mask_dir: str | os.PathLi
         mask_paths.append([mp])
     if missing:
         raise _missing_error(missing)
+    rule = _mask_rule(mask_threshold, mask_values)
     images, masks = _with_cache(cache_dir, "dirs", image_paths, mask_paths, size,
-                                lambda: _decode_all(image_paths, mask_paths, size, workers))
+                                lambda: _decode_all(image_paths, mask_paths, size, workers, rule), rule)
     return SegDataset(images, masks, [p.stem for p in image_paths], str(image_dir), [str(p) for p in image_paths])
+
+
+def _mask_rule(threshold, values) -> MaskRule:
+    return MaskRule(None if threshold is None else int(threshold),
+                    None if values is None else tuple(int(v) for v in values))
 
 
 def load_segmentation_data(path: str | os.PathLike, **kwargs) -> SegDataset:
     """Read a data folder in either layout: UNeXt (``masks/0/...``) or ``images/`` + ``masks/`` files."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"data folder not found: {path}")
+        raise MissingFileError(f"data folder not found: {path}")
     masks = path / "masks"
     if (path / "images").is_dir() and masks.is_dir():
         if any(p.is_dir() and p.name.isdigit() for p in masks.iterdir()):
             return read_unext_folder(path, **kwargs)
         return read_image_mask_dirs(path / "images", masks, **kwargs)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{path} is not a segmentation data folder: expected images/<name>.png with masks/0/<name>.png "
         "(UNeXt layout) or with masks/<name>.png")
 
@@ -293,11 +354,11 @@ def _resolve_names(names: Sequence[str], known, where: str) -> list[str]:
         else:
             unknown.append(n)
     if unknown:
-        raise KeyError(f"{len(unknown)} name(s) not in the data set {where}: {', '.join(map(repr, unknown[:5]))}"
-                       + (" ..." if len(unknown) > 5 else ""))
+        raise UnknownNameError(f"{len(unknown)} name(s) not in the data set {where}: {', '.join(map(repr, unknown[:5]))}"
+                               + (" ..." if len(unknown) > 5 else ""))
     if len(set(out)) != len(out):
         dup = sorted({n for n in out if out.count(n) > 1})
-        raise ValueError(f"names listed more than once: {', '.join(map(repr, dup[:5]))}")
+        raise UsageError(f"names listed more than once: {', '.join(map(repr, dup[:5]))}")
     return out
 
 
@@ -309,11 +370,11 @@ def split_names(names: Sequence[str], val_fraction: float = 0.2, seed: int = 41)
     The draw depends only on the sorted names and the seed, not on the folder's listing order.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        raise UsageError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     names = sorted(names)
     n_val = math.ceil(len(names) * val_fraction)
     if n_val >= len(names) or n_val == 0:
-        raise ValueError(f"cannot split {len(names)} case(s) with val_fraction={val_fraction}")
+        raise UsageError(f"cannot split {len(names)} case(s) with val_fraction={val_fraction}")
     perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
     val = sorted(names[i] for i in perm[:n_val])
     train = sorted(names[i] for i in perm[n_val:])
@@ -324,11 +385,11 @@ def read_split_file(path: str | os.PathLike) -> list[str]:
     """Names listed in a split file: one per line; blank lines and ``#`` comments are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
+        raise MissingFileError(f"split file not found: {path}")
     names = [line.strip() for line in path.read_text().splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
-        raise ValueError(f"split file {path} lists no names")
+        raise UsageError(f"split file {path} lists no names")
     return names
 
 
@@ -355,10 +416,10 @@ def split_dataset(ds: SegDataset, val_fraction: float = 0.2, seed: int = 41,
             val = [n for n in ds.names if n not in set(train)]
         both = sorted(set(train) & set(val))
         if both:
-            raise ValueError(f"{len(both)} case(s) are in both the train and the val split: "
+            raise UsageError(f"{len(both)} case(s) are in both the train and the val split: "
                              f"{', '.join(map(repr, both[:5]))}")
         if not train or not val:
-            raise ValueError("the split leaves the train or the val set empty")
+            raise UsageError("the split leaves the train or the val set empty")
     return ds.subset(train), ds.subset(val)
 
 
@@ -445,9 +506,9 @@ class JointAugment:
                  crop_scale: tuple[float, float] | None = None, crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  crop_p: float = 1.0, brightness: float = 0.0, contrast: float = 0.0):
         if crop_scale is not None and not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
+            raise UsageError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
         if brightness < 0 or contrast < 0:
-            raise ValueError("brightness and contrast must be >= 0")
+            raise UsageError("brightness and contrast must be >= 0")
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self.crop_scale, self.crop_ratio, self.crop_p = crop_scale, crop_ratio, crop_p
         self.brightness, self.contrast = brightness, contrast

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
+
 __all__ = ["soft_dice", "BCEDiceLoss", "DiceLoss", "BCELoss", "FocalLoss", "LOSSES", "build_loss"]
 
 
@@ -76,7 +78,7 @@ class FocalLoss(nn.Module):
     def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25):
         super().__init__()
         if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
+            raise UsageError(f"gamma must be >= 0, got {gamma}")
         self.gamma, self.alpha = gamma, alpha
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -99,5 +101,5 @@ def build_loss(name: str = "bce_dice", **kwargs) -> nn.Module:
     key = name.lower().replace("-", "_")
     key = _ALIASES.get(key, key)
     if key not in LOSSES:
-        raise ValueError(f"unknown segmentation loss {name!r}; choose from {', '.join(LOSSES)}")
+        raise UsageError(f"unknown segmentation loss {name!r}; choose from {', '.join(LOSSES)}")
     return LOSSES[key](**kwargs)

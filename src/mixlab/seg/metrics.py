@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from ..errors import UsageError
+
 __all__ = ["SMOOTH", "binarize", "confusion_counts", "scores_from_counts", "official_iou_score",
            "official_iou_dice", "SegMetrics"]
 
@@ -89,10 +91,10 @@ def official_iou_dice(counts: torch.Tensor, batch_size: int) -> tuple[float, flo
     averaged weighted by batch size.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     n = counts.shape[0]
     if n == 0:
-        raise ValueError("no images to score")
+        raise UsageError("no images to score")
     iou_sum = dice_sum = 0.0
     for start in range(0, n, batch_size):
         chunk = counts[start:start + batch_size]

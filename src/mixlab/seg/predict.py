@@ -21,8 +21,9 @@ from PIL import Image, ImageDraw
 from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
 from ..analysis.probe import eval_mode
 from ..io import atomic_path
-from .data import IMAGE_EXTS, _decode, normalize_images
+from .data import IMAGE_EXTS, _decode, _mask_rule, normalize_images
 from .metrics import confusion_counts, scores_from_counts
+from ..errors import MissingFileError, UsageError
 
 __all__ = ["read_predict_inputs", "predict_images", "save_mask_png", "overlay_panel", "write_predictions",
            "truth_scores"]
@@ -31,19 +32,23 @@ TRUTH_COLOR = (0, 200, 0)
 PRED_COLOR = (230, 40, 40)
 
 
-def read_predict_inputs(path: str | os.PathLike) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor | None]]:
+def read_predict_inputs(path: str | os.PathLike, mask_threshold: int | None = None,
+                        mask_values: Sequence[int] | None = None,
+                        ) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor | None]]:
     """(names, images (3, H, W) uint8, ground truths (K, H, W) uint8 or None) from a path.
 
     ``path`` is one image file, a folder of images, or a data folder (``images/`` with
     ``masks/0/`` or ``masks/``), whose masks are then used as ground truth where present.
-    Images may have different sizes.
+    Images may have different sizes. ``mask_threshold`` / ``mask_values``: how to read masks
+    that are not 0/255 or 0/1 (:class:`~mixlab.seg.data.MaskRule`).
     """
+    rule = _mask_rule(mask_threshold, mask_values)
     path = Path(path)
     if path.is_file():
         _, img = _decode(path, "RGB", None)
         return [path.stem], [torch.from_numpy(img).permute(2, 0, 1).contiguous()], [None]
     if not path.is_dir():
-        raise FileNotFoundError(f"no such image or folder: {path}")
+        raise MissingFileError(f"no such image or folder: {path}")
     image_dir = path / "images" if (path / "images").is_dir() else path
     mask_dirs: list[Path] = []
     if image_dir != path and (path / "masks").is_dir():
@@ -52,7 +57,7 @@ def read_predict_inputs(path: str | os.PathLike) -> tuple[list[str], list[torch.
         mask_dirs = numbered or [path / "masks"]
     files = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
-        raise ValueError(f"no image files ({', '.join(IMAGE_EXTS)}) in {image_dir}")
+        raise UsageError(f"no image files ({', '.join(IMAGE_EXTS)}) in {image_dir}")
     names, images, truths = [], [], []
     for f in files:
         native, img = _decode(f, "RGB", None)
@@ -63,9 +68,9 @@ def read_predict_inputs(path: str | os.PathLike) -> tuple[list[str], list[torch.
             candidates = [d / f"{f.stem}{e}" for e in (f.suffix, *IMAGE_EXTS) if (d / f"{f.stem}{e}").is_file()]
             if not candidates:
                 break
-            m_native, m = _decode(candidates[0], "mask", None)
+            m_native, m = _decode(candidates[0], "mask", None, rule)
             if m_native != native:
-                raise ValueError(f"mask {candidates[0]} is {m_native[0]}x{m_native[1]} (WxH) but its image {f} is "
+                raise UsageError(f"mask {candidates[0]} is {m_native[0]}x{m_native[1]} (WxH) but its image {f} is "
                                  f"{native[0]}x{native[1]}")
             masks.append(torch.from_numpy(m))
         truths.append(torch.stack(masks) if masks and len(masks) == len(mask_dirs) else None)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from .base import RunContext, Task
 
 
@@ -31,7 +32,7 @@ class ClassificationTask(Task):
         data = load_classification_data(cfg, verbose=ctx.dist.is_main)
         cfg["num_classes"] = cfg["num_classes"] or data.num_classes
         if cfg["num_classes"] != data.num_classes:
-            raise ValueError(f"num_classes is {cfg['num_classes']} but the data set has {data.num_classes} classes")
+            raise UsageError(f"num_classes is {cfg['num_classes']} but the data set has {data.num_classes} classes")
         cfg["img_size"] = cfg["img_size"] or int(data.image_size[0])
         cifar = data.name.startswith("cifar")
         cfg["data"]["mean"] = list(cfg["data"]["mean"] or (CIFAR_MEAN if cifar else (0.5, 0.5, 0.5)))

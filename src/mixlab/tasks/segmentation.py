@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .base import RunContext, Task
 
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST = "split_train.txt", "split_val.txt", "split_test.txt"
@@ -25,7 +26,7 @@ def image_hw(value) -> tuple[int, int] | None:
         return None
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
-            raise ValueError(f"img_size must be N or [H, W], got {value!r}")
+            raise UsageError(f"img_size must be N or [H, W], got {value!r}")
         return int(value[0]), int(value[1])
     return int(value), int(value)
 
@@ -42,10 +43,11 @@ def load_seg_splits(cfg: dict, run_dir: Path | None = None, verbose: bool = Fals
 
     d = cfg["data"]
     if not d.get("root"):
-        raise ValueError("no data folder given: pass --data DIR, a folder in the UNeXt layout "
+        raise UsageError("no data folder given: pass --data DIR, a folder in the UNeXt layout "
                          "(images/<name>.png with masks/0/<name>.png) or images/ + masks/ with matching names")
     t0 = time.perf_counter()
-    ds = load_segmentation_data(d["root"], size=image_hw(cfg.get("img_size")), cache_dir=default_cache_dir() / "seg")
+    ds = load_segmentation_data(d["root"], size=image_hw(cfg.get("img_size")), cache_dir=default_cache_dir() / "seg",
+                                mask_threshold=d.get("mask_threshold"), mask_values=d.get("mask_values"))
     seconds = time.perf_counter() - t0
     files = {k: d.get(f"{k}_split_file") for k in ("train", "val", "test")}
     if run_dir is not None and (Path(run_dir) / SPLIT_TRAIN).is_file():
@@ -108,7 +110,7 @@ class SegmentationTask(Task):
         self.train, self.val, self.test = load_seg_splits(cfg, resume_dir, verbose=ctx.dist.is_main)
         num_classes = self.train.num_classes
         if cfg["num_classes"] not in (None, num_classes):
-            raise ValueError(f"num_classes is {cfg['num_classes']} but the masks have {num_classes} class(es) "
+            raise UsageError(f"num_classes is {cfg['num_classes']} but the masks have {num_classes} class(es) "
                              f"(masks/0 .. masks/{num_classes - 1})")
         cfg["num_classes"] = num_classes
         self.size = self.train.image_size

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..io import atomic_write_json
+from ..errors import UsageError, as_usage_error
 
 __all__ = ["PlanItem", "plan_compare", "run_compare", "parse_model_list"]
 
@@ -52,7 +53,7 @@ def parse_model_list(text: str | list[str] | None, what: str = "--models") -> li
     names = [n.strip() for n in items if n.strip()]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"{what} names {', '.join(dup)} more than once")
+        raise UsageError(f"{what} names {', '.join(dup)} more than once")
     return names
 
 
@@ -64,7 +65,7 @@ def _read_json(path: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete it or the run directory to retrain") from None
+        raise UsageError(f"{path} is not valid JSON ({e}); delete it or the run directory to retrain") from None
 
 
 def _state_of(run_dir: Path, epochs: int) -> tuple[str, str]:
@@ -137,7 +138,7 @@ def run_compare(models: list[str], out: str | Path, recipe: str | None = None, *
 
     models = parse_model_list(models)
     if not models:
-        raise ValueError("--models needs at least one model name (see `mixlab models`)")
+        raise UsageError("--models needs at least one model name (see `mixlab models`)")
     for m in models:
         model_info(m)  # unknown names fail here, with suggestions, before anything trains
     selected = models
@@ -145,14 +146,17 @@ def run_compare(models: list[str], out: str | Path, recipe: str | None = None, *
         only = parse_model_list(only, "--only")
         missing = [m for m in only if m not in models]
         if missing:
-            raise ValueError(f"--only names {', '.join(missing)}, which --models does not list "
+            raise UsageError(f"--only names {', '.join(missing)}, which --models does not list "
                              f"({', '.join(models)})")
         selected = [m for m in models if m in only]
 
     from .config import resolve_config
     overrides = list(overrides or [])
-    configs = {m: resolve_config(model=m, recipe=recipe, config_file=config_file, overrides=overrides,
-                                 epochs=epochs, data=data, **explicit) for m in selected}
+    try:
+        configs = {m: resolve_config(model=m, recipe=recipe, config_file=config_file, overrides=overrides,
+                                     epochs=epochs, data=data, **explicit) for m in selected}
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise as_usage_error(e) from None  # resolving a configuration only refuses input
     out = Path(out)
     plan = plan_compare(selected, out, {m: int(c["epochs"]) for m, c in configs.items()})
 
@@ -161,7 +165,7 @@ def run_compare(models: list[str], out: str | Path, recipe: str | None = None, *
         if item.action != "start":
             stored = rd.read_config(item.run_dir)
             if stored.get("model") != item.model:
-                raise ValueError(f"{item.run_dir} holds a run of {stored.get('model')!r}, not {item.model!r}; "
+                raise UsageError(f"{item.run_dir} holds a run of {stored.get('model')!r}, not {item.model!r}; "
                                  "move it away or choose another --out")
 
     # every model to start must accept the shared settings (model_kwargs, drop_path_rate): found
@@ -248,7 +252,7 @@ def _check_builds(model: str, cfg: dict) -> None:
         if "drop_path_rate" in str(e):
             hint = (f" ({model} has no stochastic depth: compare it in a separate --out with "
                     "--set drop_path_rate=null, or drop drop_path_rate for all models)")
-        raise ValueError(f"{model} cannot be built with these settings: {e}{hint}") from None
+        raise UsageError(f"{model} cannot be built with these settings: {e}{hint}") from None
 
 
 def _record(manifest: dict, path: Path, model: str, **fields) -> None:

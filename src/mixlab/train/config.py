@@ -15,6 +15,7 @@ import yaml
 
 from ..data.augment import AugmentConfig
 from ..tasks.refine import REFINE_DEFAULTS
+from ..errors import MissingFileError, UsageError
 
 DEFAULTS: dict = {
     "task": "classification",
@@ -83,10 +84,13 @@ SEG_DEFAULTS: dict = {
     "eval_batch_size": None,  # default: batch_size (the paper's validation loader uses the training batch size)
     # test_split: a fraction of all cases (or test_split_file: their names) set aside before the
     # train/val split, never used for training or selecting the weights: its figures hold on
-    # unseen images (val_split is then a fraction of the rest)
+    # unseen images (val_split is then a fraction of the rest); mask_threshold / mask_values:
+    # which mask pixels are foreground when the files are not 0/255 or 0/1 masks (value >
+    # threshold, or one of the values); never guessed
     "data": {"root": None, "val_split": 0.2, "split_seed": 41, "train_split_file": None, "val_split_file": None,
              "test_split": 0.0, "test_split_file": None,
-             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "mask_threshold": None,
+             "mask_values": None},
     "optimizer": copy.deepcopy(DEFAULTS["optimizer"]),
     "schedule": copy.deepcopy(DEFAULTS["schedule"]),
     "loss": {"name": "bce_dice"},
@@ -177,17 +181,36 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
 
 
 def parse_set(items: list[str]) -> dict:
-    """['optimizer.lr=0.01', 'augment.hflip=0'] -> nested dict (values parsed as YAML scalars)."""
+    """['optimizer.lr=0.01', 'augment.hflip=0'] -> nested dict (values parsed as YAML scalars).
+
+    An empty value (``lr=``), a key that is not a dotted name, or a value YAML cannot read is
+    refused naming the item; ``null`` sets a value to none."""
     out: dict = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--set takes KEY=VALUE (e.g. optimizer.lr=0.01), got {item!r}")
+            raise UsageError(f"--set takes KEY=VALUE (e.g. optimizer.lr=0.01), got {item!r}")
         key, value = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if not all(p.isidentifier() for p in parts):
+            raise UsageError(f"--set {item!r}: {key!r} is not a setting name; write KEY=VALUE with a dotted key, "
+                             "e.g. optimizer.lr=0.01")
+        if not value.strip():
+            raise UsageError(f"--set {item!r} gives no value: write {key}=VALUE (null to set none)")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UsageError(f"--set {item!r}: the value {value!r} cannot be read ({problem}); write lists as "
+                             "[a, b], text with special characters in quotes") from None
+        if isinstance(parsed, dict):
+            _check_names(parsed, f"--set {item!r}")
         node = out
-        parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {item!r} conflicts with another --set that gives {p} a value")
+        node[parts[-1]] = parsed
     return out
 
 
@@ -215,9 +238,7 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
         cfg["recipe"] = recipe
     if config_file:
         path = Path(config_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        settings = yaml.safe_load(path.read_text()) or {}
+        settings = read_settings_file(path)
         _check_task(settings, task, f"config file {path}")
         cfg = merge(cfg, settings)
     flags: dict = {}
@@ -232,7 +253,9 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
     if cfg["task"] != task:
         raise ValueError(f"task cannot be changed to {cfg['task']!r} here; use `{_TASK_COMMAND.get(cfg['task'], 'mixlab')}`")
     model_kind = _MODEL_TASK.get(task, task)
-    validate(dict(cfg, task=model_kind))
+    checked = dict(cfg, task=model_kind)
+    validate(checked)  # normalises values in place (16.0 -> 16): keep them
+    cfg.update({k: v for k, v in checked.items() if k != "task"})
     from .loggers import parse_loggers
 
     cfg["log"]["loggers"] = parse_loggers(cfg["log"]["loggers"])
@@ -270,44 +293,75 @@ def seg_augment(a: dict):
 
 
 def validate(cfg: dict) -> None:
-    if not cfg.get("model"):
-        raise ValueError("no model given: pass --model NAME (see `mixlab models`) or set `model:` in the recipe/config")
-    if cfg["optimizer"]["name"] not in OPTIMIZERS:
-        raise ValueError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {cfg['optimizer']['name']!r}")
-    if cfg["schedule"]["name"] not in SCHEDULES:
-        raise ValueError(f"schedule.name must be one of {', '.join(SCHEDULES)}, got {cfg['schedule']['name']!r}")
-    if cfg.get("task", "classification") == "classification" and \
-            cfg["data"].get("val_holdout") not in ("random", "first", "test"):
-        raise ValueError(f"data.val_holdout must be 'random' or 'first' (which part of train to hold out) or 'test' "
-                         f"(validate on the test set), got {cfg['data'].get('val_holdout')!r}")
-    for key in ("channels_last", "fast_depthwise"):
-        if cfg.get(key, "auto") != "auto" and not isinstance(cfg.get(key), bool):
-            raise ValueError(f"{key} must be auto, true or false, got {cfg[key]!r}")
-    if cfg.get("compile", "auto") != "auto" and not isinstance(cfg.get("compile"), bool):
-        raise ValueError(f"compile must be auto, true or false, got {cfg['compile']!r}")
-    if not isinstance(cfg.get("autotune", True), bool):
-        raise ValueError(f"autotune must be true or false, got {cfg['autotune']!r}")
-    if cfg["select"] not in ("best_val", "last"):
-        raise ValueError(f"select must be 'best_val' or 'last', got {cfg['select']!r}")
-    if int(cfg["epochs"]) < 1 or int(cfg["batch_size"]) < 1:
-        raise ValueError("epochs and batch_size must be at least 1")
-    if cfg["schedule"].get("per_epoch") and float(cfg["schedule"].get("warmup_epochs") or 0) > 0:
-        raise ValueError("schedule.per_epoch holds each epoch's rate from its start, so a warmup would give the "
-                         "first epoch a rate of 0: use per_epoch with warmup_epochs 0, or per-step warmup")
-    if float(cfg["schedule"].get("min_lr") or 0) > float(cfg["optimizer"]["lr"]):
-        raise ValueError(f"schedule.min_lr ({cfg['schedule']['min_lr']}) is above optimizer.lr "
-                         f"({cfg['optimizer']['lr']}); min_lr is the rate the schedule ends at")
-    if cfg.get("task", "classification") == "segmentation":
-        from ..seg.losses import build_loss
+    """Check every value of a resolved configuration for type and range (normalising whole
+    floats to ints and numbers written as text to floats), then the settings that depend on
+    each other, then build the model on the meta device when its arguments were given: all
+    before any data is read or a real model built. Raises :class:`~mixlab.errors.UsageError`
+    naming the key, the value and what is allowed."""
+    from .validation import check_config, check_model_builds
 
-        if not isinstance(cfg["loss"]["name"], str):
-            raise ValueError(f"loss.name must be a name (bce_dice, dice, bce, focal), got {cfg['loss']['name']!r}")
-        build_loss(cfg["loss"]["name"])  # raises on an unknown loss, naming the choices
-        if not isinstance(cfg["threshold"], (int, float)) or not 0.0 < float(cfg["threshold"]) < 1.0:
-            raise ValueError(f"threshold must be a number between 0 and 1, got {cfg['threshold']!r}")
-        seg_augment(cfg["augment"])  # raises on bad augmentation values, naming them
-        return
-    AugmentConfig.from_dict(cfg["augment"])  # raises on bad augmentation keys/values
+    if not cfg.get("model"):
+        raise UsageError("no model given: pass --model NAME (see `mixlab models`) or set `model:` in the recipe/config")
+    check_config(cfg)
+    if cfg["schedule"].get("per_epoch") and float(cfg["schedule"].get("warmup_epochs") or 0) > 0:
+        raise UsageError("schedule.per_epoch holds each epoch's rate from its start, so a warmup would give the "
+                         "first epoch a rate of 0: use per_epoch with warmup_epochs 0, or per-step warmup")
+    if float(cfg["schedule"].get("warmup_epochs") or 0) > int(cfg["epochs"]):
+        raise UsageError(f"schedule.warmup_epochs ({cfg['schedule']['warmup_epochs']}) is longer than the run "
+                         f"(epochs {cfg['epochs']}): the rate would never reach optimizer.lr")
+    if float(cfg["schedule"].get("min_lr") or 0) > float(cfg["optimizer"]["lr"]):
+        raise UsageError(f"schedule.min_lr ({cfg['schedule']['min_lr']}) is above optimizer.lr "
+                         f"({cfg['optimizer']['lr']}); min_lr is the rate the schedule ends at")
+    if cfg["optimizer"]["name"] == "adamw_tfa" and float(cfg["optimizer"]["weight_decay"]) >= 1:
+        raise UsageError(f"optimizer.weight_decay of adamw_tfa is the fraction removed per step: it must be in "
+                         f"[0, 1), got {cfg['optimizer']['weight_decay']}")
+    if cfg.get("precision") == "fp16" and cfg.get("device") in ("cpu",):
+        raise UsageError("precision fp16 needs a CUDA device; use bf16 (or fp32) on the CPU")
+    if cfg.get("task", "classification") == "segmentation":
+        data = cfg["data"]
+        if data.get("mask_threshold") is not None and data.get("mask_values") is not None:
+            raise UsageError(f"data.mask_threshold ({data['mask_threshold']}) and data.mask_values "
+                             f"({data['mask_values']}) both say which mask pixels are foreground: set one of them")
+        seg_augment(cfg["augment"])  # raises on values JointAugment refuses, naming them
+    else:
+        AugmentConfig.from_dict(cfg["augment"])  # raises on bad augmentation keys/values
+    if cfg.get("model_kwargs") or cfg.get("drop_path_rate") is not None or cfg.get("img_size") is not None:
+        check_model_builds(cfg)
+
+
+def read_settings_file(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file of settings as a mapping; a missing, unreadable or malformed file, or one that
+    is not a mapping of names (a list, a bare value, a key such as ``: bad``), is refused with
+    the file named and, for a syntax error, the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}")
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not a text file (expected YAML settings, e.g. `epochs: 10`)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{what} {path} is not valid YAML{where}: {problem}") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise UsageError(f"{what} {path} must hold a mapping of settings (`key: value` lines, e.g. `epochs: 10`), "
+                         f"but it holds a {type(settings).__name__}")
+    _check_names(settings, f"{what} {path}")
+    return settings
+
+
+def _check_names(settings: dict, where: str, prefix: str = "") -> None:
+    """Every key of a settings mapping (and of its sub-mappings) is a name."""
+    for key, value in settings.items():
+        if not isinstance(key, str) or not key:
+            raise UsageError(f"{where}: {prefix}{key!r} is not a setting name (a line such as `: value` "
+                             "or `1: value`?); write `name: value`")
+        if isinstance(value, dict) and key not in ("picked",):
+            _check_names(value, where, f"{prefix}{key}.")
 
 
 def evaluation_protocol(cfg: dict) -> dict:

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..ops.depthwise import fast_depthwise_available, ineligible_reason, use_fast_depthwise
 from .step import TrainStep
+from ..errors import UsageError
 
 MEASURE_SHARE = 0.05  # measuring may cost at most this share of the run's estimated length
 ROUNDS = 2  # timed steps per candidate, after one untimed
@@ -95,7 +96,7 @@ def has_spatial_conv(model: nn.Module) -> bool:
 def _as_bool(value, key: str):
     if value == "auto" or isinstance(value, bool):
         return value
-    raise ValueError(f"{key} must be auto, true or false, got {value!r}")
+    raise UsageError(f"{key} must be auto, true or false, got {value!r}")
 
 
 def _cache_path() -> Path:

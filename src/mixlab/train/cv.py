@@ -110,7 +110,9 @@ def run_cv(out: str | Path, data: str, *, folds: int | None = None, repeats: int
     if base["data"].get("train_split_file") or base["data"].get("val_split_file") \
             or base["data"].get("test_split_file"):
         raise ValueError("seg cv draws its own splits: leave data.*_split_file unset")
-    ds = load_segmentation_data(data, size=image_hw(base.get("img_size")), cache_dir=default_cache_dir() / "seg")
+    ds = load_segmentation_data(data, size=image_hw(base.get("img_size")), cache_dir=default_cache_dir() / "seg",
+                                mask_threshold=base["data"].get("mask_threshold"),
+                                mask_values=base["data"].get("mask_values"))
     seed = int(base["data"]["split_seed"])
     parts = plan_parts(list(ds.names), folds, repeats, float(base["data"]["val_split"]), float(test_split), seed)
     out = Path(out)

@@ -30,7 +30,7 @@ from .optim import build_optimizer, lr_factor
 from .settings import pick_device, pick_run_settings
 from .step import TrainStep, autocast
 from ..data.loader import epoch_seed
-from ..errors import TrainingDiverged
+from ..errors import TrainingDiverged, UsageError
 
 
 def run_training(task, cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
@@ -122,7 +122,7 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack, console
     macs = count_macs(model, task.input_shape(cfg))
     batch_size = int(cfg["batch_size"])
     if len(loader) == 0:
-        raise ValueError(f"{loader.num_samples} training images are fewer than one batch of {batch_size} per rank "
+        raise UsageError(f"{loader.num_samples} training images are fewer than one batch of {batch_size} per rank "
                          "(and drop_last is on): lower --batch-size or set --set drop_last=false")
     picked = pick_run_settings(cfg, model, device, dist, lambda: task.timing_batch(batch_size), task.picker_loss,
                                len(loader) * int(cfg["epochs"]), say)
@@ -174,9 +174,10 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack, console
         net.train()
         t0 = time.perf_counter()
         bar = _progress(cfg, main, len(loader), f"epoch {epoch + 1}/{cfg['epochs']}")
-        try:
-            figures, seen, train_seconds = train_one_epoch(task, step, loader, epoch, cfg, optimizer, base_lrs, ema,
-                                                           model, bar, out_dir, loggers)
+        try:  # a rank that stops answering in DDP's gradient all-reduce is named (see Distributed.watch)
+            with dist.watch("a training step"):
+                figures, seen, train_seconds = train_one_epoch(task, step, loader, epoch, cfg, optimizer, base_lrs,
+                                                               ema, model, bar, out_dir, loggers)
         finally:
             if bar is not None:
                 bar.close()

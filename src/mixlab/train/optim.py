@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UsageError
+
 
 class AdamWAbsoluteDecay(torch.optim.Adam):
     """Adam whose decoupled weight decay multiplies every parameter by ``1 - weight_decay`` each
@@ -37,7 +39,7 @@ class AdamWAbsoluteDecay(torch.optim.Adam):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         if not 0.0 <= weight_decay < 1.0:
-            raise ValueError(f"weight_decay of adamw_tfa is the fraction removed per step: it must be in [0, 1), "
+            raise UsageError(f"weight_decay of adamw_tfa is the fraction removed per step: it must be in [0, 1), "
                              f"got {weight_decay}")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
         for group in self.param_groups:

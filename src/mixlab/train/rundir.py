@@ -23,7 +23,8 @@ last.safetensors / last_state.pt as before. best.safetensors, summary.json and c
 are single atomic files.
 
 ``MIXLAB_TEST_CRASH_AT=EVENT:EPOCH`` (for the fault-injection tests) SIGKILLs the process
-at a named point of the checkpoint of that epoch; :data:`CRASH_EVENTS` lists the points.
+(or sends it ``MIXLAB_TEST_CRASH_SIGNAL``, e.g. ``INT``) at a named point of the checkpoint
+of that epoch; :data:`CRASH_EVENTS` lists the points.
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..errors import CheckpointWriteError
-from ..io import atomic_path, atomic_write_json, atomic_write_text, read_state_dict
+from ..errors import CheckpointWriteError, MissingFileError, UsageError
+from ..io import (atomic_path, atomic_write_json, atomic_write_text, read_state_dict, safe_torch_load,
+                  safetensors_metadata)
 
 CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
 LAST, LAST_STATE, BEST, CURVES = "last.safetensors", "last_state.pt", "best.safetensors", "curves.png"
@@ -50,12 +52,14 @@ CRASH_EVENTS = ("start", "best.tmp", "best", "last.tmp", "last", "state.tmp", "s
 
 
 def _crash_point(event: str, epoch: int) -> None:
-    """Fault injection for the tests: SIGKILL this process at ``event`` of epoch ``epoch``."""
+    """Fault injection for the tests: stop this process at ``event`` of epoch ``epoch`` with
+    SIGKILL, or with the signal ``MIXLAB_TEST_CRASH_SIGNAL`` names (``INT``: a Ctrl-C, which
+    Python raises as KeyboardInterrupt right here)."""
     want = os.environ.get("MIXLAB_TEST_CRASH_AT")
     if want and want == f"{event}:{epoch}":
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get('MIXLAB_TEST_CRASH_SIGNAL', 'KILL')}"))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -120,9 +124,19 @@ def _write_file(path: Path, write, event: str, epoch: int, run_dir: Path, intact
 def read_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a mixlab run directory (no {CONFIG}); "
-                                "pass the --out folder of a `mixlab train` run")
-    return yaml.safe_load(path.read_text())
+        raise MissingFileError(f"{run_dir} is not a mixlab run directory (no {CONFIG}); "
+                               "pass the --out folder of a `mixlab train` run")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"{path} is not valid YAML{where} ({getattr(e, 'problem', None) or type(e).__name__}); it "
+                         "holds the run's settings: undo the edit that broke it (mixlab writes it whole)") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), str):
+        raise UsageError(f"{path} does not hold a run's settings (a mapping with model:, as mixlab writes it); "
+                         "undo the edit that changed it")
+    return cfg
 
 
 def write_config(run_dir: Path, cfg: dict) -> None:
@@ -131,7 +145,20 @@ def write_config(run_dir: Path, cfg: dict) -> None:
 
 
 def _parse_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise UsageError(f"{path}, line {number}, is not valid JSON ({e}); it holds one line of metrics "
+                                 "per epoch: undo the edit that broke it (mixlab writes it whole)") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}, line {number}, is not an epoch's metrics (a JSON object)")
+            rows.append(row)
+    return rows
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -148,7 +175,16 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
 
 def read_summary(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}); it holds the run's result so far and is written again "
+                         "at the end of the next epoch: delete it, or undo the edit that broke it") from None
+    if not isinstance(summary, dict):
+        raise UsageError(f"{path} does not hold a run's summary (a JSON object)")
+    return summary
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
@@ -173,10 +209,7 @@ def save_weights(path: Path, model: torch.nn.Module, model_name: str, epoch: int
 
 
 def _weights_epoch(path: Path) -> int | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        saved = (f.metadata() or {}).get("epoch")
+    saved = safetensors_metadata(path).get("epoch")
     return None if saved is None else int(saved)
 
 
@@ -186,7 +219,7 @@ def check_last_matches_state(run_dir: Path, state: dict, last: Path | None = Non
     hand), which would silently train one epoch twice."""
     saved = _weights_epoch(last or Path(run_dir) / LAST)
     if saved is not None and saved != int(state["epoch"]):
-        raise ValueError(f"{run_dir}: {LAST} holds the weights after epoch {saved} but {LAST_STATE} the state after "
+        raise UsageError(f"{run_dir}: {LAST} holds the weights after epoch {saved} but {LAST_STATE} the state after "
                          f"epoch {state['epoch']} (the run stopped between the two writes), so resuming would train an epoch twice; start a new run "
                          f"(both weight files are intact and nothing was changed)")
 
@@ -196,8 +229,12 @@ def save_state(run_dir: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def load_state(run_dir: Path) -> dict:
-    return torch.load(run_dir / LAST_STATE, map_location="cpu", weights_only=True)
+def load_state(run_dir: Path, path: Path | None = None) -> dict:
+    """The training state of the run's last checkpoint (``path``: a staged copy of it)."""
+    state = safe_torch_load(path or Path(run_dir) / LAST_STATE, "training state")
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        raise UsageError(f"{path or Path(run_dir) / LAST_STATE} is not a mixlab training state (no epoch)")
+    return state
 
 
 # ----------------------------------------------------------------------------- the checkpoint manifest
@@ -210,9 +247,9 @@ def read_manifest(run_dir: str | Path) -> dict | None:
     except FileNotFoundError:
         return None
     except ValueError as e:  # written atomically, so only by hand
-        raise ValueError(f"{path} is not valid JSON ({e}); it names the run's last checkpoint") from None
+        raise UsageError(f"{path} is not valid JSON ({e}); it names the run's last checkpoint") from None
     if not isinstance(m, dict) or not isinstance(m.get("epoch"), int) or not isinstance(m.get("files"), dict):
-        raise ValueError(f"{path} is not a mixlab checkpoint manifest")
+        raise UsageError(f"{path} is not a mixlab checkpoint manifest")
     return m
 
 
@@ -323,10 +360,10 @@ def restore_checkpoint(run_dir: Path, model, optimizer, ema=None) -> dict:
     else:
         paths = _checkpoint_paths(run_dir, m)
         epoch = int(m["epoch"])
-        state = torch.load(paths[LAST_STATE], map_location="cpu", weights_only=True)
+        state = load_state(run_dir, paths[LAST_STATE])
         last, rows = paths[LAST], _parse_metrics(paths[METRICS])
         if int(state["epoch"]) != epoch or len(rows) < epoch:
-            raise ValueError(f"{run_dir}: {MANIFEST} names the checkpoint of epoch {epoch} but {paths[LAST_STATE].name} "
+            raise UsageError(f"{run_dir}: {MANIFEST} names the checkpoint of epoch {epoch} but {paths[LAST_STATE].name} "
                              f"holds epoch {state['epoch']} and {paths[METRICS].name} {len(rows)} epochs (files "
                              "changed by hand?); nothing was changed")
         check_last_matches_state(run_dir, state, last)
@@ -342,6 +379,35 @@ def restore_checkpoint(run_dir: Path, model, optimizer, ema=None) -> dict:
 # files a run writes once it has finished an epoch: left over in a folder without a checkpoint
 # (a start stopped during its first checkpoint), they are removed when the run starts again
 _OUTPUTS = (LAST, LAST_STATE, BEST, SUMMARY, CURVES, MANIFEST)
+# what a run writes only after its config.yaml (split_*.txt: `mixlab seg train`'s split): in a
+# folder without config.yaml such files are the user's own, or a copy's, and are kept
+_WRITTEN_AFTER_CONFIG = (*_OUTPUTS, METRICS, "split_train.txt", "split_val.txt")
+
+
+def refuse_foreign_files(run_dir: Path) -> None:
+    """Refuse to start a run in a folder that holds files a run writes but no config.yaml: they
+    are not a mixlab run's (a user's own summary.json or best.safetensors) and would be
+    overwritten. An empty metrics.jsonl is a run stopped before it wrote its config."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / CONFIG).exists():
+        return
+    found = [n for n in _WRITTEN_AFTER_CONFIG if (run_dir / n).exists()
+             and not (n == METRICS and (run_dir / n).is_file() and (run_dir / n).stat().st_size == 0)]
+    if found:
+        raise UsageError(f"{run_dir} holds {', '.join(found)} but no {CONFIG}, so it is not a mixlab run directory "
+                         "and a training would overwrite those files: choose another --out, or move them away "
+                         "(nothing was changed)")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse an output folder that cannot be written (permissions, a read-only disk) before any
+    data is read, naming it."""
+    probe = Path(run_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {run_dir}: {probe} is not writable (its permissions, or a read-only "
+                         "disk); choose another --out")
 
 
 def open_run(run_dir: Path, cfg: dict, resume: bool, model, optimizer, ema, write: bool,
@@ -354,7 +420,7 @@ def open_run(run_dir: Path, cfg: dict, resume: bool, model, optimizer, ema, writ
     if resume and has_checkpoint(run_dir):
         start = restore_checkpoint(run_dir, model, optimizer, ema)
         if start["epoch"] > int(cfg["epochs"]):
-            raise ValueError(f"{run_dir} has already done {start['epoch']} epochs, more than the {cfg['epochs']} "
+            raise UsageError(f"{run_dir} has already done {start['epoch']} epochs, more than the {cfg['epochs']} "
                              f"asked; a run cannot be shortened (nothing was changed): pass --epochs "
                              f"{start['epoch']} or more, or start a new run")
         if write:
@@ -364,8 +430,10 @@ def open_run(run_dir: Path, cfg: dict, resume: bool, model, optimizer, ema, writ
             print(f"{run_dir} has no checkpoint yet (it stopped before its first epoch ended): starting it again "
                   f"from epoch 0 with its {CONFIG}")
         elif has_checkpoint(run_dir):  # another run checkpointed here since the command checked
-            raise ValueError(f"{run_dir} already holds a run with a checkpoint; continue it with `{command} --resume {run_dir}` "
+            raise UsageError(f"{run_dir} already holds a run with a checkpoint; continue it with `{command} --resume {run_dir}` "
                              "or choose another --out (nothing was overwritten)")
+        if not resume:
+            refuse_foreign_files(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in _OUTPUTS:
             (run_dir / name).unlink(missing_ok=True)
@@ -384,10 +452,12 @@ def new_run_dir(out: str | None, model_name: str, command: str) -> Path:
     from .runlock import refuse_if_locked
 
     path = Path(out) if out else Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_writable(path)
+    refuse_foreign_files(path)
     if (path / CONFIG).exists():
         refuse_if_locked(path)
         if has_checkpoint(path):
-            raise ValueError(f"{path} already holds a run; continue it with `{command} --resume {path}` "
+            raise UsageError(f"{path} already holds a run; continue it with `{command} --resume {path}` "
                              "or choose another --out (nothing was overwritten)")
         print(f"{path} holds a run that stopped before its first checkpoint: starting it again in that folder")
     return path
@@ -415,17 +485,24 @@ def resume_config(run_dir: str | Path, task: str, model: str | None = None, epoc
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     run_task = cfg.get("task", "classification")
+    if run_task == task:  # a config.yaml edited by hand is checked as a new run's settings are
+        from .config import validate
+
+        try:
+            validate(cfg)
+        except UsageError as e:
+            raise UsageError(f"{run_dir / CONFIG}: {e}") from None
     if run_task != task:
         from ..tasks import get_task
 
-        raise ValueError(f"{run_dir} is a {run_task} run; resume it with `{get_task(run_task).command} --resume "
+        raise UsageError(f"{run_dir} is a {run_task} run; resume it with `{get_task(run_task).command} --resume "
                          f"{run_dir}`")
     if model and model != cfg["model"]:
-        raise ValueError(f"--model {model} does not match the run being resumed, which trains "
+        raise UsageError(f"--model {model} does not match the run being resumed, which trains "
                          f"{cfg['model']} ({run_dir / CONFIG}); drop --model or start a new --out")
     done = checkpoint_epoch(run_dir) or 0
     if epochs and epochs < done:
-        raise ValueError(f"--epochs {epochs} is fewer than the {done} epochs {run_dir} has already done; a run "
+        raise UsageError(f"--epochs {epochs} is fewer than the {done} epochs {run_dir} has already done; a run "
                          f"cannot be shortened (nothing was changed): pass --epochs {done} or more, or leave "
                          "--epochs out")
     if epochs:
@@ -439,10 +516,7 @@ def resume_config(run_dir: str | Path, task: str, model: str | None = None, epoc
 
 
 def weights_model_name(path: Path) -> str | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}).get("model")
+    return safetensors_metadata(path).get("model")
 
 
 def weights_path(run_dir: str | Path, which: str = "best") -> Path:
@@ -453,10 +527,10 @@ def weights_path(run_dir: str | Path, which: str = "best") -> Path:
     if which == "best" and not path.is_file():
         path = run_dir / LAST
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no weights yet ({BEST} / {LAST}); has it finished an epoch?")
+        raise MissingFileError(f"{run_dir} has no weights yet ({BEST} / {LAST}); has it finished an epoch?")
     stored, model = weights_model_name(path), read_config(run_dir)["model"]
     if stored and stored != model:
-        raise ValueError(f"{path} holds weights of {stored!r} but {run_dir / CONFIG} says model {model!r}")
+        raise UsageError(f"{path} holds weights of {stored!r} but {run_dir / CONFIG} says model {model!r}")
     return path
 
 

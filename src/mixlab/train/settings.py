@@ -7,6 +7,7 @@ from torch import nn
 
 from .cpu_defaults import cpu_has_bf16, has_spatial_conv
 from .distributed import Distributed
+from ..errors import UsageError
 
 
 def pick_device(name: str, dist: Distributed) -> torch.device:
@@ -14,7 +15,7 @@ def pick_device(name: str, dist: Distributed) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+            raise UsageError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
         if dist.enabled and name == "cuda":
             name = f"cuda:{dist.local_rank}"
     return torch.device(name)

@@ -10,6 +10,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from ..errors import UsageError
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -22,9 +24,9 @@ def autocast(device: torch.device | str, precision: str):
         return torch.autocast(device_type, dtype=torch.bfloat16)
     if precision == "fp16":
         if device_type != "cuda":
-            raise ValueError("fp16 autocast needs a CUDA device; use --precision bf16 on the CPU")
+            raise UsageError("fp16 autocast needs a CUDA device; use --precision bf16 on the CPU")
         return torch.autocast(device_type, dtype=torch.float16)
-    raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
 class TrainStep:
