@@ -8,19 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from data_helpers import _class_image  # noqa: F401  (also used by tests that build data at module scope)
+
 # Tests run on 2 cores next to nothing else: one thread avoids OpenMP oversubscription when
 # pytest-xdist or a parallel job shares the machine, and keeps timings stable.
 torch.set_num_threads(int(os.environ.get("MIXLAB_TEST_THREADS", "1")))
 os.environ.setdefault("MIXLAB_NO_PROGRESS", "1")
-
-
-def _class_image(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
-    """An image whose class is learnable: a coloured square at a class-dependent place."""
-    img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-    q = size // 2
-    r, c = divmod(label % 4, 2)
-    img[r * q:(r + 1) * q, c * q:(c + 1) * q, label % 3] = 200 + label % 50
-    return img
 
 
 @pytest.fixture

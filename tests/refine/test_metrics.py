@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ellipse
+from refine_data import ellipse
 from scipy import ndimage
 
 from mixlab.refine.metrics import boundary_scores, compare_refinement, mask_boundary

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ellipse
+from refine_data import ellipse
 
 from mixlab.refine.patches import (boundary_boxes, boundary_map, crop_patches, fit_inside, nms_boxes,
                                    paste_patches, propose_boxes, reassemble)

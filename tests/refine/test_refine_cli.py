@@ -11,12 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_refine_data
+from refine_data import make_refine_data
+
 
 from mixlab.cli import main
 from mixlab.refine.patches import boundary_boxes
 from mixlab.refine.use import evaluate_refine_run
 from mixlab.train import rundir as rd
+
+
+@pytest.fixture
+def refine_data(tmp_path):
+    """make(n=12, size=64, grow=2) -> (data folder, coarse-mask folder) under tmp_path."""
+    return lambda **kw: make_refine_data(tmp_path, **kw)
 
 TINY = ["--batch-size", "8", "--precision", "fp32", "--set", "img_size=64", "--set", "patch.size=16",
         "--set", "patch.input_size=32", "--set", "data.val_split=0.25", "--set", "optimizer.lr=0.005",

@@ -20,7 +20,7 @@ TINY = ["--model", "convmixer_256_8", "--model-kwargs", "dim=8,depth=1", "--data
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """(data root, a finished 1-epoch run) to copy and damage."""
-    from conftest import _class_image
+    from data_helpers import _class_image
     from PIL import Image
     import numpy as np
 

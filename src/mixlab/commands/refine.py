@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from ..errors import UsageError
 
 COARSE_HELP = ("coarse masks: a folder of mask PNGs named like the images (`mixlab seg predict` or `mixlab det "
                "predict` --out, `mixlab refine coarse` --out) or a `mixlab seg train` run directory (predicts them)")
@@ -104,7 +105,7 @@ def _train(args) -> int:
     if args.resume:
         refuse_ignored_on_resume(args, "mixlab refine train")
         if args.coarse:
-            raise ValueError(f"--resume continues {args.resume} with the coarse masks in its config.yaml; drop "
+            raise UsageError(f"--resume continues {args.resume} with the coarse masks in its config.yaml; drop "
                              "--coarse, or start a new run with --out NEW_DIR")
         cfg = rd.resume_config(args.resume, "refine", args.model, args.epochs, args.data)
         if cfg is None:

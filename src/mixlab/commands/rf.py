@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from .viz import add_source_args, emit
+from ..errors import UsageError
 
 
 def _rates(text: str) -> list[int]:
@@ -57,7 +58,7 @@ def run(args) -> int:
     has_model = bool(args.model or args.checkpoint)
     if args.effective:
         if not has_model:
-            raise ValueError("--effective needs --checkpoint RUN_DIR (or --model NAME with --random-inputs)")
+            raise UsageError("--effective needs --checkpoint RUN_DIR (or --model NAME with --random-inputs)")
         from ..analysis.pictures import draw_effective_rf
 
         return _of_model(args, draw_effective_rf, "erf", images=args.images, random_inputs=args.random_inputs)

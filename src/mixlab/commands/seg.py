@@ -109,7 +109,7 @@ def _is_fraction(text: str) -> bool:
     except ValueError:
         return False
     if not 0.0 < value < 1.0:
-        raise ValueError(f"--test-split {text}: a fraction must be between 0 and 1 (or give a file of names)")
+        raise UsageError(f"--test-split {text}: a fraction must be between 0 and 1 (or give a file of names)")
     return True
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from ..errors import UsageError
 
 WHAT = {
     "filters": "the stem (patch-embedding) filters as a grid, one tile per output channel",
@@ -106,7 +107,7 @@ def run(args) -> int:
                 print(line)
         return 0
     if args.dpi < 10:
-        raise ValueError(f"--dpi must be at least 10, got {args.dpi}")
+        raise UsageError(f"--dpi must be at least 10, got {args.dpi}")
     from ..analysis import pictures
 
     out = default_out(args, args.what)

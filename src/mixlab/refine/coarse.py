@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from ..io import atomic_write_json
+from ..errors import UsageError, MissingFileError
 
 __all__ = ["COARSE_INFO", "CoarseMasks", "mask_folder", "is_seg_run", "load_coarse", "fold_names",
            "out_of_fold_coarse"]
@@ -65,7 +66,7 @@ def mask_folder(path: str | Path) -> Path:
     """The folder holding the mask files of a coarse-mask folder (see the module notes)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"coarse masks not found: {path} is not a folder (pass a `mixlab seg predict` "
+        raise MissingFileError(f"coarse masks not found: {path} is not a folder (pass a `mixlab seg predict` "
                                 "--out folder, a folder of mask PNGs, or a `mixlab seg train` run directory)")
     for candidate in (path / "masks" / "0", path / "masks"):
         if candidate.is_dir():
@@ -82,7 +83,7 @@ def is_seg_run(path: str | Path) -> bool:
         return False
     task = rd.read_config(p).get("task", "classification")
     if task != "segmentation":
-        raise ValueError(f"{p} is a {task} run: coarse masks come from a `mixlab seg train` run or a folder of "
+        raise UsageError(f"{p} is a {task} run: coarse masks come from a `mixlab seg train` run or a folder of "
                          "mask PNGs")
     return True
 
@@ -120,14 +121,14 @@ def _read_folder(source: Path, ds, size: tuple[int, int]) -> CoarseMasks:
                 with Image.open(ds.image_paths[i]) as im:
                     image_native = im.size
                 if native != image_native:
-                    raise ValueError(f"coarse mask {path} is {native[0]}x{native[1]} (WxH) but its image "
+                    raise UsageError(f"coarse mask {path} is {native[0]}x{native[1]} (WxH) but its image "
                                      f"{ds.image_paths[i]} is {image_native[0]}x{image_native[1]}: coarse masks must "
                                      "be at the image's own size (as `mixlab seg predict` writes them)")
             union = m if union is None else union | m
         names.append(name)
         masks.append(torch.from_numpy(union)[None])
     if not names:
-        raise FileNotFoundError(f"none of the {len(ds.names)} images of {ds.source} has a coarse mask in {folder} "
+        raise MissingFileError(f"none of the {len(ds.names)} images of {ds.source} has a coarse mask in {folder} "
                                 "(masks are matched to images by file name)")
     info_path = Path(source) / COARSE_INFO
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
@@ -145,7 +146,7 @@ def _predict_with_run(run: Path, ds, device: torch.device) -> CoarseMasks:
 
     model, cfg = load_run_model(run, "best", task="segmentation")
     if int(cfg["num_classes"]) != 1:
-        raise ValueError(f"{run} predicts {cfg['num_classes']} mask classes; refinement works on binary masks")
+        raise UsageError(f"{run} predicts {cfg['num_classes']} mask classes; refinement works on binary masks")
     # the device, precision and memory format `mixlab seg eval` picks, so its figures are matched
     mf = torch.channels_last if pick_channels_last(cfg.get("channels_last", "auto"), model) else torch.contiguous_format
     model = model.to(device, memory_format=mf)
@@ -177,10 +178,10 @@ def load_coarse(source: str | Path, ds, device: torch.device | str = "cpu") -> C
     class, or anything with its ``names``, ``images``, ``image_paths``, ``image_size``,
     ``source`` and ``num_classes``."""
     if not source:
-        raise ValueError("no coarse masks given: pass --coarse DIR (a `mixlab seg predict` --out folder or any "
+        raise UsageError("no coarse masks given: pass --coarse DIR (a `mixlab seg predict` --out folder or any "
                          "folder of mask PNGs named like the images) or --coarse RUN (a `mixlab seg train` run)")
     if ds.num_classes != 1:
-        raise ValueError(f"{ds.source} has {ds.num_classes} mask classes; boundary refinement works on binary "
+        raise UsageError(f"{ds.source} has {ds.num_classes} mask classes; boundary refinement works on binary "
                          "masks (masks/0 only)")
     source = Path(source)
     if is_seg_run(source):
@@ -193,9 +194,9 @@ def load_coarse(source: str | Path, ds, device: torch.device | str = "cpu") -> C
 def fold_names(names: list[str], folds: int, seed: int) -> list[list[str]]:
     """``names`` dealt into ``folds`` folds by a seeded permutation, each sorted."""
     if int(folds) < 2:
-        raise ValueError(f"out-of-fold masks need at least 2 folds, got {folds}")
+        raise UsageError(f"out-of-fold masks need at least 2 folds, got {folds}")
     if len(names) < folds:
-        raise ValueError(f"{len(names)} images cannot be dealt into {folds} folds")
+        raise UsageError(f"{len(names)} images cannot be dealt into {folds} folds")
     order = sorted(names)
     perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(int(seed))).tolist()
     return [sorted(order[i] for i in perm[k::folds]) for k in range(folds)]
@@ -228,7 +229,7 @@ def out_of_fold_coarse(seg_cfg: dict, names: list[str], folds: int, out_dir: str
     if plan_path.is_file():
         before = json.loads(plan_path.read_text())
         if before.get("folds") != [list(g) for g in groups]:
-            raise ValueError(f"{out} holds out-of-fold masks of other images or folds ({plan_path}); "
+            raise UsageError(f"{out} holds out-of-fold masks of other images or folds ({plan_path}); "
                              "choose another --out (nothing was changed)")
     plan = dict(kind="out_of_fold", data=str(seg_cfg["data"]["root"]), model=seg_cfg["model"],
                 epochs=int(seg_cfg["epochs"]), folds=[list(g) for g in groups], finished=False)
@@ -273,5 +274,5 @@ def _image_files(images_dir: Path, names: list[str]) -> list[str]:
     by_stem = {p.stem: p.name for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
     missing = [n for n in names if n not in by_stem]
     if missing:
-        raise FileNotFoundError(f"images not found in {images_dir}: {', '.join(missing[:5])}")
+        raise MissingFileError(f"images not found in {images_dir}: {', '.join(missing[:5])}")
     return [by_stem[n] for n in names]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..seg.metrics import SegMetrics
+from ..errors import UsageError
 
 __all__ = ["DEFAULT_TOLERANCE", "mask_boundary", "boundary_scores", "compare_refinement"]
 
@@ -27,7 +28,7 @@ def _as_bool(masks: torch.Tensor) -> torch.Tensor:
     if masks.ndim == 3:
         masks = masks[:, None]
     if masks.ndim != 4:
-        raise ValueError(f"masks must be (N, 1, H, W) or (N, H, W), got shape {tuple(masks.shape)}")
+        raise UsageError(f"masks must be (N, 1, H, W) or (N, H, W), got shape {tuple(masks.shape)}")
     return masks if masks.dtype == torch.bool else masks > 0.5
 
 
@@ -51,10 +52,10 @@ def boundary_scores(pred: torch.Tensor, truth: torch.Tensor,
                     tolerance: int = DEFAULT_TOLERANCE) -> dict[str, torch.Tensor]:
     """Per-image boundary precision, recall and F (each (N,) float64) at ``tolerance`` pixels."""
     if int(tolerance) < 0:
-        raise ValueError(f"the boundary tolerance must be 0 or more pixels, got {tolerance}")
+        raise UsageError(f"the boundary tolerance must be 0 or more pixels, got {tolerance}")
     p, t = _as_bool(pred), _as_bool(truth)
     if p.shape != t.shape:
-        raise ValueError(f"prediction {tuple(p.shape)} and truth {tuple(t.shape)} differ in shape")
+        raise UsageError(f"prediction {tuple(p.shape)} and truth {tuple(t.shape)} differ in shape")
     bp, bt = mask_boundary(p), mask_boundary(t)
     n_p, n_t = bp.flatten(1).sum(1).double(), bt.flatten(1).sum(1).double()
     correct = (bp & _within(bt, int(tolerance))).flatten(1).sum(1).double()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms, roi_align
+from ..errors import UsageError
 
 __all__ = ["boundary_map", "propose_boxes", "nms_boxes", "fit_inside", "boundary_boxes", "crop_patches",
            "paste_patches", "reassemble", "refiner_input"]
@@ -42,7 +43,7 @@ def _as_masks(masks: torch.Tensor) -> torch.Tensor:
     if masks.ndim == 3:
         masks = masks[:, None]
     if masks.ndim != 4 or masks.shape[1] != 1:
-        raise ValueError(f"masks must be (N, 1, H, W) or (N, H, W), got shape {tuple(masks.shape)}")
+        raise UsageError(f"masks must be (N, 1, H, W) or (N, H, W), got shape {tuple(masks.shape)}")
     return (masks > 0.5).float() if masks.dtype != torch.bool else masks.float()
 
 
@@ -67,7 +68,7 @@ def propose_boxes(masks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.T
     order, so that no two scores of an image are equal (see the module notes on NMS).
     """
     if int(size) < 1:
-        raise ValueError(f"patch size must be at least 1 pixel, got {size}")
+        raise UsageError(f"patch size must be at least 1 pixel, got {size}")
     is_boundary, score = boundary_map(masks)
     n, h, w = is_boundary.shape
     idx, ys, xs = is_boundary.nonzero(as_tuple=True)
@@ -83,7 +84,7 @@ def nms_boxes(boxes: torch.Tensor, scores: torch.Tensor, image_index: torch.Tens
               iou_threshold: float) -> torch.Tensor:
     """Indices of the boxes NMS keeps (each image on its own), highest score first."""
     if not 0.0 < float(iou_threshold) <= 1.0:
-        raise ValueError(f"the NMS IoU threshold must be in (0, 1], got {iou_threshold}")
+        raise UsageError(f"the NMS IoU threshold must be in (0, 1], got {iou_threshold}")
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     return batched_nms(boxes, scores, image_index, float(iou_threshold))
@@ -152,7 +153,7 @@ def paste_patches(patches: torch.Tensor, boxes: torch.Tensor, image_index: torch
     sizes = boxes[:, 2:] - boxes[:, :2]
     b = int(sizes[0, 0])
     if not bool((sizes == b).all()) or not bool((boxes == boxes.round()).all()):
-        raise ValueError("paste_patches needs square boxes of one size with integer corners")
+        raise UsageError("paste_patches needs square boxes of one size with integer corners")
     back = patches.float() if patches.shape[-1] == b else F.interpolate(
         patches.float(), size=(b, b), mode="bilinear", align_corners=False)
     offs = torch.arange(b, device=patches.device)

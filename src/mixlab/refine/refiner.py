@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .patches import boundary_boxes, crop_patches, paste_patches, reassemble, refiner_input
+from ..errors import UsageError
 
 __all__ = ["PatchSettings", "refine_masks", "training_patches"]
 
@@ -51,7 +52,7 @@ def refine_masks(model: torch.nn.Module, images: torch.Tensor, coarse: torch.Ten
 
     if images.ndim != 4 or coarse.ndim != 4 or images.shape[0] != coarse.shape[0] \
             or images.shape[-2:] != coarse.shape[-2:]:
-        raise ValueError(f"images (N, 3, H, W) and coarse masks (N, 1, H, W) must agree, got "
+        raise UsageError(f"images (N, 3, H, W) and coarse masks (N, 1, H, W) must agree, got "
                          f"{tuple(images.shape)} and {tuple(coarse.shape)}")
     device = torch.device(device)
     was_training = model.training

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .coarse import describe_missing, is_seg_run, load_coarse, mask_folder
+from ..errors import UsageError, MissingFileError
 
 __all__ = ["ImageSet", "read_images", "load_refine_run", "evaluate_refine_run", "apply_refine_run"]
 
@@ -41,10 +42,10 @@ def read_images(path: str | os.PathLike, size: tuple[int, int] | None) -> list[I
     path = Path(path)
     folder = path / "images" if (path / "images").is_dir() else path
     if not folder.is_dir():
-        raise FileNotFoundError(f"no such folder of images: {path}")
+        raise MissingFileError(f"no such folder of images: {path}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
-        raise ValueError(f"no image files ({', '.join(IMAGE_EXTS)}) in {folder}")
+        raise UsageError(f"no image files ({', '.join(IMAGE_EXTS)}) in {folder}")
     groups: dict[tuple[int, int], list] = {}
     for f in files:
         native, img = _decode(f, "RGB", size)
@@ -86,7 +87,7 @@ def evaluate_refine_run(run_dir, coarse_source, data, split_file=None, weights: 
     model, cfg = load_refine_run(run_dir, weights)
     ds = load_segmentation_data(data, size=image_hw(cfg.get("img_size")), cache_dir=default_cache_dir() / "seg")
     if ds.num_classes != 1:
-        raise ValueError(f"{data} has {ds.num_classes} mask classes; refinement is scored on binary masks")
+        raise UsageError(f"{data} has {ds.num_classes} mask classes; refinement is scored on binary masks")
     from_run = is_seg_run(coarse_source)
     if split_file:
         names, split = read_split_file(split_file), f"the images listed in {split_file}"
@@ -97,7 +98,7 @@ def evaluate_refine_run(run_dir, coarse_source, data, split_file=None, weights: 
         names, split = list(ds.names), f"all images of {data} with a coarse mask"
     unknown = [n for n in names if n not in set(ds.names)]
     if unknown:
-        raise ValueError(f"{len(unknown)} image(s) to evaluate are not in {data}: {', '.join(unknown[:5])}")
+        raise UsageError(f"{len(unknown)} image(s) to evaluate are not in {data}: {', '.join(unknown[:5])}")
     part = ds.subset(names)
     dev, precision = _device_precision(device, cfg)
     coarse = load_coarse(coarse_source, part, dev)
@@ -170,7 +171,7 @@ def apply_refine_run(run_dir, coarse_source, input_path, out_dir, weights: str =
                 outline_overlay(group.images[i], coarse.masks[j, 0], refined[j, 0], out / "overlays" / f"{name}.png",
                                 title=f"{name}: {r['per_image']['patches'][j]} patches")
     if not written:
-        raise FileNotFoundError(f"no image of {input_path} has a coarse mask in {coarse_source} (nothing was written)")
+        raise MissingFileError(f"no image of {input_path} has a coarse mask in {coarse_source} (nothing was written)")
     return dict(run=str(run_dir), coarse=str(coarse_source), input=str(input_path), out=str(out), images=n,
                 masks=len(written), overlays=n if overlays else 0, patches=patches,
                 seconds_per_image=seconds / max(n, 1), skipped_no_coarse=missing)

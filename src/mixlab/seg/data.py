@@ -103,13 +103,13 @@ class SegDataset:
 
     def __post_init__(self):
         if self.images.ndim != 4 or self.masks.ndim != 4:
-            raise ValueError(f"images and masks must be 4-d (N, C, H, W), got {tuple(self.images.shape)} "
+            raise UsageError(f"images and masks must be 4-d (N, C, H, W), got {tuple(self.images.shape)} "
                              f"and {tuple(self.masks.shape)}")
         n = len(self.names)
         if self.images.shape[0] != n or self.masks.shape[0] != n:
-            raise ValueError(f"{n} names but {self.images.shape[0]} images and {self.masks.shape[0]} masks")
+            raise UsageError(f"{n} names but {self.images.shape[0]} images and {self.masks.shape[0]} masks")
         if self.images.shape[-2:] != self.masks.shape[-2:]:
-            raise ValueError(f"images are {tuple(self.images.shape[-2:])} but masks {tuple(self.masks.shape[-2:])}")
+            raise UsageError(f"images are {tuple(self.images.shape[-2:])} but masks {tuple(self.masks.shape[-2:])}")
 
     def __len__(self) -> int:
         return len(self.names)
@@ -449,7 +449,7 @@ def three_way_split(ds: SegDataset, val_fraction: float = 0.2, test_fraction: fl
         if f:
             clash = sorted(set(_resolve_names(read_split_file(f), known, ds.source)) & set(test))
             if clash:
-                raise ValueError(f"{len(clash)} case(s) of the {what} split file {f} are in the test split too: "
+                raise UsageError(f"{len(clash)} case(s) of the {what} split file {f} are in the test split too: "
                                  f"{', '.join(map(repr, clash[:5]))}")
     if train_file or val_file:
         train, val = split_dataset(rest, train_file=train_file, val_file=val_file)
@@ -465,7 +465,7 @@ def kfold_names(names: Sequence[str], folds: int, seed: int = 41) -> list[list[s
     one), drawn by a seeded permutation of the sorted names; each part sorted."""
     names = sorted(names)
     if not 2 <= int(folds) <= len(names):
-        raise ValueError(f"folds must be between 2 and the number of cases ({len(names)}), got {folds}")
+        raise UsageError(f"folds must be between 2 and the number of cases ({len(names)}), got {folds}")
     perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(int(seed))).tolist()
     k, n = int(folds), len(names)
     bounds = [i * n // k for i in range(k + 1)]
@@ -520,7 +520,7 @@ class JointAugment:
     def __call__(self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None):
         if images.ndim != 4 or masks.ndim != 4 or images.shape[0] != masks.shape[0] \
                 or images.shape[-2:] != masks.shape[-2:]:
-            raise ValueError(f"images (B, C, H, W) and masks (B, K, H, W) must agree, got "
+            raise UsageError(f"images (B, C, H, W) and masks (B, K, H, W) must agree, got "
                              f"{tuple(images.shape)} and {tuple(masks.shape)}")
         x = images.to(torch.float32, copy=True)
         if images.dtype == torch.uint8:

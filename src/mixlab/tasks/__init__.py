@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import RunContext, Task  # noqa: F401
+from ..errors import UsageError
 
 # name -> "module:class", imported when first asked for (the tasks pull in their data code)
 TASKS = {
@@ -22,7 +23,7 @@ def get_task(name: str) -> Task:
     import importlib
 
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+        raise UsageError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     module, cls = TASKS[name].split(":")
     return getattr(importlib.import_module(module), cls)()
 
@@ -40,11 +41,11 @@ def load_run_model(run_dir: str | Path, which: str = "best", task: str | None = 
     run_task = cfg.get("task", "classification")
     if task is not None and run_task != task:
         if run_task == "segmentation":
-            raise ValueError(f"{run_dir} is a segmentation run: use `mixlab seg eval --checkpoint {run_dir}` or "
+            raise UsageError(f"{run_dir} is a segmentation run: use `mixlab seg eval --checkpoint {run_dir}` or "
                              f"`mixlab seg predict --checkpoint {run_dir} ...`")
         if run_task == "classification":
-            raise ValueError(f"{run_dir} is a classification run; use `mixlab eval --checkpoint {run_dir}` for it")
-        raise ValueError(f"{run_dir} is a {run_task} run, not a {task} run")
+            raise UsageError(f"{run_dir} is a classification run; use `mixlab eval --checkpoint {run_dir}` for it")
+        raise UsageError(f"{run_dir} is a {run_task} run, not a {task} run")
     path = rd.weights_path(run_dir, which)
     model = get_task(run_task).build_model(cfg, for_eval=True)
     load_weights(model, read_state_dict(path))

@@ -27,6 +27,7 @@ from torch import nn
 
 from .base import RunContext
 from .segmentation import SPLIT_TRAIN, SPLIT_VAL, SegmentationTask, image_hw
+from ..errors import UsageError
 
 _IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
@@ -110,7 +111,7 @@ def split_refine_names(names: list[str], cfg: dict, run_dir: Path | None) -> tup
             train = [n for n in names if n not in set(val)]
         unknown = [n for n in train + val if n not in known]
         if unknown:
-            raise ValueError(f"{len(unknown)} image(s) of the split files have no coarse mask (or are not in the "
+            raise UsageError(f"{len(unknown)} image(s) of the split files have no coarse mask (or are not in the "
                              f"data): {', '.join(unknown[:5])}")
         return sorted(train), sorted(val)
     if float(d["val_split"]) > 0:
@@ -135,19 +136,19 @@ class RefineTask(SegmentationTask):
         p, c = cfg["patch"], cfg["coarse"]
         for key in ("size", "input_size"):
             if not isinstance(p[key], int) or p[key] < 2:
-                raise ValueError(f"patch.{key} must be a whole number of pixels, 2 or more; got {p[key]!r}")
+                raise UsageError(f"patch.{key} must be a whole number of pixels, 2 or more; got {p[key]!r}")
         for key in ("nms_iou_train", "nms_iou"):
             if not isinstance(p[key], (int, float)) or not 0.0 < float(p[key]) <= 1.0:
-                raise ValueError(f"patch.{key} must be an IoU in (0, 1] (the paper uses 0.25-0.55); got {p[key]!r}")
+                raise UsageError(f"patch.{key} must be an IoU in (0, 1] (the paper uses 0.25-0.55); got {p[key]!r}")
         if not isinstance(c["min_iou"], (int, float)) or not 0.0 <= float(c["min_iou"]) < 1.0:
-            raise ValueError(f"coarse.min_iou must be in [0, 1) (0 keeps every image); got {c['min_iou']!r}")
+            raise UsageError(f"coarse.min_iou must be in [0, 1) (0 keeps every image); got {c['min_iou']!r}")
         if not isinstance(cfg["boundary_tolerance"], int) or cfg["boundary_tolerance"] < 0:
-            raise ValueError(f"boundary_tolerance must be a whole number of pixels >= 0; got "
+            raise UsageError(f"boundary_tolerance must be a whole number of pixels >= 0; got "
                              f"{cfg['boundary_tolerance']!r}")
         if cfg["num_classes"] not in (None, 1):
-            raise ValueError("a refiner outputs one mask channel: num_classes must be 1")
+            raise UsageError("a refiner outputs one mask channel: num_classes must be 1")
         if not c.get("source"):
-            raise ValueError("no coarse masks given: pass --coarse DIR (mask PNGs, e.g. from `mixlab refine coarse` "
+            raise UsageError("no coarse masks given: pass --coarse DIR (mask PNGs, e.g. from `mixlab refine coarse` "
                              "or `mixlab seg predict`) or --coarse RUN (a `mixlab seg train` run)")
 
     # --- data and model
@@ -166,7 +167,7 @@ class RefineTask(SegmentationTask):
         self.ctx, self.cfg = ctx, cfg
         say = ctx.say
         if not cfg["data"].get("root"):
-            raise ValueError("no data folder given: pass --data DIR (images/ with masks/0/, the ground truth)")
+            raise UsageError("no data folder given: pass --data DIR (images/ with masks/0/, the ground truth)")
         ds = load_segmentation_data(cfg["data"]["root"], size=image_hw(cfg.get("img_size")),
                                     cache_dir=default_cache_dir() / "seg")
         coarse = load_coarse(cfg["coarse"]["source"], ds, ctx.device)
@@ -175,7 +176,7 @@ class RefineTask(SegmentationTask):
         train_names, val_names = split_refine_names(coarse.names, cfg, resume_dir)
         seen = sorted(set(coarse.seen) & set(train_names + val_names))
         if seen:  # validating on memorised masks would favour the epoch that changes least
-            raise ValueError(
+            raise UsageError(
                 f"{len(seen)} of the refiner's {len(train_names) + len(val_names)} training and validation images "
                 f"({', '.join(seen[:3])}, ...) are images "
                 f"{coarse.source} was trained on: its masks of them are memorised, not the masks it makes of new "
@@ -195,14 +196,14 @@ class RefineTask(SegmentationTask):
         self.low_iou = len(train_names) - keep.numel()
         self.train_iou_coarse = float(iou.mean()) if len(iou) else float("nan")
         if keep.numel() == 0:
-            raise ValueError(f"every one of the {len(train_names)} training images has a coarse mask with IoU <= "
+            raise UsageError(f"every one of the {len(train_names)} training images has a coarse mask with IoU <= "
                              f"{cfg['coarse']['min_iou']} (mean {100 * self.train_iou_coarse:.1f}%): these masks miss "
                              "the objects rather than their boundaries; use better coarse masks, or "
                              "--set coarse.min_iou=0 to train on them anyway")
         patch_imgs, patch_masks, _ = training_patches(self.train.images[keep], self.train_coarse[keep],
                                                       self.train.masks[keep], PatchSettings.from_config(cfg, True))
         if len(patch_imgs) == 0:
-            raise ValueError(f"the coarse masks of the {keep.numel()} training images have no boundary pixels (all "
+            raise UsageError(f"the coarse masks of the {keep.numel()} training images have no boundary pixels (all "
                              "empty or full): there is nothing to train a boundary refiner on")
         self.n_patches = len(patch_imgs)
         cfg["num_classes"] = 1
@@ -234,7 +235,7 @@ class RefineTask(SegmentationTask):
         from ..registry import create_model, list_models, model_info
 
         if model_info(cfg["model"]).task != "segmentation":
-            raise ValueError(f"{cfg['model']} is a {model_info(cfg['model']).task} model; a refiner is a segmentation "
+            raise UsageError(f"{cfg['model']} is a {model_info(cfg['model']).task} model; a refiner is a segmentation "
                              f"model: {', '.join(list_models(task='segmentation'))}")
         kwargs = dict(cfg.get("model_kwargs") or {})
         if cfg.get("drop_path_rate") is not None and not for_eval:

@@ -148,7 +148,7 @@ def load_recipe(name: str) -> dict:
     if not f.is_file():
         names = list(list_recipes())
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
-        raise ValueError(f"unknown recipe {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+        raise UsageError(f"unknown recipe {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
                          + f" Shipped recipes: {', '.join(names)} (`mixlab recipes`), or pass --config FILE.yaml")
     return yaml.safe_load(f.read_text()) or {}
 
@@ -157,11 +157,11 @@ def _check_keys(d: dict, schema: dict, where: str) -> None:
     for key, value in d.items():
         if key not in schema:
             close = difflib.get_close_matches(key, list(schema), n=2)
-            raise ValueError(f"unknown config key {where}{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+            raise UsageError(f"unknown config key {where}{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
                              + f"; known keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(schema)}")
         if isinstance(schema[key], dict) and key != "model_kwargs":
             if not isinstance(value, dict):
-                raise ValueError(f"config key {where}{key} must be a mapping, got {value!r}")
+                raise UsageError(f"config key {where}{key} must be a mapping, got {value!r}")
             _check_keys(value, schema[key], f"{where}{key}.")
 
 
@@ -217,7 +217,7 @@ def parse_set(items: list[str]) -> dict:
 def _check_task(settings: dict, task: str, where: str) -> None:
     other = settings.get("task", "classification")
     if other != task:
-        raise ValueError(f"{where} is a {other} recipe; run it with `{_TASK_COMMAND.get(other, other)}`, "
+        raise UsageError(f"{where} is a {other} recipe; run it with `{_TASK_COMMAND.get(other, other)}`, "
                          f"not `{_TASK_COMMAND[task]}`")
 
 
@@ -251,29 +251,38 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
     cfg = merge(cfg, flags)
     cfg = merge(cfg, parse_set(overrides or []))
     if cfg["task"] != task:
-        raise ValueError(f"task cannot be changed to {cfg['task']!r} here; use `{_TASK_COMMAND.get(cfg['task'], 'mixlab')}`")
+        raise UsageError(f"task cannot be changed to {cfg['task']!r} here; use `{_TASK_COMMAND.get(cfg['task'], 'mixlab')}`")
+    check_config(cfg)
+    from .. import model_info
+
     model_kind = _MODEL_TASK.get(task, task)
-    checked = dict(cfg, task=model_kind)
-    validate(checked)  # normalises values in place (16.0 -> 16): keep them
+    model_task = model_info(cfg["model"]).task
+    if model_task != model_kind:
+        raise UsageError(f"{cfg['model']} is a {model_task} model; train it with `{_TASK_COMMAND[model_task]}` "
+                         f"(`mixlab models --task {model_kind}` lists the {model_kind} models)")
+    return cfg
+
+
+def check_config(cfg: dict) -> None:
+    """Check a whole configuration (a resolved one, or a run's config.yaml, maybe edited by hand)
+    and normalise its values in place (16.0 -> 16); errors name the key."""
+    task = cfg.get("task", "classification")
+    checked = dict(cfg, task=_MODEL_TASK.get(task, task))
+    validate(checked)
     cfg.update({k: v for k, v in checked.items() if k != "task"})
+    log = cfg.setdefault("log", {"loggers": [], "every_n_steps": 50})  # run folders written before logging
     from .loggers import parse_loggers
 
-    cfg["log"]["loggers"] = parse_loggers(cfg["log"]["loggers"])
-    if not isinstance(cfg["log"]["every_n_steps"], int) or cfg["log"]["every_n_steps"] < 1:
-        raise ValueError(f"log.every_n_steps must be a whole number of steps, 1 or more, got "
-                         f"{cfg['log']['every_n_steps']!r}")
-    if cfg["freeze_backbone"] and not cfg["init"]:
-        raise ValueError("freeze_backbone trains only the classifier of weights given with --init FILE|RUN_DIR; "
+    log["loggers"] = parse_loggers(log.get("loggers"))
+    if not isinstance(log.get("every_n_steps"), int) or log["every_n_steps"] < 1:
+        raise UsageError(f"log.every_n_steps must be a whole number of steps, 1 or more, got "
+                         f"{log.get('every_n_steps')!r}")
+    if cfg.get("freeze_backbone") and not cfg.get("init"):
+        raise UsageError("freeze_backbone trains only the classifier of weights given with --init FILE|RUN_DIR; "
                          "without --init the backbone would stay at its random initialisation")
-    from .. import model_info
     from ..tasks import get_task
 
     get_task(task).validate_config(cfg)
-    model_task = model_info(cfg["model"]).task
-    if model_task != model_kind:
-        raise ValueError(f"{cfg['model']} is a {model_task} model; train it with `{_TASK_COMMAND[model_task]}` "
-                         f"(`mixlab models --task {model_kind}` lists the {model_kind} models)")
-    return cfg
 
 
 def seg_augment(a: dict):
@@ -283,13 +292,13 @@ def seg_augment(a: dict):
     crop = a.get("crop_scale")
     if crop is not None and not (isinstance(crop, (list, tuple)) and len(crop) == 2
                                  and all(isinstance(v, (int, float)) for v in crop)):
-        raise ValueError(f"augment.crop_scale must be [min, max] (e.g. [0.5, 1.0]) or null, got {crop!r}")
+        raise UsageError(f"augment.crop_scale must be [min, max] (e.g. [0.5, 1.0]) or null, got {crop!r}")
     try:
         return JointAugment(hflip=float(a["hflip"]), vflip=float(a["vflip"]), rot90=bool(a["rot90"]),
                             crop_scale=tuple(crop) if crop else None, crop_p=float(a["crop_p"]),
                             brightness=float(a["brightness"]), contrast=float(a["contrast"]))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"bad segmentation augmentation settings {a}: {e}") from None
+        raise UsageError(f"bad segmentation augmentation settings {a}: {e}") from None
 
 
 def validate(cfg: dict) -> None:

@@ -17,6 +17,7 @@ import copy
 import math
 from pathlib import Path
 from typing import Callable
+from ..errors import UsageError
 
 # the held-out figures of each part, as summary.json["test"] holds them (percent)
 FIGURES = ("iou", "dice", "iou_per_image", "dice_per_image")
@@ -29,7 +30,7 @@ def plan_parts(names: list[str], folds: int | None, repeats: int | None, val_spl
     from ..seg.data import kfold_names, split_names
 
     if (folds is None) == (repeats is None):
-        raise ValueError("give one of --folds K (each case held out once) or --repeats N (N random splits)")
+        raise UsageError("give one of --folds K (each case held out once) or --repeats N (N random splits)")
 
     def train_val(rest: list[str], s: int):
         if val_split and val_split > 0:
@@ -44,9 +45,9 @@ def plan_parts(names: list[str], folds: int | None, repeats: int | None, val_spl
             parts.append(dict(name=f"fold{i + 1}", seed=seed, train=train, val=val, test=test))
     else:
         if int(repeats) < 1:
-            raise ValueError(f"--repeats must be 1 or more, got {repeats}")
+            raise UsageError(f"--repeats must be 1 or more, got {repeats}")
         if not 0.0 < float(test_split) < 1.0:
-            raise ValueError(f"--test-split must be a fraction between 0 and 1 for --repeats, got {test_split}")
+            raise UsageError(f"--test-split must be a fraction between 0 and 1 for --repeats, got {test_split}")
         for r in range(int(repeats)):
             s = seed + r
             rest, test = split_names(names, float(test_split), s + 1_000_003)
@@ -65,7 +66,7 @@ def _write_or_check_splits(out: Path, part: dict) -> dict[str, Path]:
         path = out / "splits" / f"{part['name']}_{k}.txt"
         if path.is_file():
             if read_split_file(path) != part[k]:
-                raise ValueError(f"{path} lists other cases than this command draws (another data folder, seed or "
+                raise UsageError(f"{path} lists other cases than this command draws (another data folder, seed or "
                                  "--folds/--repeats?); use another --out, or delete the folder to start over")
         else:
             write_split_file(path, part[k])
@@ -109,7 +110,7 @@ def run_cv(out: str | Path, data: str, *, folds: int | None = None, repeats: int
                           task="segmentation", epochs=epochs, data=data, **explicit)
     if base["data"].get("train_split_file") or base["data"].get("val_split_file") \
             or base["data"].get("test_split_file"):
-        raise ValueError("seg cv draws its own splits: leave data.*_split_file unset")
+        raise UsageError("seg cv draws its own splits: leave data.*_split_file unset")
     ds = load_segmentation_data(data, size=image_hw(base.get("img_size")), cache_dir=default_cache_dir() / "seg",
                                 mask_threshold=base["data"].get("mask_threshold"),
                                 mask_values=base["data"].get("mask_values"))

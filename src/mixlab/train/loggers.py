@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
+from ..errors import UsageError
 
 TRAIN_LOG, STEPS_CSV, TB_DIR = "train.log", "steps.csv", "tensorboard"
 LOGGERS = ("csv", "tensorboard")
@@ -26,7 +27,7 @@ def parse_loggers(value) -> list[str]:
     names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
     unknown = [n for n in names if n not in LOGGERS]
     if unknown:
-        raise ValueError(f"unknown logger {', '.join(map(repr, unknown))}: choose from {', '.join(LOGGERS)} "
+        raise UsageError(f"unknown logger {', '.join(map(repr, unknown))}: choose from {', '.join(LOGGERS)} "
                          "(e.g. --logger csv,tensorboard)")
     return names
 
@@ -96,7 +97,7 @@ class StepLoggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ValueError("--logger tensorboard needs the tensorboard package: pip install tensorboard "
+                raise UsageError("--logger tensorboard needs the tensorboard package: pip install tensorboard "
                                  "(or pip install 'mixlab[tensorboard]')") from None
             # purge_step: events an interrupted run wrote after the checkpoint are dropped
             self.tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=first_step + 1 if start_epoch > 0 else None)

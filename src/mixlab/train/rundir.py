@@ -486,10 +486,10 @@ def resume_config(run_dir: str | Path, task: str, model: str | None = None, epoc
     cfg = read_config(run_dir)
     run_task = cfg.get("task", "classification")
     if run_task == task:  # a config.yaml edited by hand is checked as a new run's settings are
-        from .config import validate
+        from .config import check_config
 
         try:
-            validate(cfg)
+            check_config(cfg)
         except UsageError as e:
             raise UsageError(f"{run_dir / CONFIG}: {e}") from None
     if run_task != task:

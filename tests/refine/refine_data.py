@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -35,9 +34,3 @@ def make_refine_data(root: Path, n: int = 12, size: int = 64, grow: int = 2, see
         Image.fromarray(truth * 255).save(data / "masks" / "0" / name)
         Image.fromarray(dilate(truth, grow) * 255).save(coarse / "masks" / "0" / name)
     return data, coarse
-
-
-@pytest.fixture
-def refine_data(tmp_path):
-    """make(n=12, size=64, grow=2) -> (data folder, coarse-mask folder) under tmp_path."""
-    return lambda **kw: make_refine_data(tmp_path, **kw)
