@@ -17,7 +17,10 @@ def configure(p):
     p.add_argument("--json", action="store_true")
 
 
-def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="auto", batch_size=500) -> dict:
+def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="auto", batch_size=500,
+                 return_predictions: bool = False) -> dict:
+    """Accuracy, loss, top-5 accuracy, macro-F1, per-class accuracy and the confusion matrix of a run on
+    a split (``return_predictions``: also each image's top-1 class index, in the split's order)."""
     import torch
 
     from ..data.augment import AugmentConfig, BatchAugment
@@ -40,12 +43,35 @@ def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="
     mf = torch.channels_last if pick_channels_last(cfg.get("channels_last", "auto"), model) else torch.contiguous_format
     model = model.to(dev, memory_format=mf)
     prep = BatchAugment(AugmentConfig(), cfg["data"]["mean"], cfg["data"]["std"], cfg["num_classes"], device=dev)
-    r = evaluate(model, part.images.to(dev), part.labels.to(dev), prep, batch_size, dev, precision, Distributed(),
-                 cfg["num_classes"], mf)
+    # the logits of the training loop's own evaluation, batch by batch, for the library metrics
+    logits: list = []
+    hook = model.register_forward_hook(lambda module, args, output: logits.append(output.detach().float().cpu()))
+    try:
+        r = evaluate(model, part.images.to(dev), part.labels.to(dev), prep, batch_size, dev, precision,
+                     Distributed(), cfg["num_classes"], mf)
+    finally:
+        hook.remove()
     conf = r["confusion"]
     per_class = {c: 100.0 * float(conf[i, i]) / max(int(conf[i].sum()), 1) for i, c in enumerate(data.classes)}
-    return dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, n=r["n"], accuracy=r["acc"],
-                loss=r["loss"], per_class_accuracy=per_class, classes=data.classes, confusion=conf.tolist())
+    all_logits = torch.cat(logits) if logits else torch.zeros(0, cfg["num_classes"])
+    out = dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, n=r["n"], accuracy=r["acc"],
+               loss=r["loss"], **library_metrics(all_logits, part.labels), per_class_accuracy=per_class,
+               classes=data.classes, confusion=conf.tolist())
+    if return_predictions:
+        out["predictions"] = all_logits.argmax(1).tolist()
+    return out
+
+
+def library_metrics(logits, labels) -> dict:
+    """Top-5 accuracy and macro-F1 (in %) from torchmetrics; top-5 is None with fewer than 5 classes."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+    k = logits.shape[1]
+    labels = labels.to(logits.device)
+    top5 = (100.0 * float(multiclass_accuracy(logits, labels, num_classes=k, top_k=5, average="micro"))
+            if k >= 5 else None)
+    f1 = 100.0 * float(multiclass_f1_score(logits, labels, num_classes=k, average="macro"))
+    return dict(top5_accuracy=top5, macro_f1=f1)
 
 
 def plot_confusion(result: dict, path: Path) -> None:
@@ -86,8 +112,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{r['model']} ({r['weights']} weights) on the {r['split']} split: accuracy {r['accuracy']:.2f}% "
-          f"over {r['n']} images, loss {r['loss']:.4f}")
+    top5 = f", top-5 {r['top5_accuracy']:.2f}%" if r["top5_accuracy"] is not None else ""
+    print(f"{r['model']} ({r['weights']} weights) on the {r['split']} split: accuracy {r['accuracy']:.2f}%{top5}, "
+          f"macro-F1 {r['macro_f1']:.2f}% over {r['n']} images, loss {r['loss']:.4f}")
     for c, a in r["per_class_accuracy"].items():
         print(f"  {c:<14} {a:6.2f}%")
     if "plot" in r:
