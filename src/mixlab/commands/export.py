@@ -5,6 +5,9 @@ import json
 
 
 def configure(p):
+    from .train import HelpFormatter
+
+    p.formatter_class = HelpFormatter
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="RUN_DIR", help="a `mixlab train` (or `mixlab seg train`) run directory")
     src.add_argument("--model", metavar="NAME", help="a registered model, freshly initialised (see `mixlab models`)")

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 
 def configure(p):
+    from .train import HelpFormatter
+
+    p.formatter_class = HelpFormatter
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a `mixlab train` run directory")
     p.add_argument("--input", required=True, metavar="IMAGE_OR_DIR",
                    help="an image file, or a folder searched recursively for images")
