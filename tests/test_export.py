@@ -33,6 +33,9 @@ SMALL = {
 def _small(name):
     torch.manual_seed(0)
     model = create_model(name, **SMALL[name])
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):  # timm's Mixer/ResMLP start with a zero head: outputs would all be 0
+        nn.init.normal_(head.weight, std=0.1)
     size = model_info(name).input_size
     return model, (size[0], 64, 64) if name == "unext_s" else size
 
@@ -49,7 +52,7 @@ def test_families_export_and_reproduce_the_model(name, fmt, tmp_path):
     model, size = _small(name)
     out = tmp_path / f"m.{fmt}"
     r = export_model(model, out, fmt, size, name=name, metadata=dict(mean=[0.5] * 3), say=None)
-    assert out.is_file() and r.max_abs_diff <= r.atol
+    assert out.is_file() and r.max_abs_diff <= r.atol and r.note == ""
     x = torch.randn(5, *size)  # a batch size neither traced nor checked: the batch dimension is dynamic
     with torch.no_grad():
         want = model.eval()(x)
@@ -136,7 +139,7 @@ def test_cli_export_a_model(tmp_path, capsys):
     assert main(["export", "--model", "mobilenetv1_cifar", "--format", "pt2", "--out", str(out), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["path"] == str(out) and r["format"] == "pt2" and r["input_shape"] == [2, 3, 32, 32]
-    assert r["max_abs_diff"] <= 1e-4 and out.is_file()
+    assert r["max_abs_diff"] <= 1e-4 and out.is_file() and r["note"] == ""
     with pytest.raises(SystemExit):
         main(["export", "--model", "mobilenetv1_cifar", "--format", "tflite", "--out", str(out)])
     with pytest.raises(SystemExit):
@@ -144,3 +147,9 @@ def test_cli_export_a_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", "--checkpoint", str(tmp_path), "--format", "pt2", "--out", str(out)]) == 2
     assert "not a mixlab run directory" in capsys.readouterr().err
+
+
+def test_a_constant_output_is_said(tmp_path):
+    model = create_model("mixer_s16_cifar", num_blocks=1, embed_dim=32)  # timm zero-initialises the head
+    r = export_model(model, tmp_path / "m.pt2", "pt2", (3, 32, 32), say=None)
+    assert "same output for every input" in r.note

@@ -49,6 +49,13 @@ def test_report_lists_every_tensor_once(tmp_path):
     same = init_from(create_model("convmixer_256_8", num_classes=10, **TINY_CONVMIXER),
                      tmp_path / "w.safetensors", say=None)
     assert same.new == [] and len(same.loaded) == len(ten.state_dict())
+    # another data set with as many classes: the head is asked to be new
+    torch.manual_seed(3)
+    other = create_model("convmixer_256_8", num_classes=10, **TINY_CONVMIXER)
+    head = other.head.weight.clone()
+    r = init_from(other, tmp_path / "w.safetensors", new_classifier=True, say=None)
+    assert r.new == ["head.weight", "head.bias"] and torch.equal(other.head.weight, head)
+    assert torch.equal(other.stem[0].weight, ten.stem[0].weight)
 
 
 def _fake_run(run_dir, model, name, weights: dict[str, torch.nn.Module]):

@@ -53,6 +53,7 @@ class ExportResult:
     rtol: float
     seconds: float
     metadata: dict
+    note: str = ""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -178,13 +179,18 @@ def export_model(model: nn.Module, out: str | Path, fmt: str, input_size: tuple[
                 raise _fail(name, fmt, "torch.onnx", e) from None
             got = torch.from_numpy(_run_onnx(tmp, check, name))
         diff = _compare(name, fmt, got, want, atol, rtol)
+    note = ""
+    if float((want - want[:1]).abs().max()) == 0.0:
+        note = ("the model gives the same output for every input (a freshly built model with a zero-initialised "
+                "classifier, as timm's MLP-Mixer/ResMLP have): the check shows the program runs, not that its "
+                "features equal the model's; export trained weights (--checkpoint) for a check that does")
     result = ExportResult(path=str(out), format=fmt, model=name, input_shape=[batch, *input_size],
                           check_batch=check_batch, max_abs_diff=diff, atol=atol, rtol=rtol,
-                          seconds=time.perf_counter() - t0, metadata=meta)
+                          seconds=time.perf_counter() - t0, metadata=meta, note=note)
     if say is not None:
         say(f"exported {name} to {out} ({fmt}, batch dimension dynamic, input {'x'.join(map(str, input_size))}); "
             f"checked on a batch of {check_batch}: max |difference| {diff:.2e} "
-            f"(tolerance {atol} + {rtol} x |output|)")
+            f"(tolerance {atol} + {rtol} x |output|)" + (f"\nnote: {note}" if note else ""))
     return result
 
 

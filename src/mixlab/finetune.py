@@ -183,14 +183,16 @@ def _source_state_dict(path: Path, model: nn.Module, official: bool) -> dict[str
     return convert_official(sd, model) if official else sd
 
 
-def init_from(model: nn.Module, source, *, freeze_backbone: bool = False, official: bool = False,
-              say: Callable[[str], None] | None = print) -> InitReport:
+def init_from(model: nn.Module, source, *, freeze_backbone: bool = False, new_classifier: bool = False,
+              official: bool = False, say: Callable[[str], None] | None = print) -> InitReport:
     """Initialise ``model`` (in place) from ``source``: a weights file, a run directory, or a
     state_dict. See the module docstring for what is loaded, resized and left new; raises
     ``ValueError`` naming the key differences when the source is another architecture.
 
     ``freeze_backbone``: every parameter but the classifier's gets ``requires_grad=False``
-    (see :func:`train_classifier_only`). ``say``: receives the report's lines (None: silent).
+    (see :func:`train_classifier_only`). ``new_classifier``: leave the classifier new even where
+    the source's has the same shape (another data set with as many classes: its head would map
+    the new classes onto the old ones). ``say``: receives the report's lines (None: silent).
     """
     from .checkpoint import convert_official, key_diff_lines
     from .io import normalize_state_dict
@@ -214,6 +216,10 @@ def init_from(model: nn.Module, source, *, freeze_backbone: bool = False, offici
             (report.new if key in head else missing).append(key)
             continue
         value = sd[key]
+        if key in head and new_classifier:  # asked for: the classes are others
+            report.new.append(key)
+            report.skipped.append(key)
+            continue
         if value.shape == target.shape:
             to_load[key] = value
             report.loaded.append(key)

@@ -63,13 +63,14 @@ def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="
 
 
 def library_metrics(logits, labels) -> dict:
-    """Top-5 accuracy and macro-F1 (in %) from torchmetrics; top-5 is None with fewer than 5 classes."""
+    """Top-5 accuracy and macro-F1 (in %) from torchmetrics; top-5 is None with 5 classes or fewer
+    (every image's class is then among its top 5)."""
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
     k = logits.shape[1]
     labels = labels.to(logits.device)
     top5 = (100.0 * float(multiclass_accuracy(logits, labels, num_classes=k, top_k=5, average="micro"))
-            if k >= 5 else None)
+            if k > 5 else None)
     f1 = 100.0 * float(multiclass_f1_score(logits, labels, num_classes=k, average="macro"))
     return dict(top5_accuracy=top5, macro_f1=f1)
 
