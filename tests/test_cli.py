@@ -93,7 +93,7 @@ def test_model_kwargs_take_lists_and_mappings(capsys):
 
 
 @pytest.mark.parametrize("argv", [["train"], ["seg", "train"], ["seg", "eval"], ["seg", "predict"], ["predict"],
-                                  ["export"]])
+                                  ["export"], ["eval"]])
 def test_help_has_no_empty_defaults_and_every_flag_explained(argv, capsys):
     import argparse
 

@@ -6,15 +6,19 @@ from pathlib import Path
 
 
 def configure(p):
+    from .train import HelpFormatter
+
+    p.formatter_class = HelpFormatter
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a `mixlab train` run directory")
-    p.add_argument("--weights", choices=["best", "last"], default="best")
+    p.add_argument("--weights", choices=["best", "last"], default="best", help="which weights of the run")
     p.add_argument("--data", help="data root (default: the run's)")
-    p.add_argument("--split", choices=["test", "val"], default="test")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--split", choices=["test", "val"], default="test", help="the split to evaluate")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     p.add_argument("--plot", metavar="FILE.png", nargs="?", const="", help="write the confusion matrix as a PNG "
                    "(default file: RUN_DIR/confusion_<split>.png)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON (top-5 accuracy and macro-F1 "
+                   "from torchmetrics included)")
 
 
 def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="auto", batch_size=500,
