@@ -90,3 +90,27 @@ def test_model_kwargs_take_lists_and_mappings(capsys):
     assert code == 2 and "the value of dims" in err and "Traceback" not in err
     code, _, err = run(capsys, "info", "unext", "--model-kwargs", "dims")
     assert code == 2 and "KEY=VALUE" in err
+
+
+@pytest.mark.parametrize("argv", [["train"], ["seg", "train"], ["seg", "eval"], ["seg", "predict"], ["predict"],
+                                  ["export"], ["eval"]])
+def test_help_has_no_empty_defaults_and_every_flag_explained(argv, capsys):
+    import argparse
+
+    from mixlab.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: False)" not in out and "(default: [])" not in out
+    parser, _ = build_parser(argv[0])
+    if len(argv) > 1:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[argv[1]]
+    silent = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not silent, f"flags without help: {silent}"
+
+
+def test_unknown_config_key_is_quoted_whole(capsys):
+    assert main(["train", "--model", "convmixer_256_8", "--set", "optimizer.lrr=0.1"]) == 2
+    assert "unknown config key 'optimizer.lrr' (did you mean lr?)" in capsys.readouterr().err

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recipes": ("mixlab.commands.recipes", "list the shipped training recipes"),
     "train": ("mixlab.commands.train", "train a classifier (CIFAR-10/100 or an image folder)"),
     "eval": ("mixlab.commands.eval", "evaluate a trained run: accuracy, per-class, confusion matrix"),
+    "predict": ("mixlab.commands.predict", "classify image files with a trained run (top-k classes, CSV/JSON)"),
+    "export": ("mixlab.commands.export", "export a run or a model to ONNX or torch.export (.pt2), checked"),
     "seg": ("mixlab.commands.seg", "segmentation: `seg train`, `seg eval`, `seg predict` (UNeXt on BUSI, any images + masks)"),
     "refine": ("mixlab.commands.refine", "boundary patch refinement: `refine coarse`, `refine train`, `refine eval`, `refine apply`"),
     "compare": ("mixlab.commands.compare", "train several models with one recipe and seed, resumably"),

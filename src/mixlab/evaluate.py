@@ -22,7 +22,7 @@ from .train.settings import pick_channels_last, pick_device, pick_precision
 
 from .errors import UsageError
 
-__all__ = ["evaluate_run", "load_seg_run", "evaluate_seg_run", "predict_seg_run"]
+__all__ = ["evaluate_run", "library_metrics", "load_seg_run", "evaluate_seg_run", "predict_seg_run"]
 
 
 def _on_device(model, device: str, cfg: dict, dist: Distributed):
@@ -35,8 +35,11 @@ def _on_device(model, device: str, cfg: dict, dist: Distributed):
 
 # ----------------------------------------------------------------------------- classification
 
-def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="auto", batch_size=500) -> dict:
-    """Accuracy, loss, per-class accuracy and confusion matrix of a `mixlab train` run on a split."""
+def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="auto", batch_size=500,
+                 return_predictions: bool = False) -> dict:
+    """Accuracy, loss, top-5 accuracy, macro-F1, per-class accuracy and the confusion matrix of a
+    `mixlab train` run on a split (``return_predictions``: also each image's top-1 class index,
+    in the split's order)."""
     from .data.classification import load_classification_data
 
     model, cfg = load_run_model(run_dir, weights)
@@ -51,14 +54,38 @@ def evaluate_run(run_dir, weights="best", data_root=None, split="test", device="
     dist = Distributed()
     model, dev, precision, mf = _on_device(model, device, cfg, dist)
     ctx = RunContext(device=dev, dist=dist, precision=precision, memory_format=mf)
-    r = evaluate_classifier(model, part.images, part.labels, cfg["num_classes"], cfg["data"]["mean"],
-                            cfg["data"]["std"], batch_size, ctx)
+    # the logits of the loop's own evaluation, batch by batch, for the library metrics
+    logits: list = []
+    hook = model.register_forward_hook(lambda module, args, output: logits.append(output.detach().float().cpu()))
+    try:
+        r = evaluate_classifier(model, part.images, part.labels, cfg["num_classes"], cfg["data"]["mean"],
+                                cfg["data"]["std"], batch_size, ctx)
+    finally:
+        hook.remove()
     conf = r["confusion"]
     # a class without images in the split has no accuracy (None, shown as n/a), not 0%
     per_class = {c: 100.0 * float(conf[i, i]) / int(conf[i].sum()) if int(conf[i].sum()) else None
                  for i, c in enumerate(data.classes)}
-    return dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, n=r["n"], accuracy=r["acc"],
-                loss=r["loss"], per_class_accuracy=per_class, classes=data.classes, confusion=conf.tolist())
+    all_logits = torch.cat(logits) if logits else torch.zeros(0, cfg["num_classes"])
+    out = dict(run=str(run_dir), model=cfg["model"], weights=weights, split=split, n=r["n"], accuracy=r["acc"],
+               loss=r["loss"], **library_metrics(all_logits, part.labels), per_class_accuracy=per_class,
+               classes=data.classes, confusion=conf.tolist())
+    if return_predictions:
+        out["predictions"] = all_logits.argmax(1).tolist()
+    return out
+
+
+def library_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-5 accuracy and macro-F1 (in %) from torchmetrics; top-5 is None with 5 classes or fewer
+    (every image's class is then among its top 5)."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+    k = logits.shape[1]
+    labels = labels.to(logits.device)
+    top5 = (100.0 * float(multiclass_accuracy(logits, labels, num_classes=k, top_k=5, average="micro"))
+            if k > 5 else None)
+    f1 = 100.0 * float(multiclass_f1_score(logits, labels, num_classes=k, average="macro"))
+    return dict(top5_accuracy=top5, macro_f1=f1)
 
 
 # ----------------------------------------------------------------------------- segmentation

@@ -156,10 +156,14 @@ def create_model(
         num_classes, in_chans: override the defaults of the variant.
         img_size: input size; passed to models whose layout depends on it (ViT, Swin,
             Swin-MLP, AS-MLP), checked against the constraints of those that have one.
-        checkpoint_path: weights to load after building (safetensors or a torch file,
-            read without unpickling code). With ``official=True`` the file is a state_dict
-            saved from the paper's official implementation and is converted by
-            :func:`mixlab.load_official`.
+        checkpoint_path: weights to start from (safetensors or a torch file, read without
+            unpickling code, or a ``mixlab train`` run directory), loaded by
+            :func:`mixlab.finetune.init_from`: every matching tensor; a classifier of another
+            shape (``num_classes``) is left new and position embeddings / relative position
+            tables are resampled to ``img_size`` as timm does (printed when that happens);
+            a checkpoint of another architecture is refused with the key differences. With
+            ``official=True`` the file is a state_dict saved from the paper's official
+            implementation, converted as :func:`mixlab.load_official` does.
         **kwargs: architecture arguments of the model (``kernel_size=9``, ``drop_path_rate=0.1``...).
     """
     info = model_info(name)
@@ -205,12 +209,12 @@ def create_model(
             except ValueError as e:  # the model's own message: which sizes it takes
                 raise UsageError(f"{name} cannot take {size[0]}x{size[1]} inputs: {e}") from None
     if checkpoint_path is not None:
-        from .checkpoint import load_official, load_weights
+        from .finetune import init_from
 
-        if official:
-            load_official(model, checkpoint_path)
-        else:
-            load_weights(model, checkpoint_path)
+        report = init_from(model, checkpoint_path, official=official, say=None)
+        if report.resized or report.new:  # say what did not come from the file as it was
+            for line in report.lines():
+                print(line)
     elif official:
         raise UsageError("official=True needs checkpoint_path=FILE")
     return model

@@ -208,3 +208,13 @@ def test_rf_model_and_effective(run_dir, tmp_path, capsys):
     assert png_size(out) == (700, 625)
     assert main(["rf", "--effective", "--model", "convmixer_256_8"]) == 2
     assert "--random-inputs" in capsys.readouterr().err
+
+
+def test_rf_json_without_out_writes_no_picture(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["rf", "--kernel", "3", "--dilations", "1,2,5", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["out"] is None and info["rf_size"] == 17
+    assert list(tmp_path.iterdir()) == []
+    assert main(["rf", "--kernel", "3", "--dilations", "1,2,5"]) == 0  # without --json the picture is the point
+    assert [p.name for p in tmp_path.iterdir()] == ["rf_k3_d1-2-5.png"]

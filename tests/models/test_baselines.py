@@ -25,7 +25,7 @@ REQUIRED = {"vgg16_bn", "googlenet", "inception_v3", "resnet18", "resnet50", "se
 # forward_features output of each CIFAR form at 32x32 (batch 1): the last stage's map
 CIFAR_FEATURES = {
     "vgg16_bn": (1, 512, 1, 1), "googlenet": (1, 1024, 4, 4), "inception_v3": (1, 2048, 7, 7),
-    "resnet18": (1, 512, 4, 4), "resnet50": (1, 2048, 4, 4), "seresnet18": (1, 512, 4, 4),
+    "resnet18": (1, 512, 4, 4), "resnet34": (1, 512, 4, 4), "resnet50": (1, 2048, 4, 4), "seresnet18": (1, 512, 4, 4),
     "densenet121": (1, 1024, 4, 4), "mobilenetv1": (1, 1024, 4, 4), "mobilenetv2": (1, 1280, 4, 4),
     "efficientnet_b0": (1, 1280, 4, 4), "regnetx_200mf": (1, 368, 4, 4), "regnety_400mf": (1, 440, 4, 4),
     "vit_tiny": (1, 65, 192), "vit_small": (1, 65, 384), "swin_tiny": (1, 2, 2, 768),
@@ -33,7 +33,7 @@ CIFAR_FEATURES = {
 # ... and of each ImageNet form at its own input size
 IMAGENET_FEATURES = {
     "vgg16_bn": (1, 512, 7, 7), "googlenet": (1, 1024, 7, 7), "inception_v3": (1, 2048, 8, 8),
-    "resnet18": (1, 512, 7, 7), "resnet50": (1, 2048, 7, 7), "seresnet18": (1, 512, 7, 7),
+    "resnet18": (1, 512, 7, 7), "resnet34": (1, 512, 7, 7), "resnet50": (1, 2048, 7, 7), "seresnet18": (1, 512, 7, 7),
     "densenet121": (1, 1024, 7, 7), "mobilenetv1": (1, 1024, 7, 7), "mobilenetv2": (1, 1280, 7, 7),
     "efficientnet_b0": (1, 1280, 7, 7), "regnetx_200mf": (1, 368, 7, 7), "regnety_400mf": (1, 440, 7, 7),
     "vit_tiny": (1, 197, 192), "vit_small": (1, 197, 384), "swin_tiny": (1, 7, 7, 768),

@@ -207,3 +207,40 @@ def test_validating_on_the_test_set_is_the_seeds_protocol_and_says_so(make_folde
     assert summary["selected_on_test"] is True and summary["selected_on"] == "test"
     assert "selected on the test set" in summary["protocol"]
     assert summary["test_acc"] == summary["best_val_acc"]
+
+
+def test_init_from_a_run_keeps_its_backbone_and_gives_other_classes_a_new_head(make_folder_dataset, tmp_path,
+                                                                               capsys):
+    from safetensors.torch import load_file
+
+    from mixlab.cli import main
+    from mixlab.tasks.classification import ClassificationTask
+
+    base = ["train", "--model", "convmixer_256_8", "--model-kwargs", "dim=8,depth=1", "--dataset", "folder",
+            "--batch-size", "4", "--epochs", "1", "--precision", "fp32", "--set", "progress=false",
+            "--set", "autotune=false"]
+    src_data = make_folder_dataset(n_classes=3, per_class=(6, 2), size=8)
+    source = tmp_path / "source"
+    assert main([*base, "--data", str(src_data), "--out", str(source)]) == 0
+    other = tmp_path / "other"
+    for split in ("train", "test"):  # two classes of other names
+        for old, new in (("class0", "x"), ("class1", "y")):
+            import shutil
+
+            shutil.copytree(src_data / split / old, other / split / new)
+    run = tmp_path / "tuned"
+    capsys.readouterr()
+    assert main([*base, "--data", str(other), "--init", str(source), "--freeze-backbone", "--out", str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert "loaded" in printed and str(source) in printed
+    start, end = load_file(str(source / "best.safetensors")), load_file(str(run / "last.safetensors"))
+    convs = [k for k, v in start.items() if v.ndim == 4]
+    assert convs and all(torch.equal(start[k], end[k]) for k in convs)  # frozen, as loaded
+    head = [k for k in end if k.startswith("head.")]
+    assert head and end["head.weight"].shape[0] == 2
+    # the classifier is reused only from a run that predicts the same classes
+    task = ClassificationTask()
+    task.data = type("D", (), {"classes": rd.read_summary(source)["classes"]})()
+    assert task.new_classifier_for(source) is False
+    task.data.classes = ["x", "y"]
+    assert task.new_classifier_for(source) is True and task.new_classifier_for(source / "best.safetensors")

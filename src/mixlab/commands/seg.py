@@ -8,14 +8,16 @@ from ..errors import MissingFileError, UsageError
 
 
 def configure(p):
-    from .train import add_run_options
+    from .train import HelpFormatter, add_run_options
 
+    p.formatter_class = HelpFormatter
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    t = sub.add_parser("train", help="train a segmentation model and write a run directory")
+    t = sub.add_parser("train", help="train a segmentation model and write a run directory",
+                       formatter_class=HelpFormatter)
     add_run_options(t, model_help="a segmentation model (`mixlab models --task segmentation`): unext, unext_s",
                     data_help="data folder: UNeXt layout (images/, masks/0/) or images/ + masks/ with matching "
-                    "names, e.g. ../shared/data/busi",
+                    "names (e.g. a BUSI folder: images/<name>.png, masks/0/<name>.png)",
                     recipe_help="a shipped segmentation recipe (`mixlab recipes`), e.g. unext-busi",
                     set_example="--set loss.name=dice --set data.val_split=0.3")
     t.add_argument("--train-split", metavar="FILE", help="names of the training cases, one per line")
@@ -45,29 +47,30 @@ def configure(p):
     c.add_argument("--dry-run", action="store_true", help="print the parts and what would be trained or skipped")
     c.add_argument("--json", action="store_true", help="print cv.json's contents at the end")
 
-    e = sub.add_parser("eval", help="IoU, Dice, precision, recall of a trained run")
+    e = sub.add_parser("eval", help="IoU, Dice, precision, recall of a trained run", formatter_class=HelpFormatter)
     e.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a `mixlab seg train` run directory")
     e.add_argument("--data", help="data folder to evaluate (default: the run's validation split of its data); "
                    "every image of a folder given here is evaluated")
     e.add_argument("--split", choices=["val", "test"], default="val",
                    help="the run's split to evaluate: val (the one that selected the weights) or test (held out; "
                    "runs trained with --test-split)")
-    e.add_argument("--weights", choices=["best", "last"], default="best")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--weights", choices=["best", "last"], default="best", help="which weights of the run")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     e.add_argument("--batch-size", type=int, help="batch size of the paper's batch-pooled IoU/Dice "
                    "(default: the run's)")
     e.add_argument("--json", action="store_true", help="print every figure, and per-image values, as JSON")
 
-    r = sub.add_parser("predict", help="predict masks; write mask PNGs and side-by-side overlays")
-    r.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    r = sub.add_parser("predict", help="predict masks; write mask PNGs and side-by-side overlays",
+                       formatter_class=HelpFormatter)
+    r.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a `mixlab seg train` run directory")
     r.add_argument("--input", required=True, metavar="IMAGE_OR_DIR",
                    help="an image, a folder of images, or a data folder (its masks are shown as ground truth)")
     r.add_argument("--out", required=True, metavar="DIR", help="writes DIR/masks/<k>/<name>.png and DIR/overlays/")
-    r.add_argument("--weights", choices=["best", "last"], default="best")
+    r.add_argument("--weights", choices=["best", "last"], default="best", help="which weights of the run")
     r.add_argument("--threshold", type=float, help="probability threshold (default: the run's, 0.5)")
-    r.add_argument("--device", default="auto")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     r.add_argument("--no-overlays", action="store_true", help="write only the mask PNGs")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="print what was written (and scores, with ground truth) as JSON")
 
 
 def run(args) -> int:

@@ -1,28 +1,47 @@
 """`mixlab train`: train a classifier and write a run directory."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..errors import UsageError, as_usage_error
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with "(default: X)" only where X tells something: not for flags whose default is
+    None, False, "" or [] (their help says what happens without them), nor where the help
+    text already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if (not action.option_strings or "default" in text or d is None or d is False or d is argparse.SUPPRESS
+                or (isinstance(d, (str, list)) and not d)):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def add_run_options(p, model_help: str, data_help: str, recipe_help: str, set_example: str) -> None:
     """The options `mixlab train` and `mixlab seg train` share (help texts per command)."""
+    p.formatter_class = HelpFormatter
     p.add_argument("--model", help=model_help)
     p.add_argument("--data", help=data_help)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, help="epochs to train (default: the recipe's, else the command's default)")
+    p.add_argument("--batch-size", type=int, help="images per training step (default: the recipe's)")
+    p.add_argument("--seed", type=int, help="seed of initialisation, shuffling and augmentation (default: the recipe's)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default: measured on the CPU, bf16 where supported on CUDA), or fixed")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (default: auto, tried on the CPU for long runs)")
     p.add_argument("--out", help="run directory to write (must not hold another run; "
                    "default: runs/MODEL-YYYYMMDD-HHMMSS)")
     p.add_argument("--recipe", help=recipe_help)
     p.add_argument("--config", help="a YAML file of settings (same keys as the recipes)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override any setting, e.g. {set_example}")
-    p.add_argument("--model-kwargs", default="", metavar="K=V,...", help="architecture arguments")
+    p.add_argument("--model-kwargs", default="", metavar="K=V,...",
+                   help="architecture arguments, e.g. dim=256,depth=8 (values are YAML)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--init", metavar="FILE|RUN_DIR", help="start from trained weights: a .safetensors / torch "
                    "weights file or a run directory (its best weights); a classifier of another size starts new")

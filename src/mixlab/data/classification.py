@@ -2,7 +2,7 @@
 
 Sources, in the order they are looked for under a data root:
   1. an image-folder tree: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` (also
-     ``ROOT/<dataset>/train/...``), as ``../shared/data/cifar10`` is stored;
+     ``ROOT/<dataset>/train/...``), as a CIFAR-10 image-folder copy is often stored;
   2. the python-pickle release (``cifar-10-batches-py``, ``cifar-100-python``);
   3. a download through torchvision into the cache directory, when a network is there.
 
@@ -31,6 +31,8 @@ from .images import rgb_image
 
 log = logging.getLogger("mixlab.data")
 
+# the files `mixlab predict` takes from a folder as images
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 CIFAR_LAYOUTS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 KNOWN_DATASETS = ("cifar10", "cifar100", "folder")
 
@@ -109,7 +111,6 @@ def locate(dataset: str, data: str | os.PathLike | None) -> tuple[str, Path]:
         f"Point mixlab at it with --data PATH (or set MIXLAB_DATA=PATH), where PATH holds "
         f"train/<class>/ and test/<class>/ image folders"
         + (f", {CIFAR_LAYOUTS[dataset]}/ (the python release), or pass --download" if dataset in CIFAR_LAYOUTS else "")
-        + ". On this project's machines: --data ../shared/data"
     )
 
 

@@ -6,3 +6,4 @@ from . import unext  # noqa: F401
 from . import asmlp  # noqa: F401
 from . import swin_mlp  # noqa: F401
 from . import baselines  # noqa: F401
+from . import mlp_baselines  # noqa: F401

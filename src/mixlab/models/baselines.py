@@ -34,7 +34,7 @@ from timm.models.densenet import DenseNet, densenet121
 from timm.models.efficientnet import EfficientNet, efficientnet_b0, mobilenetv1_100, mobilenetv2_100
 from timm.models.inception_v3 import InceptionV3, inception_v3
 from timm.models.regnet import RegNet, regnetx_002, regnety_004
-from timm.models.resnet import ResNet, resnet18, resnet50, seresnet18
+from timm.models.resnet import ResNet, resnet18, resnet34, resnet50, seresnet18
 from timm.models.swin_transformer import SwinTransformer, swin_tiny_patch4_window7_224
 from timm.models.vgg import VGG, vgg16_bn
 from timm.models.vision_transformer import VisionTransformer, vit_small_patch16_224, vit_tiny_patch16_224
@@ -292,6 +292,9 @@ BASELINES: tuple[Baseline, ...] = (
     Baseline("resnet18", "ResNet-18", CNN, "Deep Residual Learning for Image Recognition (He et al., CVPR 2016)",
              ResNet, resnet18, "resnet18", _RESNET_CIFAR,
              adapt=_adapt_resnet, paper_figures=dict(macs=1.8e9)),
+    Baseline("resnet34", "ResNet-34", CNN, "Deep Residual Learning for Image Recognition (He et al., CVPR 2016)",
+             ResNet, resnet34, "resnet34", _RESNET_CIFAR,
+             adapt=_adapt_resnet, paper_figures=dict(macs=3.6e9)),
     Baseline("resnet50", "ResNet-50", CNN, "Deep Residual Learning for Image Recognition (He et al., CVPR 2016)",
              ResNet, resnet50, "resnet50", _RESNET_CIFAR,
              adapt=_adapt_resnet, paper_figures=dict(macs=3.8e9)),
@@ -403,7 +406,13 @@ def _build_cifar(b: Baseline, name: str, pretrained: bool, kwargs: dict) -> nn.M
     return model
 
 
-def _register(b: Baseline) -> None:
+def _register(b: Baseline, module: str = __name__) -> None:
+    """Register ``b``'s two forms as entrypoints of ``module``, whose ``default_cfgs`` must
+    hold their pretrained configs (timm reads them from the entrypoint's module)."""
+    import sys
+
+    mod = sys.modules[module]
+
     def imagenet(pretrained=False, **kwargs):
         return _build_imagenet(b, f"{b.name}_imagenet", pretrained, kwargs)
 
@@ -416,10 +425,10 @@ def _register(b: Baseline) -> None:
                           (cifar, "cifar", f"{b.title}, CIFAR form (10 classes, 32x32), built from {source}: "
                                            f"{b.cifar}.")):
         fn.__name__ = fn.__qualname__ = f"{b.name}_{form}"
-        fn.__module__ = __name__
+        fn.__module__ = module
         fn.__doc__ = doc
-        globals()[fn.__name__] = fn
-        __all__.append(fn.__name__)
+        setattr(mod, fn.__name__, fn)
+        mod.__all__.append(fn.__name__)
     register_model(family=b.family, paper=b.paper, model_cls=b.model_cls, input_size=(3, size, size),
                    num_classes=1000, paper_figures=b.paper_figures, timm_name=b.timm_name)(imagenet)
     register_model(family=b.family, paper=b.paper, model_cls=b.model_cls, input_size=(3, 32, 32),

@@ -6,7 +6,7 @@ them as tensors (on any device) instead of decoding files every epoch.
 
 Layouts read:
 
-* the UNeXt layout (the one the official code and ``../shared/data/busi`` use)::
+* the UNeXt layout (the one the official code uses for BUSI)::
 
       ROOT/images/<name>.png
       ROOT/masks/0/<name>.png      # class 0 (binary segmentation: only this one)

@@ -72,6 +72,12 @@ class Task:
         """The model ``cfg`` describes, fresh weights (``for_eval``: without stochastic depth)."""
         raise NotImplementedError
 
+    def new_classifier_for(self, source) -> bool:
+        """Whether a model initialised from ``source`` (--init) keeps a new classifier even where
+        the source's has the same shape: yes unless the source is known to predict the same
+        classes (reusing a head trained on other classes maps them onto the old ones)."""
+        return True
+
     def describe_data(self) -> str:
         """A short name of the data for plot titles."""
         return ""

@@ -72,6 +72,11 @@ class ClassificationTask(Task):
         size = cfg.get("img_size") if takes_img_size(cfg["model"]) else None
         return create_model(cfg["model"], num_classes=int(cfg["num_classes"]), img_size=size, **kwargs)
 
+    def new_classifier_for(self, source) -> bool:
+        from ..finetune import source_classes
+
+        return source_classes(source) != list(self.data.classes)
+
     def describe_data(self) -> str:
         return self.data.name
 
@@ -116,7 +121,8 @@ class ClassificationTask(Task):
 
         # the evaluation protocol, so that no table shows an accuracy selected on the test
         # set without saying so (protocol, selected_on_test)
-        return evaluation_protocol(cfg)
+        # the class names, in the order of the classifier's outputs (predict, --init)
+        return dict(evaluation_protocol(cfg), classes=list(self.data.classes))
 
     def finish(self, model: nn.Module, which: str, best_val: float, best_epoch: int, run_dir) -> dict:
         test = self.evaluate_split(model, self.data.test)

@@ -157,7 +157,7 @@ def _check_keys(d: dict, schema: dict, where: str) -> None:
     for key, value in d.items():
         if key not in schema:
             close = difflib.get_close_matches(key, list(schema), n=2)
-            raise UsageError(f"unknown config key {where}{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+            raise UsageError(f"unknown config key '{where}{key}'" + (f" (did you mean {', '.join(close)}?)" if close else "")
                              + f"; known keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(schema)}")
         if isinstance(schema[key], dict) and key != "model_kwargs":
             if not isinstance(value, dict):

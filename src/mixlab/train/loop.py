@@ -110,14 +110,14 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack, console
     # --- model, speed settings, optimizer
     torch.manual_seed(int(cfg["seed"]))
     model = task.build_model(cfg)
-    if cfg.get("init") and not (resume and rd.has_checkpoint(out_dir)):
-        from ..finetune import init_from
+    if cfg.get("init"):  # start from trained weights (a resumed run restores its own below)
+        from ..finetune import init_from, train_classifier_only
 
-        init_from(model, cfg["init"], say=say)
-    if cfg.get("freeze_backbone"):  # on resume too: the optimizer's parameter groups must match
-        from ..finetune import freeze_backbone
-
-        freeze_backbone(model)
+        if not (resume and rd.has_checkpoint(out_dir)):
+            init_from(model, cfg["init"], freeze_backbone=bool(cfg.get("freeze_backbone")),
+                      new_classifier=task.new_classifier_for(cfg["init"]), say=say)
+        elif cfg.get("freeze_backbone"):  # the optimizer's parameter groups must be the run's
+            train_classifier_only(model)
     params, _ = count_params(model)
     macs = count_macs(model, task.input_shape(cfg))
     batch_size = int(cfg["batch_size"])
