@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mixlab.commands.train", "train a classifier (CIFAR-10/100 or an image folder)"),
     "eval": ("mixlab.commands.eval", "evaluate a trained run: accuracy, per-class, confusion matrix"),
     "seg": ("mixlab.commands.seg", "segmentation: `seg train`, `seg eval`, `seg predict` (UNeXt on BUSI, any images + masks)"),
+    "det": ("mixlab.commands.det", "instance segmentation: `det train`, `det eval`, `det predict` (Mask R-CNN on any backbone)"),
     "compare": ("mixlab.commands.compare", "train several models with one recipe and seed, resumably"),
     "report": ("mixlab.commands.report", "one table and plots over training runs (params, MACs, speed, accuracy)"),
     "viz": ("mixlab.commands.viz", "pictures inside a model: filters, kernels, feature maps, saliency"),

@@ -13,6 +13,7 @@ from .base import RunContext, Task  # noqa: F401
 TASKS = {
     "classification": "mixlab.tasks.classification:ClassificationTask",
     "segmentation": "mixlab.tasks.segmentation:SegmentationTask",
+    "detection": "mixlab.tasks.detection:DetectionTask",
 }
 
 

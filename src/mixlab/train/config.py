@@ -98,8 +98,10 @@ SEG_DEFAULTS: dict = {
     "description": "",
     "recipe": None,
 }
-TASK_DEFAULTS = {"classification": DEFAULTS, "segmentation": SEG_DEFAULTS}
-_TASK_COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train"}
+from ..tasks.detection import DET_DEFAULTS  # noqa: E402  (`mixlab det train`: its defaults live with its task)
+
+TASK_DEFAULTS = {"classification": DEFAULTS, "segmentation": SEG_DEFAULTS, "detection": DET_DEFAULTS}
+_TASK_COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train", "detection": "mixlab det train"}
 
 
 # adamw: torch's AdamW (decay lr * weight_decay per step); adamw_tfa: TensorFlow Addons' AdamW
@@ -214,6 +216,8 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
     if cfg["task"] != task:
         raise ValueError(f"task cannot be changed to {cfg['task']!r} here; use `{_TASK_COMMAND.get(cfg['task'], 'mixlab')}`")
     validate(cfg)
+    if task == "detection":  # the model is a backbone: any mixlab or timm classifier (validate checked it)
+        return cfg
     from .. import model_info
 
     model_task = model_info(cfg["model"]).task
@@ -267,6 +271,10 @@ def validate(cfg: dict) -> None:
     if float(cfg["schedule"].get("min_lr") or 0) > float(cfg["optimizer"]["lr"]):
         raise ValueError(f"schedule.min_lr ({cfg['schedule']['min_lr']}) is above optimizer.lr "
                          f"({cfg['optimizer']['lr']}); min_lr is the rate the schedule ends at")
+    if cfg.get("task") == "detection":
+        from ..tasks.detection import check_config
+
+        return check_config(cfg)
     if cfg.get("task", "classification") == "segmentation":
         from ..seg.losses import build_loss
 
