@@ -138,3 +138,20 @@ def test_det_errors_are_one_line(mask_folder, tmp_path, capsys):
 
     ds = load_det_folder(empty)  # an image without instances is allowed, and counted
     assert len(ds) == 1 and ds.empty_images == 1 and ds.num_instances == 0
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_gloo(mask_folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mixlab",
+           "det", "train", *TINY, "--device", "cpu", "--data", str(mask_folder), "--epochs", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = rd.read_summary(out)
+    assert s["finished"] and s["world_size"] == 2 and "x 2 ranks" in proc.stdout
+    assert len(rd.read_metrics(out)) == 2 and "segm_AP" in s["val"]

@@ -93,8 +93,9 @@ def _eval(args) -> int:
     print(f"  union of instances scoring >= {r['union_score']:g}: IoU {r['union_iou']:.2f}  Dice {r['union_dice']:.2f} "
           f"(pixels pooled per batch of {r['union_batch']}, as `mixlab seg eval`); per image IoU "
           f"{r['union_iou_per_image']:.2f}  Dice {r['union_dice_per_image']:.2f}")
-    print(f"  {r['n_images']} images, {r['n_detections']} detections; inference {r['infer_ms_per_image']:.1f} ms per image "
-          f"(batch {r['infer_batch']}, {r['precision']})" + (f"; PR curves: {args.plot}" if args.plot else ""))
+    print(f"  {r['n_images']} images, {r['n_detections']} detections; inference {r['infer_ms_per_image']:.1f} ms "
+          f"per image (batch {r['infer_batch']}, {r['precision']})"
+          + (f"; PR curves: {args.plot}" if args.plot else ""))
     return 0
 
 

@@ -267,7 +267,7 @@ def load_backbone_weights(backbone: BackboneFPN, state_dict: dict[str, torch.Ten
             load[k] = src
     if missing or shape:
         few = (missing[:5] + shape[:5])
-        raise ValueError(f"--init {source} does not fit the backbone: {len(missing)} tensor(s) missing, {len(shape)} of "
-                         f"another shape ({'; '.join(few)}); is it a checkpoint of another model?")
+        raise ValueError(f"--init {source} does not fit the backbone: {len(missing)} tensor(s) missing, "
+                         f"{len(shape)} of another shape ({'; '.join(few)}); is it a checkpoint of another model?")
     backbone.body.load_state_dict(load, strict=True)
     return len(load)

@@ -81,7 +81,8 @@ class DetDataset:
         index = {n: i for i, n in enumerate(self.names)}
         unknown = [n for n in names if n not in index]
         if unknown:
-            raise KeyError(f"{len(unknown)} name(s) not in the data set {self.source}: {', '.join(map(repr, unknown[:5]))}")
+            raise KeyError(f"{len(unknown)} name(s) not in the data set {self.source}: "
+                           f"{', '.join(map(repr, unknown[:5]))}")
         idx = [index[n] for n in names]
         pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
         return DetDataset(pick(self.images), pick(self.targets), pick(self.names), pick(self.image_ids),
@@ -215,7 +216,8 @@ def _ann_rle(ann: dict, h: int, w: int, where: str):
             raise ValueError(f"{where}: its mask is {seg['size'][0]}x{seg['size'][1]} (HxW) but the image is {h}x{w}")
         if isinstance(seg["counts"], list):  # uncompressed RLE
             return mask_utils.frPyObjects(seg, h, w)
-        return dict(size=seg["size"], counts=seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"])
+        counts = seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]
+        return dict(size=seg["size"], counts=counts)
     raise ValueError(f"{where} has no segmentation (polygons or RLE): Mask R-CNN trains on instance masks")
 
 

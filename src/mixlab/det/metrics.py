@@ -45,7 +45,8 @@ def coco_ground_truth(images: list[dict], annotations: list[list[dict]], categor
     return dict(images=list(images), annotations=anns, categories=list(categories))
 
 
-def detections_to_results(output: dict, image_id: int, categories: list[dict], mask_threshold: float = 0.5) -> list[dict]:
+def detections_to_results(output: dict, image_id: int, categories: list[dict],
+                          mask_threshold: float = 0.5) -> list[dict]:
     """COCO results (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``,
     ``segmentation`` RLE) of one image's torchvision Mask R-CNN output."""
     from .data import encode_mask

@@ -105,7 +105,8 @@ def predict_det_run(run_dir, input_path, out_dir, weights: str = "best", device:
         raise ValueError(f"--score-threshold must be between 0 and 1, got {score_threshold}")
     model, cfg = load_det_run(run_dir, weights)
     path = Path(input_path)
-    is_data = path.is_dir() and ((path / COCO_FILE).is_file() or ((path / "images").is_dir() and (path / "masks").is_dir()))
+    is_data = path.is_dir() and ((path / COCO_FILE).is_file()
+                                 or ((path / "images").is_dir() and (path / "masks").is_dir()))
     ground_truth = truth_boxes = None
     if is_data:
         ds = _read_data(cfg, path)

@@ -229,9 +229,6 @@ class DetectionTask(Task):
     def defaults(self) -> dict:
         return DET_DEFAULTS
 
-    def validate_config(self, cfg: dict) -> None:
-        check_config(cfg)
-
     # --- data and model
     def setup(self, cfg: dict, ctx: RunContext, resume_dir=None) -> None:
         from ..det.augment import DetAugment
