@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("mixlab.commands.export", "export a run or a model to ONNX or torch.export (.pt2), checked"),
     "seg": ("mixlab.commands.seg", "segmentation: `seg train`, `seg eval`, `seg predict` (UNeXt on BUSI, any images + masks)"),
     "refine": ("mixlab.commands.refine", "boundary patch refinement: `refine coarse`, `refine train`, `refine eval`, `refine apply`"),
+    "det": ("mixlab.commands.det", "instance segmentation: `det train`, `det eval`, `det predict` (Mask R-CNN on any backbone)"),
     "compare": ("mixlab.commands.compare", "train several models with one recipe and seed, resumably"),
     "report": ("mixlab.commands.report", "one table and plots over training runs (params, MACs, speed, accuracy)"),
     "viz": ("mixlab.commands.viz", "pictures inside a model: filters, kernels, feature maps, saliency"),

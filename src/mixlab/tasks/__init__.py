@@ -15,6 +15,7 @@ TASKS = {
     "classification": "mixlab.tasks.classification:ClassificationTask",
     "segmentation": "mixlab.tasks.segmentation:SegmentationTask",
     "refine": "mixlab.tasks.refine:RefineTask",
+    "detection": "mixlab.tasks.detection:DetectionTask",
 }
 
 

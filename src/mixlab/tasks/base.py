@@ -51,6 +51,7 @@ class Task:
     curves_label: str = ""
     check_every: int = 20  # steps between reads of the running loss (each read syncs the device)
     rate_digits: int = 0  # decimals of the images/s figure in the epoch line
+    init_in_loop: bool = True  # --init loads the whole model (mixlab.finetune) before training
 
     def __init__(self):
         self.ctx: RunContext | None = None

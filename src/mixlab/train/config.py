@@ -15,7 +15,7 @@ import yaml
 
 from ..data.augment import AugmentConfig
 from ..tasks.refine import REFINE_DEFAULTS
-from ..errors import MissingFileError, UsageError
+from ..errors import MissingFileError, UsageError, as_usage_error
 
 DEFAULTS: dict = {
     "task": "classification",
@@ -117,8 +117,12 @@ SEG_DEFAULTS: dict = {
     "description": "",
     "recipe": None,
 }
-TASK_DEFAULTS = {"classification": DEFAULTS, "segmentation": SEG_DEFAULTS, "refine": REFINE_DEFAULTS}
-_TASK_COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train", "refine": "mixlab refine train"}
+from ..tasks.detection import DET_DEFAULTS  # noqa: E402  (`mixlab det train`: its defaults live with its task)
+
+TASK_DEFAULTS = {"classification": DEFAULTS, "segmentation": SEG_DEFAULTS, "refine": REFINE_DEFAULTS,
+                 "detection": DET_DEFAULTS}
+_TASK_COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train", "refine": "mixlab refine train",
+                 "detection": "mixlab det train"}
 # the kind of model a task trains where it is not the task's own: a refiner is a segmentation
 # model (4 input channels), and its config a segmentation config plus the refine keys
 _MODEL_TASK = {"refine": "segmentation"}
@@ -253,6 +257,8 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
     if cfg["task"] != task:
         raise UsageError(f"task cannot be changed to {cfg['task']!r} here; use `{_TASK_COMMAND.get(cfg['task'], 'mixlab')}`")
     check_config(cfg)
+    if task == "detection":  # the model is a backbone: any mixlab or timm classifier (checked above)
+        return cfg
     from .. import model_info
 
     model_kind = _MODEL_TASK.get(task, task)
@@ -302,6 +308,8 @@ def seg_augment(a: dict):
 
 
 def validate(cfg: dict) -> None:
+    if cfg.get("task") == "detection":
+        return _validate_detection(cfg)
     """Check every value of a resolved configuration for type and range (normalising whole
     floats to ints and numbers written as text to floats), then the settings that depend on
     each other, then build the model on the meta device when its arguments were given: all
@@ -371,6 +379,34 @@ def _check_names(settings: dict, where: str, prefix: str = "") -> None:
                              "or `1: value`?); write `name: value`")
         if isinstance(value, dict) and key not in ("picked",):
             _check_names(value, where, f"{prefix}{key}.")
+
+
+def _validate_detection(cfg: dict) -> None:
+    """A detection config's checks: the settings every task shares, then the detector's own."""
+    if not cfg.get("model"):
+        raise UsageError("no backbone given: pass --backbone NAME (see `mixlab models`) or set `model:` in the recipe")
+    if cfg["optimizer"]["name"] not in OPTIMIZERS:
+        raise UsageError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {cfg['optimizer']['name']!r}")
+    if cfg["schedule"]["name"] not in SCHEDULES:
+        raise UsageError(f"schedule.name must be one of {', '.join(SCHEDULES)}, got {cfg['schedule']['name']!r}")
+    for key in ("epochs", "batch_size"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise UsageError(f"{key} must be a whole number, 1 or more, got {cfg[key]!r}")
+    for key in ("lr", "weight_decay"):
+        v = cfg["optimizer"][key]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (key == "lr" and v == 0):
+            raise UsageError(f"optimizer.{key} must be a number {'> 0' if key == 'lr' else '>= 0'}, got {v!r}")
+    if cfg["select"] not in ("best_val", "last"):
+        raise UsageError(f"select must be 'best_val' or 'last', got {cfg['select']!r}")
+    if float(cfg["schedule"].get("min_lr") or 0) > float(cfg["optimizer"]["lr"]):
+        raise UsageError(f"schedule.min_lr ({cfg['schedule']['min_lr']}) is above optimizer.lr "
+                         f"({cfg['optimizer']['lr']}); min_lr is the rate the schedule ends at")
+    from ..tasks.detection import check_config as check_detection
+
+    try:
+        check_detection(cfg)
+    except ValueError as e:
+        raise as_usage_error(e) from None
 
 
 def evaluation_protocol(cfg: dict) -> dict:

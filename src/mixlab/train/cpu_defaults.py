@@ -241,6 +241,11 @@ def resolve_cpu_settings(cfg: dict, model: nn.Module, make_batch, loss_fn, total
     if len(candidates) == 1:
         return dict(candidates[0], compile=explicit_compile, how="fixed" if fixed else "only choice", figures={})
     batch = make_batch()
+    if batch is None:  # the task's step is not a loss of the outputs (a detector's losses are in its forward)
+        chosen = dict({k: fixed.get(k, static[k]) for k in static}, compile=explicit_compile, figures={},
+                      how="static defaults: this task's steps are not timed")
+        say(f"CPU settings: {describe(chosen)}")
+        return chosen
     x, y = batch
     key = json.dumps([cfg["model"], cfg.get("model_kwargs") or {}, list(x.shape), str(x.dtype), cfg.get("task"),
                       cpu_model_name(), torch.__version__, torch.get_num_threads(), candidates,

@@ -110,7 +110,7 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack, console
     # --- model, speed settings, optimizer
     torch.manual_seed(int(cfg["seed"]))
     model = task.build_model(cfg)
-    if cfg.get("init"):  # start from trained weights (a resumed run restores its own below)
+    if cfg.get("init") and task.init_in_loop:  # start from trained weights (a resumed run restores its own below)
         from ..finetune import init_from, train_classifier_only
 
         if not (resume and rd.has_checkpoint(out_dir)):
