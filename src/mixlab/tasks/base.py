@@ -53,6 +53,18 @@ class Task:
     rate_digits: int = 0  # decimals of the images/s figure in the epoch line
     init_in_loop: bool = True  # --init loads the whole model (mixlab.finetune) before training
 
+    @property
+    def model_task(self) -> str | None:
+        """The kind of registered model this task trains (``mixlab models --task``); None: any."""
+        return self.name
+
+    @property
+    def config_kind(self) -> str | None:
+        """Whose shared settings checks (``mixlab.train.validation``) its config passes: its own
+        kind's, another's (a refiner's config is a segmentation config plus its keys), or None
+        when :meth:`validate_config` checks everything."""
+        return self.name
+
     def __init__(self):
         self.ctx: RunContext | None = None
         self.train_loader = None

@@ -228,10 +228,41 @@ class DetectionTask(Task):
     check_every = 1  # few, long steps
     rate_digits = 1
     init_in_loop = False  # --init is the backbone's weights: build_model loads them
+    model_task = None  # the model is a backbone: any mixlab or timm classifier (validate_config checks it)
+    config_kind = None  # its settings are its own: validate_config checks them all
 
     @property
     def defaults(self) -> dict:
         return DET_DEFAULTS
+
+    def validate_config(self, cfg: dict) -> None:
+        """A detection config's checks: the settings every task shares, then the detector's own
+        (a detection config is not a classification one: no spec-based check covers it)."""
+        from ..errors import as_usage_error
+        from ..train.config import OPTIMIZERS, SCHEDULES
+
+        if not cfg.get("model"):
+            raise UsageError("no backbone given: pass --backbone NAME (see `mixlab models`) or set `model:` in the recipe")
+        if cfg["optimizer"]["name"] not in OPTIMIZERS:
+            raise UsageError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {cfg['optimizer']['name']!r}")
+        if cfg["schedule"]["name"] not in SCHEDULES:
+            raise UsageError(f"schedule.name must be one of {', '.join(SCHEDULES)}, got {cfg['schedule']['name']!r}")
+        for key in ("epochs", "batch_size"):
+            if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+                raise UsageError(f"{key} must be a whole number, 1 or more, got {cfg[key]!r}")
+        for key in ("lr", "weight_decay"):
+            v = cfg["optimizer"][key]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (key == "lr" and v == 0):
+                raise UsageError(f"optimizer.{key} must be a number {'> 0' if key == 'lr' else '>= 0'}, got {v!r}")
+        if cfg["select"] not in ("best_val", "last"):
+            raise UsageError(f"select must be 'best_val' or 'last', got {cfg['select']!r}")
+        if float(cfg["schedule"].get("min_lr") or 0) > float(cfg["optimizer"]["lr"]):
+            raise UsageError(f"schedule.min_lr ({cfg['schedule']['min_lr']}) is above optimizer.lr "
+                             f"({cfg['optimizer']['lr']}); min_lr is the rate the schedule ends at")
+        try:
+            check_config(cfg)
+        except ValueError as e:
+            raise as_usage_error(e) from None
 
     # --- data and model
     def setup(self, cfg: dict, ctx: RunContext, resume_dir=None) -> None:

@@ -127,6 +127,9 @@ class RefineTask(SegmentationTask):
     curves_label = "IoU / boundary F (%)"
     check_every = 5
     rate_digits = 0
+    # a refiner is a segmentation model (4 input channels); its config a segmentation config
+    # plus the refine keys
+    model_task = config_kind = "segmentation"
 
     @property
     def defaults(self) -> dict:

@@ -14,7 +14,6 @@ from pathlib import Path
 import yaml
 
 from ..data.augment import AugmentConfig
-from ..tasks.refine import REFINE_DEFAULTS
 from ..errors import MissingFileError, UsageError, as_usage_error
 
 DEFAULTS: dict = {
@@ -117,15 +116,17 @@ SEG_DEFAULTS: dict = {
     "description": "",
     "recipe": None,
 }
-from ..tasks.detection import DET_DEFAULTS  # noqa: E402  (`mixlab det train`: its defaults live with its task)
+def _task(name: str):
+    """The task object of a task name (its defaults, command, model kind and own checks)."""
+    from ..tasks import get_task
 
-TASK_DEFAULTS = {"classification": DEFAULTS, "segmentation": SEG_DEFAULTS, "refine": REFINE_DEFAULTS,
-                 "detection": DET_DEFAULTS}
-_TASK_COMMAND = {"classification": "mixlab train", "segmentation": "mixlab seg train", "refine": "mixlab refine train",
-                 "detection": "mixlab det train"}
-# the kind of model a task trains where it is not the task's own: a refiner is a segmentation
-# model (4 input channels), and its config a segmentation config plus the refine keys
-_MODEL_TASK = {"refine": "segmentation"}
+    return get_task(name)
+
+
+def _command(task: str) -> str:
+    from ..tasks import TASKS
+
+    return _task(task).command if task in TASKS else task
 
 
 # adamw: torch's AdamW (decay lr * weight_decay per step); adamw_tfa: TensorFlow Addons' AdamW
@@ -221,16 +222,15 @@ def parse_set(items: list[str]) -> dict:
 def _check_task(settings: dict, task: str, where: str) -> None:
     other = settings.get("task", "classification")
     if other != task:
-        raise UsageError(f"{where} is a {other} recipe; run it with `{_TASK_COMMAND.get(other, other)}`, "
-                         f"not `{_TASK_COMMAND[task]}`")
+        raise UsageError(f"{where} is a {other} recipe; run it with `{_command(other)}`, not `{_command(task)}`")
 
 
 def resolve_config(model: str | None = None, recipe: str | None = None, config_file: str | Path | None = None,
                    overrides: list[str] | None = None, task: str = "classification", **explicit) -> dict:
     """The full training configuration. ``explicit`` holds CLI flags given (None = not given);
     ``data`` / ``dataset`` map to ``data.root`` / ``data.dataset``. ``task`` picks the defaults
-    (``classification``: :data:`DEFAULTS`, ``segmentation``: :data:`SEG_DEFAULTS`)."""
-    cfg = copy.deepcopy(TASK_DEFAULTS[task])
+    (the task's own: ``mixlab.tasks``)."""
+    cfg = copy.deepcopy(_task(task).defaults)
     if recipe:
         r = load_recipe(recipe)
         _check_task(r, task, f"recipe {recipe!r}")
@@ -255,16 +255,14 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
     cfg = merge(cfg, flags)
     cfg = merge(cfg, parse_set(overrides or []))
     if cfg["task"] != task:
-        raise UsageError(f"task cannot be changed to {cfg['task']!r} here; use `{_TASK_COMMAND.get(cfg['task'], 'mixlab')}`")
+        raise UsageError(f"task cannot be changed to {cfg['task']!r} here; use `{_command(cfg['task'])}`")
     check_config(cfg)
-    if task == "detection":  # the model is a backbone: any mixlab or timm classifier (checked above)
-        return cfg
     from .. import model_info
 
-    model_kind = _MODEL_TASK.get(task, task)
+    model_kind = _task(task).model_task  # None: any model (a detector's backbone, checked by the task)
     model_task = model_info(cfg["model"]).task
-    if model_task != model_kind:
-        raise UsageError(f"{cfg['model']} is a {model_task} model; train it with `{_TASK_COMMAND[model_task]}` "
+    if model_kind is not None and model_task != model_kind:
+        raise UsageError(f"{cfg['model']} is a {model_task} model; train it with `{_command(model_task)}` "
                          f"(`mixlab models --task {model_kind}` lists the {model_kind} models)")
     return cfg
 
@@ -272,10 +270,11 @@ def resolve_config(model: str | None = None, recipe: str | None = None, config_f
 def check_config(cfg: dict) -> None:
     """Check a whole configuration (a resolved one, or a run's config.yaml, maybe edited by hand)
     and normalise its values in place (16.0 -> 16); errors name the key."""
-    task = cfg.get("task", "classification")
-    checked = dict(cfg, task=_MODEL_TASK.get(task, task))
-    validate(checked)
-    cfg.update({k: v for k, v in checked.items() if k != "task"})
+    task = _task(cfg.get("task", "classification"))
+    if task.config_kind is not None:  # the settings every task of that kind shares (mixlab.train.validation)
+        checked = dict(cfg, task=task.config_kind)
+        validate(checked)
+        cfg.update({k: v for k, v in checked.items() if k != "task"})
     log = cfg.setdefault("log", {"loggers": [], "every_n_steps": 50})  # run folders written before logging
     from .loggers import parse_loggers
 
@@ -286,9 +285,7 @@ def check_config(cfg: dict) -> None:
     if cfg.get("freeze_backbone") and not cfg.get("init"):
         raise UsageError("freeze_backbone trains only the classifier of weights given with --init FILE|RUN_DIR; "
                          "without --init the backbone would stay at its random initialisation")
-    from ..tasks import get_task
-
-    get_task(task).validate_config(cfg)
+    task.validate_config(cfg)
 
 
 def seg_augment(a: dict):
@@ -308,8 +305,6 @@ def seg_augment(a: dict):
 
 
 def validate(cfg: dict) -> None:
-    if cfg.get("task") == "detection":
-        return _validate_detection(cfg)
     """Check every value of a resolved configuration for type and range (normalising whole
     floats to ints and numbers written as text to floats), then the settings that depend on
     each other, then build the model on the meta device when its arguments were given: all
@@ -379,34 +374,6 @@ def _check_names(settings: dict, where: str, prefix: str = "") -> None:
                              "or `1: value`?); write `name: value`")
         if isinstance(value, dict) and key not in ("picked",):
             _check_names(value, where, f"{prefix}{key}.")
-
-
-def _validate_detection(cfg: dict) -> None:
-    """A detection config's checks: the settings every task shares, then the detector's own."""
-    if not cfg.get("model"):
-        raise UsageError("no backbone given: pass --backbone NAME (see `mixlab models`) or set `model:` in the recipe")
-    if cfg["optimizer"]["name"] not in OPTIMIZERS:
-        raise UsageError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {cfg['optimizer']['name']!r}")
-    if cfg["schedule"]["name"] not in SCHEDULES:
-        raise UsageError(f"schedule.name must be one of {', '.join(SCHEDULES)}, got {cfg['schedule']['name']!r}")
-    for key in ("epochs", "batch_size"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise UsageError(f"{key} must be a whole number, 1 or more, got {cfg[key]!r}")
-    for key in ("lr", "weight_decay"):
-        v = cfg["optimizer"][key]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (key == "lr" and v == 0):
-            raise UsageError(f"optimizer.{key} must be a number {'> 0' if key == 'lr' else '>= 0'}, got {v!r}")
-    if cfg["select"] not in ("best_val", "last"):
-        raise UsageError(f"select must be 'best_val' or 'last', got {cfg['select']!r}")
-    if float(cfg["schedule"].get("min_lr") or 0) > float(cfg["optimizer"]["lr"]):
-        raise UsageError(f"schedule.min_lr ({cfg['schedule']['min_lr']}) is above optimizer.lr "
-                         f"({cfg['optimizer']['lr']}); min_lr is the rate the schedule ends at")
-    from ..tasks.detection import check_config as check_detection
-
-    try:
-        check_detection(cfg)
-    except ValueError as e:
-        raise as_usage_error(e) from None
 
 
 def evaluation_protocol(cfg: dict) -> dict:
