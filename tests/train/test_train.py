@@ -244,3 +244,15 @@ def test_init_from_a_run_keeps_its_backbone_and_gives_other_classes_a_new_head(m
     assert task.new_classifier_for(source) is False
     task.data.classes = ["x", "y"]
     assert task.new_classifier_for(source) is True and task.new_classifier_for(source / "best.safetensors")
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(make_folder_dataset, tmp_path, capsys):
+    from mixlab.cli import main
+
+    data = make_folder_dataset(n_classes=2, per_class=(4, 2), size=16)
+    args = ["train", "--model", "convmixer_256_8", "--dataset", "folder", "--data", str(data), "--epochs", "1",
+            "--batch-size", "50000000", "--set", "progress=false", "--set", "autotune=false", "--precision", "fp32"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "a training step of convmixer_256_8 with batch 50000000 at 16x16 needs about" in err
+    assert "memory_check=false" in err and not rd.has_checkpoint(tmp_path / "run")

@@ -65,6 +65,9 @@ DET_DEFAULTS: dict = {
     "select": "best_val",  # best_val (highest validation mask AP) | last
     "freeze_backbone": False,  # not for detection: detector.trainable_stages sets what trains
     "log": {"loggers": [], "every_n_steps": 10},
+    # refuse a batch whose training step would not fit in the memory free (estimated from the
+    # model's activations before anything is allocated); false: run it anyway
+    "memory_check": True,
     "progress": True,
     "description": "",
     "recipe": None,

@@ -74,6 +74,9 @@ REFINE_DEFAULTS: dict = {
     "init": None,
     "freeze_backbone": False,
     "log": {"loggers": [], "every_n_steps": 10},
+    # refuse a batch whose training step would not fit in the memory free (estimated from the
+    # model's activations before anything is allocated); false: run it anyway
+    "memory_check": True,
     "progress": True,
     "description": "",
     "recipe": None,

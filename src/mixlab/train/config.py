@@ -64,6 +64,9 @@ DEFAULTS: dict = {
     # loggers beside metrics.jsonl and train.log: csv (steps.csv) and/or tensorboard; the step
     # loss and lr are written every every_n_steps optimizer steps (mixlab.train.loggers)
     "log": {"loggers": [], "every_n_steps": 50},
+    # refuse a batch whose training step would not fit in the memory free (estimated from the
+    # model's activations before anything is allocated); false: run it anyway
+    "memory_check": True,
     "progress": True,
     "description": "",
     "recipe": None,
@@ -112,6 +115,9 @@ SEG_DEFAULTS: dict = {
     "init": None,
     "freeze_backbone": False,
     "log": {"loggers": [], "every_n_steps": 10},
+    # refuse a batch whose training step would not fit in the memory free (estimated from the
+    # model's activations before anything is allocated); false: run it anyway
+    "memory_check": True,
     "progress": True,
     "description": "",
     "recipe": None,

@@ -128,6 +128,18 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack, console
                                len(loader) * int(cfg["epochs"]), say)
     ctx.precision, ctx.memory_format = picked["precision"], (
         torch.channels_last if picked["channels_last"] else torch.contiguous_format)
+    if cfg.get("memory_check", True) and not resume:
+        from ..analysis.memory import check_memory, estimate_memory
+
+        try:  # an estimate only: a model the meta device cannot run (a detector without targets) is not checked
+            estimate = estimate_memory(lambda: task.build_model(cfg), (batch_size, *task.input_shape(cfg)), "train",
+                                       low_precision=ctx.precision != "fp32")
+        except Exception:  # noqa: BLE001
+            estimate = None
+        check_memory(estimate, device,
+                     f"a training step of {cfg['model']} with batch {batch_size} at "
+                     f"{'x'.join(map(str, task.input_shape(cfg)[1:]))}", "lower --batch-size (or the image size)",
+                     "set --set memory_check=false")
     model = model.to(device, memory_format=ctx.memory_format)
     ema = None
     if cfg["ema"]["enabled"]:

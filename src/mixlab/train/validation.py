@@ -267,6 +267,7 @@ _COMMON: dict[str, Callable] = {
     "fast_depthwise": auto_bool, "autotune": boolean, "picked": mapping(), "compile": auto_bool,
     "num_threads": whole(lo=1, null=True), "select": choice("best_val", "last"), "progress": boolean,
     "description": text(), "recipe": text(), "task": choice("classification", "segmentation"),
+    "init": path, "freeze_backbone": boolean, "log.every_n_steps": whole(lo=1), "memory_check": boolean,
 }
 
 CLASSIFICATION: dict[str, Callable] = {
@@ -292,7 +293,8 @@ SEGMENTATION: dict[str, Callable] = {
     **_COMMON, "num_classes": whole(lo=1, null=True), "img_size": image_size(square_only=False),
     "eval_batch_size": whole(lo=1, null=True),
     "data.root": path, "data.val_split": RATE, "data.split_seed": whole(lo=0),
-    "data.train_split_file": path, "data.val_split_file": path,
+    "data.train_split_file": path, "data.val_split_file": path, "data.test_split": number(0, 1, hi_open=True),
+    "data.test_split_file": path,
     "data.mean": numbers(3, number()), "data.std": numbers(3, number(0, lo_open=True)),
     "data.mask_threshold": whole(lo=0, hi=65534, null=True,
                                  hint="a mask pixel is foreground when its value is above it"),
