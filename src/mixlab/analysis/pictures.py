@@ -186,19 +186,26 @@ def _rule_lines(where: str, rules: dict, kernel: int) -> list[str]:
                                             f"M_2 = {rules['M2']}, K = {kernel})")]
 
 
+def _save(make_figure, out: Path | None) -> Path | None:
+    """Draw and write the figure at ``out``; None writes nothing (`mixlab rf --json` without
+    --out: the numbers were asked for, not a file)."""
+    from .viz import save_figure
+
+    return None if out is None else save_figure(make_figure(), out)
+
+
 def draw_rf_stack(kernel: int, dilations: list[int], out: Path, size: int | None = None, dpi: int = 100,
                   cmap: str = "seed"):
     """The utilisation counts of a stack of ``kernel`` x ``kernel`` convolutions with these
     dilations, and the HDC rules checked on it."""
     from .receptive_field import plot_rf_counts, rf_report
-    from .viz import save_figure
 
     if kernel < 1:
         raise UsageError(f"--kernel must be at least 1, got {kernel}")
     if size is not None and size < 1:
         raise UsageError(f"--size must be at least 1, got {size}")
     report = rf_report(kernel, dilations, size)
-    out = save_figure(plot_rf_counts(report, dpi=dpi, cmap=cmap), out)
+    out = _save(lambda: plot_rf_counts(report, dpi=dpi, cmap=cmap), out)
     hdc = report["hdc"]
     side = report["rf_size"]
     lines = [f"kernel {kernel}, dilations {dilations}: receptive field {side}x{side}",
@@ -223,8 +230,8 @@ def draw_rf_stack(kernel: int, dilations: list[int], out: Path, size: int | None
     if len(report["counts"]) <= 25:
         width = len(str(report["max_count"]))
         lines += ["counts (rows top to bottom):"] + [" ".join(f"{v:>{width}}" for v in row) for row in report["counts"]]
-    lines.append(f"wrote {out}")
-    return dict(command="rf", **report, out=str(out)), lines
+    lines += [f"wrote {out}"] if out else []
+    return dict(command="rf", **report, out=str(out) if out else None), lines
 
 
 def draw_model_rf(model, config: dict | None, name: str, out: Path, layer: str = "auto", dpi: int = 100,
@@ -232,16 +239,15 @@ def draw_model_rf(model, config: dict | None, name: str, out: Path, layer: str =
     """The receptive field of the stem + depthwise stack of a model, at the centre unit of
     ``layer`` (auto: the last spatial stage)."""
     from .receptive_field import count_colour_map, model_rf_report, plot_model_rf
-    from .viz import save_figure
 
     size = model_input_size(model, config)
     report = model_rf_report(model, size, target=None if layer == "auto" else layer)
     cmap = "magma" if cmap == "seed" else count_colour_map(cmap)
-    out = save_figure(plot_model_rf(report, name, dpi=dpi, cmap=cmap), out)
+    out = _save(lambda: plot_model_rf(report, name, dpi=dpi, cmap=cmap), out)
     result = {k: v for k, v in report.items() if k not in ("counts", "frame_counts")}
     if report["counts"].size <= _JSON_CELLS:
         result["counts"] = report["counts"].tolist()
-    result.update(command="rf", model=name, input_size=list(size), out=str(out))
+    result.update(command="rf", model=name, input_size=list(size), out=str(out) if out else None)
     kinds = {}
     for spatial in report["layers"]:
         kinds[spatial["kind"]] = kinds.get(spatial["kind"], 0) + 1
@@ -251,7 +257,7 @@ def draw_model_rf(model, config: dict | None, name: str, out: Path, layer: str =
              f"never used inside it: {100 * report['gridding_share']:.1f}%"]
     if report.get("note"):
         lines.append("note: " + report["note"])
-    lines.append(f"wrote {out}")
+    lines += [f"wrote {out}"] if out else []
     return result, lines
 
 
@@ -260,7 +266,6 @@ def draw_effective_rf(model, config: dict | None, name: str, out: Path, images: 
     """The effective receptive field of the centre unit of ``layer``, averaged over the first
     ``images`` test images of the run (or as many N(0, 1) inputs with ``random_inputs``)."""
     from .receptive_field import count_colour_map, effective_rf, plot_erf
-    from .viz import save_figure
 
     size = model_input_size(model, config)
     if images < 1:
@@ -275,16 +280,16 @@ def draw_effective_rf(model, config: dict | None, name: str, out: Path, images: 
         source = "test images"
     report = effective_rf(model, inputs, size, target=None if layer == "auto" else layer, n_random=images)
     cmap = "inferno" if cmap == "seed" else count_colour_map(cmap)
-    out = save_figure(plot_erf(report, name, source, dpi=dpi, cmap=cmap), out)
+    out = _save(lambda: plot_erf(report, name, source, dpi=dpi, cmap=cmap), out)
     result = {k: v for k, v in report.items() if k != "map"}
     if report["map"].size <= _JSON_CELLS:
         result["map"] = np.round(report["map"] / max(report["map"].max(), 1e-30), 5).tolist()
-    result.update(command="rf --effective", model=name, images=source, out=str(out))
+    result.update(command="rf --effective", model=name, images=source, out=str(out) if out else None)
     lines = [f"{name}: effective receptive field of the centre unit of '{report['target']}' "
              f"over {report['n_images']} {source}",
              f"50% / 90% / 95% of the gradient mass within centred squares of "
              f"{report['side_50']} / {report['side_90']} / {report['side_95']} px"]
     if "mass_inside_theoretical" in report:
         lines.append(f"inside the theoretical receptive field: {100 * report['mass_inside_theoretical']:.1f}%")
-    lines.append(f"wrote {out}")
+    lines += [f"wrote {out}"] if out else []
     return result, lines
