@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 
 def configure(p):
@@ -48,26 +47,12 @@ def run(args) -> int:
 
 
 def _train(args) -> int:
-    from ..train import rundir as rd
-    from ..train import run_training
-    from .train import config_from_args, refuse_ignored_on_resume
+    from .train import resume_run, split_overrides, start_run
 
     if args.resume:
-        refuse_ignored_on_resume(args, "mixlab det train")
-        cfg = rd.resume_config(args.resume, "detection", args.model, args.epochs, args.data)
-        if cfg is None:
-            print(f"{args.resume} already finished {rd.read_summary(args.resume)['epochs_done']} epochs")
-            return 0
-        run_training(cfg, Path(args.resume), resume=True)
-        return 0
-    overrides = list(args.set)
-    for flag, key in ((args.train_split, "data.train_split_file"), (args.val_split, "data.val_split_file")):
-        if flag:
-            overrides.append(f"{key}={flag}")
-    cfg = config_from_args(args, "detection", overrides)
-    out = rd.new_run_dir(args.out, f"maskrcnn-{cfg['model']}", "mixlab det train")
-    run_training(cfg, out)
-    return 0
+        return resume_run(args, "detection", "mixlab det train")
+    return start_run(args, "detection", "mixlab det train", split_overrides(args),
+                     folder_name=lambda cfg: f"maskrcnn-{cfg['model']}")
 
 
 def _f(x) -> str:

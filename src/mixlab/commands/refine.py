@@ -98,31 +98,15 @@ def _coarse(args) -> int:
 
 
 def _train(args) -> int:
-    from ..train import rundir as rd
-    from ..train import run_training
-    from .train import config_from_args, refuse_ignored_on_resume
+    from .train import resume_run, split_overrides, start_run
 
     if args.resume:
-        refuse_ignored_on_resume(args, "mixlab refine train")
         if args.coarse:
             raise UsageError(f"--resume continues {args.resume} with the coarse masks in its config.yaml; drop "
                              "--coarse, or start a new run with --out NEW_DIR")
-        cfg = rd.resume_config(args.resume, "refine", args.model, args.epochs, args.data)
-        if cfg is None:
-            print(f"{args.resume} already finished {rd.read_summary(args.resume)['epochs_done']} epochs")
-            return 0
-        run_training(cfg, Path(args.resume), resume=True)
-        return 0
-    overrides = list(args.set)
-    if args.train_split:
-        overrides.append(f"data.train_split_file={args.train_split}")
-    if args.val_split:
-        overrides.append(f"data.val_split_file={args.val_split}")
+        return resume_run(args, "refine", "mixlab refine train")
     explicit = {"coarse": {"source": args.coarse}} if args.coarse else {}
-    cfg = config_from_args(args, "refine", overrides, **explicit)
-    out = rd.new_run_dir(args.out, cfg["model"], "mixlab refine train")
-    run_training(cfg, out)
-    return 0
+    return start_run(args, "refine", "mixlab refine train", split_overrides(args), **explicit)
 
 
 def _eval(args) -> int:

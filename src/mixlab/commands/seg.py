@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ..errors import MissingFileError, UsageError
 
@@ -80,30 +79,15 @@ def run(args) -> int:
 # ----------------------------------------------------------------------------- train
 
 def _train(args) -> int:
-    from ..train import rundir as rd
-    from ..train import run_training as run_seg_training
-    from .train import config_from_args, refuse_ignored_on_resume
+    from .train import resume_run, split_overrides, start_run
 
     if args.resume:
-        refuse_ignored_on_resume(args, "mixlab seg train")
-        cfg = rd.resume_config(args.resume, "segmentation", args.model, args.epochs, args.data)
-        if cfg is None:
-            print(f"{args.resume} already finished {rd.read_summary(args.resume)['epochs_done']} epochs")
-            return 0
-        run_seg_training(cfg, Path(args.resume), resume=True)
-        return 0
-    overrides = list(args.set)
-    if args.train_split:
-        overrides.append(f"data.train_split_file={args.train_split}")
-    if args.val_split:
-        overrides.append(f"data.val_split_file={args.val_split}")
+        return resume_run(args, "segmentation", "mixlab seg train")
+    overrides = split_overrides(args)
     if args.test_split:
         key = "test_split" if _is_fraction(args.test_split) else "test_split_file"
         overrides.append(f"data.{key}={args.test_split}")
-    cfg = config_from_args(args, "segmentation", overrides)
-    out = rd.new_run_dir(args.out, cfg["model"], "mixlab seg train")
-    run_seg_training(cfg, out)
-    return 0
+    return start_run(args, "segmentation", "mixlab seg train", overrides)
 
 
 def _is_fraction(text: str) -> bool:

@@ -89,6 +89,45 @@ def refuse_ignored_on_resume(args, command: str) -> None:
                          f"run) and --data (if its data moved) apply")
 
 
+def resume_run(args, task: str, command: str, finished=None) -> int:
+    """``--resume RUN_DIR`` of every training command: refuse flags it would ignore, continue the
+    run, or print the result of one that has finished (``finished(summary)``: the line)."""
+    from ..train import rundir as rd
+    from ..train import run_training
+
+    refuse_ignored_on_resume(args, command)
+    cfg = rd.resume_config(args.resume, task, args.model, args.epochs, args.data)
+    if cfg is None:
+        summary = rd.read_summary(args.resume)
+        print(finished(summary) if finished else f"{args.resume} already finished {summary['epochs_done']} epochs")
+        return 0
+    run_training(cfg, Path(args.resume), resume=True)
+    return 0
+
+
+def split_overrides(args) -> list[str]:
+    """The --set items plus --train-split / --val-split FILE as their config keys."""
+    overrides = list(args.set)
+    for flag, key in ((getattr(args, "train_split", None), "data.train_split_file"),
+                      (getattr(args, "val_split", None), "data.val_split_file")):
+        if flag:
+            overrides.append(f"{key}={flag}")
+    return overrides
+
+
+def start_run(args, task: str, command: str, overrides: list[str], folder_name=None, **explicit) -> int:
+    """A new run of every training command: resolve the config, make the run folder, train."""
+    from ..train import rundir as rd
+    from ..train import run_training
+
+    cfg = config_from_args(args, task, overrides, **explicit)
+    out = rd.new_run_dir(args.out, folder_name(cfg) if folder_name else cfg["model"], command)
+    if getattr(args, "download", False):
+        cfg["data"]["download"] = True
+    run_training(cfg, out)
+    return 0
+
+
 def configure(p):
     add_run_options(p, model_help="registered model name (see `mixlab models`)",
                     data_help="data root (default: $MIXLAB_DATA, then ~/.cache/mixlab/data)",
@@ -99,23 +138,9 @@ def configure(p):
 
 
 def run(args) -> int:
-    from ..train import rundir as rd
-    from ..train import run_training
-
     if args.resume:
-        refuse_ignored_on_resume(args, "mixlab train")
-        cfg = rd.resume_config(args.resume, "classification", args.model, args.epochs, args.data)
-        if cfg is None:
-            summary = rd.read_summary(args.resume)
-            print(f"{args.resume} already finished {summary['epochs_done']} epochs: test accuracy "
-                  f"{summary.get('test_acc'):.2f}%"
-                  + (" (selected on the test set: val = test)" if summary.get("selected_on_test") else ""))
-            return 0
-        run_training(cfg, Path(args.resume), resume=True)
-        return 0
-    cfg = config_from_args(args, "classification", list(args.set), dataset=args.dataset)
-    out = rd.new_run_dir(args.out, cfg["model"], "mixlab train")
-    if args.download:
-        cfg["data"]["download"] = True
-    run_training(cfg, out)
-    return 0
+        return resume_run(args, "classification", "mixlab train", lambda summary: (
+            f"{args.resume} already finished {summary['epochs_done']} epochs: test accuracy "
+            f"{summary.get('test_acc'):.2f}%" + (" (selected on the test set: val = test)"
+                                                  if summary.get("selected_on_test") else "")))
+    return start_run(args, "classification", "mixlab train", list(args.set), dataset=args.dataset)
