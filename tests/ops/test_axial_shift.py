@@ -54,6 +54,21 @@ def test_matches_roll_reference(channels, shift_size, dilation, padding):
         _compare(x, shift_size, dim, dilation, padding)
 
 
+def test_torchscript_compiles_the_slicing_form_with_the_same_values():
+    # scripted, axial_shift runs its pad / chunk / crop form (the autograd function is not
+    # scriptable): it must move the same values, for every option, and be differentiable
+    scripted = torch.jit.script(axial_shift)
+    torch.manual_seed(5)
+    for channels, shift_size, dilation in ((2, 5, 1), (13, 5, 2), (12, 7, 1), (9, 3, 3), (6, 1, 1)):
+        x = torch.randn(2, channels, 11, 10, dtype=torch.float64, requires_grad=True)
+        for padding in ("zero", "reflect", "replicate", "circular"):
+            for dim in (2, 3, -1):
+                out = scripted(x, shift_size, dim, dilation, padding)
+                assert torch.equal(out, naive_shift(x, shift_size, dim, dilation, padding))
+    out.sum().backward()
+    assert x.grad is not None
+
+
 @pytest.mark.parametrize("padding", ["zero", "reflect", "replicate", "circular"])
 def test_even_shift_size_and_negative_dims(padding):
     torch.manual_seed(0)

@@ -21,20 +21,22 @@ Ablation switches (the paper's section 4.3), all constructor arguments: ``shift_
 W branch instead of to the block input; mixlab's choice of order, the paper does not say which
 comes first). With the defaults the model is the official one.
 """
-from __future__ import annotations
+# (no `from __future__ import annotations`: FX copies string annotations into traced code, TorchScript rejects them)
 
 from functools import partial
 
 import torch
 from torch import nn
-from timm.layers import DropPath, GroupNorm1, Mlp, PatchEmbed, to_2tuple, trunc_normal_
-from timm.models._builder import build_model_with_cfg
+from typing import Optional
+
+from timm.layers import DropPath, GroupNorm1, Mlp, PatchEmbed, register_notrace_function, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..ops.axial_shift import PADDING_MODES, axial_shift
 from ..registry import register_model
+from ._timm_api import build, check_pool, linear_head, new_pool
 
 __all__ = ["ASMLP", "AxialShift", "AxialShiftedBlock", "PatchMerging"]
 
@@ -61,7 +63,7 @@ class AxialShift(nn.Module):
         self.norm1 = GroupNorm1(dim)
         self.norm2 = GroupNorm1(dim)
 
-    def _shift(self, x, dim):
+    def _shift(self, x, dim: int):
         return axial_shift(x, self.shift_size, dim, self.dilation, self.padding)
 
     def forward(self, x):
@@ -136,7 +138,8 @@ class ASMLP(nn.Module):
         dilation: spacing of the shift offsets (paper ablation; 1 = official).
         padding: ``zero`` (official), ``reflect``, ``replicate`` or ``circular``.
         connection: ``parallel`` (official) or ``serial`` horizontal and vertical shifts.
-        global_pool: ``avg`` or ``''`` (no pooling: the head sees the map).
+        global_pool: ``avg`` or ``''`` (no pooling: the classifier, if any, classifies every
+            position of the normalised map; NCHW out).
     """
 
     def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
@@ -151,8 +154,7 @@ class ASMLP(nn.Module):
             raise ValueError(f"connection must be one of {', '.join(CONNECTIONS)}, got {connection!r}")
         if int(shift_size) != shift_size or shift_size < 1 or int(dilation) != dilation or dilation < 1:
             raise ValueError(f"shift_size and dilation must be positive integers, got {shift_size!r}, {dilation!r}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        check_pool(global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.patch_size = patch_size
@@ -192,29 +194,19 @@ class ASMLP(nn.Module):
 
     def check_input_size(self, h: int, w: int) -> None:
         """Raise ValueError unless (h, w) is a size this model can take."""
-        mult = self.patch_size * 2 ** (self.num_layers - 1)
-        if h <= 0 or w <= 0 or h % mult or w % mult:
-            raise ValueError(f"AS-MLP with patch {self.patch_size} and {self.num_layers} stages needs height and "
-                             f"width that are multiples of {mult}, got {h}x{w}")
-        last = min(h, w) // mult
-        pad = (self.shift_size // 2) * self.dilation
-        if (self.padding == "reflect" and pad >= last) or (self.padding == "circular" and pad > last):
-            bound = "larger than" if self.padding == "reflect" else "at least"
-            raise ValueError(f"{self.padding} padding with shift_size {self.shift_size} and dilation {self.dilation} "
-                             f"pads {pad} positions, so the last stage's map must be {bound} {pad}; got "
-                             f"{last} for a {h}x{w} input (use a larger input, or a smaller shift or dilation)")
+        _check_size(h, w, self.patch_size, self.num_layers, self.shift_size, self.dilation, self.padding)
+
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        return checked_input(x, self.patch_size, self.num_layers, self.shift_size, self.dilation, self.padding)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.global_pool = new_pool(self.global_pool, global_pool)
         self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = linear_head(self, self.num_features, num_classes)
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -222,8 +214,7 @@ class ASMLP(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"AS-MLP features are NCHW, got output_fmt={output_fmt!r}")
         take, max_index = feature_take_indices(len(self.layers), indices)
-        self.check_input_size(x.shape[-2], x.shape[-1])
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(self._checked(x)))
         intermediates = []
         stages = self.layers[:max_index + 1] if stop_early else self.layers
         for i, stage in enumerate(stages):
@@ -247,8 +238,7 @@ class ASMLP(nn.Module):
         return take
 
     def forward_features(self, x):
-        self.check_input_size(x.shape[-2], x.shape[-1])
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(self._checked(x)))
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
@@ -256,14 +246,39 @@ class ASMLP(nn.Module):
     def forward_head(self, x, pre_logits: bool = False):
         if self.global_pool == "avg":
             x = x.mean((2, 3))
-        return x if pre_logits else self.head(x)
+            return x if pre_logits else self.head(x)
+        return x if pre_logits else self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(input_size=(3, 224, 224), num_classes=1000, crop_pct=0.9, **kwargs):
-    return dict(input_size=input_size, num_classes=num_classes, pool_size=None, crop_pct=crop_pct,
+def _check_size(h: int, w: int, patch_size: int, num_layers: int, shift_size: int, dilation: int,
+                padding: str) -> None:
+    mult = patch_size * 2 ** (num_layers - 1)
+    if h <= 0 or w <= 0 or h % mult or w % mult:
+        raise ValueError(f"AS-MLP with patch {patch_size} and {num_layers} stages needs height and "
+                         f"width that are multiples of {mult}, got {h}x{w}")
+    last = min(h, w) // mult
+    pad = (shift_size // 2) * dilation
+    if (padding == "reflect" and pad >= last) or (padding == "circular" and pad > last):
+        bound = "larger than" if padding == "reflect" else "at least"
+        raise ValueError(f"{padding} padding with shift_size {shift_size} and dilation {dilation} "
+                         f"pads {pad} positions, so the last stage's map must be {bound} {pad}; got "
+                         f"{last} for a {h}x{w} input (use a larger input, or a smaller shift or dilation)")
+
+
+# one leaf call for FX (it reads the input size), so traced models still check it; its name has no
+# leading "_" because FX's autowrap skips such names
+@register_notrace_function
+def checked_input(x: torch.Tensor, patch_size: int, num_layers: int, shift_size: int, dilation: int,
+                  padding: str) -> torch.Tensor:
+    _check_size(x.shape[-2], x.shape[-1], patch_size, num_layers, shift_size, dilation, padding)
+    return x
+
+
+def _cfg(input_size=(3, 224, 224), num_classes=1000, crop_pct=0.9, pool_size=(7, 7), **kwargs):
+    return dict(input_size=input_size, num_classes=num_classes, pool_size=pool_size, crop_pct=crop_pct,
                 interpolation="bicubic", first_conv="patch_embed.proj", classifier="head",
                 paper_name=PAPER, **kwargs)
 
@@ -272,14 +287,15 @@ default_cfgs = generate_default_cfgs({
     "asmlp_t": _cfg(),
     "asmlp_s": _cfg(),
     "asmlp_b": _cfg(),
-    "asmlp_t_cifar": _cfg(input_size=(3, 32, 32), num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, crop_pct=1.0),
+    "asmlp_t_cifar": _cfg(input_size=(3, 32, 32), num_classes=10, pool_size=(2, 2), mean=CIFAR_MEAN, std=CIFAR_STD,
+                          crop_pct=1.0),
 })
 
 
 def _create(variant: str, pretrained: bool, defaults: dict, **kwargs):
     # features come from forward_intermediates: the stage outputs sit inside layers.i (before merging)
     feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3))
-    return build_model_with_cfg(ASMLP, variant, pretrained, feature_cfg=feature_cfg, **{**defaults, **kwargs})
+    return build(ASMLP, variant, pretrained, feature_cfg, **{**defaults, **kwargs})
 
 
 _register = partial(register_model, family="asmlp", paper=PAPER, model_cls=ASMLP)

@@ -20,11 +20,11 @@ CIFAR-10 references for these CIFAR layouts (kuangliu/pytorch-cifar, SGD, 200 ep
 MobileNetV2 94.43%, DenseNet121 95.04%. kuangliu's RegNets keep stride 1 in the first two
 stages (8x8 last map) and use a 64-wide stem; mixlab's keep timm's widths and stop at 4x4.
 """
-from __future__ import annotations
+# (no `from __future__ import annotations`: FX copies string annotations into traced code, TorchScript rejects them)
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -38,12 +38,12 @@ from timm.models.resnet import ResNet, resnet18, resnet34, resnet50, seresnet18
 from timm.models.swin_transformer import SwinTransformer, swin_tiny_patch4_window7_224
 from timm.models.vgg import VGG, vgg16_bn
 from timm.models.vision_transformer import VisionTransformer, vit_small_patch16_224, vit_tiny_patch16_224
-from timm.models._builder import build_model_with_cfg
 from timm.models._features import FeatureListNet
 from timm.models._registry import generate_default_cfgs, get_pretrained_cfg
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..registry import register_model
+from ._timm_api import build, check_pool, device_dtype, new_pool
 
 __all__ = ["GoogLeNet", "BASELINES"]
 
@@ -57,17 +57,18 @@ class GoogLeNet(TorchvisionGoogLeNet):
     The network and its initialisation are torchvision's (``aux_logits=False,
     init_weights=True``); this subclass only adds what mixlab and timm expect of a model:
     ``forward_features`` / ``forward_head``, ``reset_classifier``, ``feature_info``,
-    ``num_features`` and ``in_chans``.
+    ``num_features``, ``in_chans`` and ``global_pool`` (``"avg"``, or ``""``: no pooling, the
+    classifier, if any, classifies every position).
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2,
                  global_pool: str = "avg"):
-        if global_pool != "avg":
-            raise ValueError(f"GoogLeNet pools with a global average only; got global_pool={global_pool!r}")
+        check_pool(global_pool)
         super().__init__(num_classes=max(num_classes, 1), aux_logits=False, transform_input=False,
                          init_weights=True, dropout=drop_rate)
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.fc.in_features
         if num_classes == 0:
             self.fc = nn.Identity()
@@ -82,30 +83,33 @@ class GoogLeNet(TorchvisionGoogLeNet):
         ]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in (self.conv1, self.maxpool1, self.conv2, self.conv3, self.maxpool2,
-                      self.inception3a, self.inception3b, self.maxpool3,
-                      self.inception4a, self.inception4b, self.inception4c, self.inception4d,
-                      self.inception4e, self.maxpool4, self.inception5a, self.inception5b):
-            x = layer(x)
-        return x
+        # torchvision's order, one module per line (TorchScript cannot loop over a tuple of modules)
+        x = self.maxpool1(self.conv1(x))
+        x = self.maxpool2(self.conv3(self.conv2(x)))
+        x = self.maxpool3(self.inception3b(self.inception3a(x)))
+        x = self.inception4c(self.inception4b(self.inception4a(x)))
+        x = self.maxpool4(self.inception4e(self.inception4d(x)))
+        return self.inception5b(self.inception5a(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.dropout(torch.flatten(self.avgpool(x), 1))
-        return x if pre_logits else self.fc(x)
+        if self.global_pool == "avg":
+            x = self.dropout(torch.flatten(self.avgpool(x), 1))
+            return x if pre_logits else self.fc(x)
+        x = self.dropout(x)
+        return x if pre_logits else self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"GoogLeNet pools with a global average only; got global_pool={global_pool!r}")
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.global_pool = new_pool(self.global_pool, global_pool)
         self.num_classes = num_classes
-        ref = self.conv1.conv.weight
         if num_classes > 0:
-            self.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            self.fc = nn.Linear(self.num_features, num_classes, **device_dtype(self)).train(self.training)
             _googlenet_init(self.fc.weight)
             nn.init.zeros_(self.fc.bias)
         else:
@@ -128,7 +132,7 @@ def _googlenet_entry(pretrained: bool = False, **kwargs) -> GoogLeNet:
     if pretrained:
         raise ValueError("mixlab does not load torchvision's GoogLeNet weights (they need transform_input "
                          "and the auxiliary heads); build with pretrained=False")
-    return build_model_with_cfg(GoogLeNet, kwargs.pop("variant"), False, **kwargs)
+    return build(GoogLeNet, kwargs.pop("variant"), False, None, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,6 +265,9 @@ class Baseline:
     # constructor arguments of parts the adaptation throws away, fixed so they cost nothing to build
     cifar_fixed: dict = field(default_factory=dict)
     imagenet_size: int = 224
+    # the CIFAR form's last map at 32x32 (timm's pretrained_cfg["pool_size"]); most adaptations
+    # leave a total stride of 8
+    cifar_pool_size: Optional[Tuple[int, int]] = (4, 4)
     paper_figures: dict = field(default_factory=dict)
 
 
@@ -276,6 +283,7 @@ BASELINES: tuple[Baseline, ...] = (
              "ImageNet head (7x7 fc6 conv + fc7, ConvMlp) replaced after building by global pool + one "
              "linear layer on the 512 features; the five max-pools kept (last map 1x1 at 32x32)",
              adapt=_adapt_vgg, cifar_fixed=dict(mlp_ratio=1 / 4096),  # fc6/fc7 1 channel wide, then dropped
+             cifar_pool_size=(1, 1),
              paper_figures=dict(params=138e6)),
     Baseline("googlenet", "GoogLeNet (Inception v1)", CNN,
              "Going Deeper with Convolutions (Szegedy et al., CVPR 2015)",
@@ -288,7 +296,8 @@ BASELINES: tuple[Baseline, ...] = (
              InceptionV3, inception_v3, "inception_v3",
              "stem changed after building (no upsampling): Conv2d_1a 3x3/2 -> 3x3/1, pad 1 on Conv2d_1a/2a/4a, "
              "Pool1 and Pool2 removed; Mixed_5/6/7 at 32/15/7 (35/17/8 natively at 299)",
-             adapt=_adapt_inception_v3, imagenet_size=299, paper_figures=dict(macs=5e9, top1=78.8)),
+             adapt=_adapt_inception_v3, imagenet_size=299, cifar_pool_size=(7, 7),
+             paper_figures=dict(macs=5e9, top1=78.8)),
     Baseline("resnet18", "ResNet-18", CNN, "Deep Residual Learning for Image Recognition (He et al., CVPR 2016)",
              ResNet, resnet18, "resnet18", _RESNET_CIFAR,
              adapt=_adapt_resnet, paper_figures=dict(macs=1.8e9)),
@@ -333,19 +342,21 @@ BASELINES: tuple[Baseline, ...] = (
              "ICML 2021)",
              VisionTransformer, vit_tiny_patch16_224, "vit_tiny_patch16_224",
              "timm options: img_size=32, patch_size=4 (8x8 = 64 tokens)",
-             cifar_kwargs=dict(img_size=32, patch_size=4), paper_figures=dict(params=5.7e6, top1=72.2)),
+             cifar_kwargs=dict(img_size=32, patch_size=4), cifar_pool_size=None,  # tokens, no map (as timm's ViT)
+             paper_figures=dict(params=5.7e6, top1=72.2)),
     Baseline("vit_small", "ViT-Small/16", VIT,
              "An Image is Worth 16x16 Words (Dosovitskiy et al., ICLR 2021); Small width from DeiT (Touvron et al., "
              "ICML 2021)",
              VisionTransformer, vit_small_patch16_224, "vit_small_patch16_224",
              "timm options: img_size=32, patch_size=4 (8x8 = 64 tokens)",
-             cifar_kwargs=dict(img_size=32, patch_size=4), paper_figures=dict(params=22e6, top1=79.8)),
+             cifar_kwargs=dict(img_size=32, patch_size=4), cifar_pool_size=None,  # tokens, no map (as timm's ViT)
+             paper_figures=dict(params=22e6, top1=79.8)),
     Baseline("swin_tiny", "Swin-T", VIT,
              "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows (Liu et al., ICCV 2021)",
              SwinTransformer, swin_tiny_patch4_window7_224, "swin_tiny_patch4_window7_224",
              "timm options: img_size=32, patch_size=2, window_size=4 (stages at 16/8/4/2; the last stage's "
              "window shrinks to its 2x2 map, as timm does)",
-             cifar_kwargs=dict(img_size=32, patch_size=2, window_size=4),
+             cifar_kwargs=dict(img_size=32, patch_size=2, window_size=4), cifar_pool_size=(2, 2),
              paper_figures=dict(params=28e6, macs=4.5e9, top1=81.3)),
 )
 
@@ -356,10 +367,11 @@ def _pretrained_cfg_of(b: Baseline, cifar: bool) -> dict:
                classifier=base.classifier if base else "fc", paper_name=b.paper)
     if cifar:
         return dict(cfg, input_size=(3, 32, 32), num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, crop_pct=1.0,
-                    interpolation="bilinear", fixed_input_size=base.fixed_input_size if base else False)
+                    interpolation="bilinear", fixed_input_size=base.fixed_input_size if base else False,
+                    pool_size=b.cifar_pool_size)
     size = b.imagenet_size
     return dict(cfg, input_size=(3, size, size), num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                crop_pct=0.875, interpolation="bilinear")
+                crop_pct=0.875, interpolation="bilinear", pool_size=(size // 32, size // 32))
 
 
 # ImageNet forms that alias timm's entrypoints take timm's own pretrained config; the others get

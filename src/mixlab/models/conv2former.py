@@ -36,19 +36,19 @@ Input sizes: the ImageNet stem and the three downsamples halve the size five tim
 be multiples of 32 (224, 256, 32, 64x96...). The CIFAR form has no downsampling stem,
 so multiples of 8.
 """
-from __future__ import annotations
+# (no `from __future__ import annotations`: FX copies string annotations into traced code, TorchScript rejects them)
 
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from timm.layers import DropPath, LayerNorm2d, trunc_normal_
-from timm.models._builder import build_model_with_cfg
+from timm.layers import DropPath, LayerNorm2d, register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..registry import register_model
+from ._timm_api import build, check_pool, linear_head, new_pool
 
 __all__ = ["Conv2Former", "ConvModulation", "ConvMlp", "Conv2FormerBlock"]
 
@@ -130,7 +130,8 @@ class Conv2Former(nn.Module):
         layer_scale_init_value: initial layer scale (official: 1e-6); ``None`` for none.
         drop_path_rate: stochastic depth of the last block (linear ramp from 0 over all blocks).
         drop_rate: dropout before the classifier (not in the official code; default 0).
-        global_pool: only ``"avg"``.
+        global_pool: ``"avg"`` or ``""`` (no pooling: the head's conv, GELU and LayerNorm run on
+            the map and ``pred``, if any, classifies every position; NCHW out).
         stem: ``"conv"`` (the official reduction-4 stem) or ``"pointwise"`` (the seed's
             CIFAR stem: one 1x1 conv with bias, no downsampling).
         downsample_norm: norm before each 2x2 stride-2 downsample: ``"layernorm"``
@@ -166,7 +167,7 @@ class Conv2Former(nn.Module):
             raise ValueError(f"downsample_norm must be one of {_DOWNSAMPLE_NORMS}, got {downsample_norm!r}")
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd (same-size padding), got {kernel_size}")
-        _check_pool(global_pool)
+        check_pool(global_pool)
         eps = 1e-6
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -225,35 +226,33 @@ class Conv2Former(nn.Module):
 
     # -- sizes -----------------------------------------------------------------------------
     def check_input_size(self, height: int, width: int) -> None:
-        m = self.size_multiple
-        if height < m or width < m or height % m or width % m:
-            raise ValueError(
-                f"Conv2Former needs a height and width that are multiples of {m} (its stride-2 "
-                f"stem/downsample convs must see even sizes), got {height}x{width}")
+        _check_size(height, width, self.size_multiple)
 
     # -- classifier --------------------------------------------------------------------------
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.pred
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            _check_pool(global_pool)
-            self.global_pool = global_pool
+        self.global_pool = new_pool(self.global_pool, global_pool)
         self.num_classes = num_classes
-        self.pred = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.pred = linear_head(self, self.head_hidden_size, num_classes)
 
     # -- forward -----------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the last stage, before the head: (N, dims[-1], H/32, W/32) for the ImageNet stem."""
-        self.check_input_size(*x.shape[-2:])
+        x = checked_input(x, self.size_multiple)
         for downsample, stage in zip(self.downsample_layers, self.stages):
             x = stage(downsample(x))
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head(x).mean(dim=(2, 3))
+        x = self.head(x)
+        if self.global_pool == "avg":
+            x = self.head_drop(x.mean(dim=(2, 3)))
+            return x if pre_logits else self.pred(x)
         x = self.head_drop(x)
-        return x if pre_logits else self.pred(x)
+        return x if pre_logits else self.pred(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -274,7 +273,7 @@ class Conv2Former(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"Conv2Former returns NCHW features only, got output_fmt={output_fmt!r}")
-        self.check_input_size(*x.shape[-2:])
+        x = checked_input(x, self.size_multiple)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         for i, (downsample, stage) in enumerate(zip(self.downsample_layers, self.stages)):
@@ -303,9 +302,19 @@ class Conv2Former(nn.Module):
         return take_indices
 
 
-def _check_pool(global_pool: str) -> None:
-    if global_pool != "avg":
-        raise ValueError(f"global_pool must be 'avg' (the paper's head), got {global_pool!r}")
+def _check_size(height: int, width: int, multiple: int) -> None:
+    if height < multiple or width < multiple or height % multiple or width % multiple:
+        raise ValueError(
+            f"Conv2Former needs a height and width that are multiples of {multiple} (its stride-2 "
+            f"stem/downsample convs must see even sizes), got {height}x{width}")
+
+
+# one leaf call for FX (it reads the input size), so traced models still check it; its name has no
+# leading "_" because FX's autowrap skips such names
+@register_notrace_function
+def checked_input(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    _check_size(x.shape[-2], x.shape[-1], multiple)
+    return x
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -340,9 +349,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, defaults: dict, **kwargs) -> Conv2Former:
-    return build_model_with_cfg(Conv2Former, variant, pretrained,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-                                **{**defaults, **kwargs})
+    return build(Conv2Former, variant, pretrained, dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+                 **{**defaults, **kwargs})
 
 
 @register_model(family="conv2former", paper=PAPER, model_cls=Conv2Former,

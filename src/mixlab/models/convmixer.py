@@ -10,25 +10,26 @@ from __future__ import annotations
 import math
 
 from torch import nn
-from timm.models._builder import build_model_with_cfg
 from timm.models._registry import generate_default_cfgs
 from timm.models.convmixer import ConvMixer
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..registry import register_model
+from ._timm_api import build
 
 PAPER = "Patches Are All You Need? (Trockman & Kolter, TMLR 2022)"
 
 
-def _cfg(input_size=(3, 224, 224), num_classes=1000, **kwargs):
-    return dict(input_size=input_size, num_classes=num_classes, first_conv="stem.0", classifier="head",
-                paper_name=PAPER, **kwargs)
+def _cfg(input_size=(3, 224, 224), num_classes=1000, patch_size=7, **kwargs):
+    size = input_size[1] // patch_size  # the map the blocks keep (no downsampling after the patch conv)
+    return dict(input_size=input_size, num_classes=num_classes, pool_size=(size, size), first_conv="stem.0",
+                classifier="head", paper_name=PAPER, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    "convmixer_256_8": _cfg(input_size=(3, 32, 32), num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD),
+    "convmixer_256_8": _cfg(input_size=(3, 32, 32), num_classes=10, patch_size=2, mean=CIFAR_MEAN, std=CIFAR_STD),
     "convmixer_768_32_k7_p7": _cfg(),
-    "convmixer_1024_20_k9_p14": _cfg(),
+    "convmixer_1024_20_k9_p14": _cfg(patch_size=14),
     "convmixer_1536_20_k9_p7": _cfg(),
 })
 
@@ -74,8 +75,7 @@ def _create(variant: str, pretrained: bool, defaults: dict, bn_momentum: float |
                          f"Keras' momentum=0.99 is bn_momentum=0.01): it must be in [0, 1], got {bn_momentum}")
     if bn_eps is not None and not float(bn_eps) > 0.0:
         raise ValueError(f"bn_eps must be a positive number (Keras' default is 1e-3, torch's 1e-5), got {bn_eps}")
-    model = build_model_with_cfg(ConvMixer, variant, pretrained, feature_cfg=dict(flatten_sequential=True),
-                                 **{**defaults, **kwargs})
+    model = build(ConvMixer, variant, pretrained, dict(flatten_sequential=True), **{**defaults, **kwargs})
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if bn_momentum is not None:

@@ -31,18 +31,18 @@ before its downsample (reductions 8, 16, 32). The official detection backbone ta
 same channels and strides but at other points (the tokenizer output, the first downsample
 conv output, and the outputs *after* the downsamples of stages 1 and 3).
 """
-from __future__ import annotations
+# (no `from __future__ import annotations`: FX copies string annotations into traced code, TorchScript rejects them)
 
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models._builder import build_model_with_cfg
+from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..registry import register_model
+from ._timm_api import build, check_pool, linear_head, new_pool
 
 __all__ = ["ConvMLP", "ConvTokenizer", "ConvStage", "ConvMLPBlock", "ConvMLPStage"]
 
@@ -177,7 +177,8 @@ class ConvMLP(nn.Module):
         channels: channels of the tokenizer and the convolutional stage.
         n_conv_blocks: residual bottlenecks in the convolutional stage.
         in_chans, num_classes: input channels and classes (``num_classes=0``: no classifier).
-        global_pool: only ``"avg"`` (the paper's head).
+        global_pool: ``"avg"`` (the paper's head) or ``""``: no pooling, the head's LayerNorm
+            normalises every position and the classifier (if any) classifies each, NCHW out.
         drop_rate: dropout before the classifier (not in the official code; default 0).
         drop_path_rate: stochastic depth at the end of each stage's ramp (official: 0.1).
     """
@@ -199,7 +200,7 @@ class ConvMLP(nn.Module):
         if not len(blocks) == len(dims) == len(mlp_ratios):
             raise ValueError(f"blocks, dims and mlp_ratios must have the same length, got {len(blocks)}, "
                              f"{len(dims)} and {len(mlp_ratios)}")
-        _check_pool(global_pool)
+        check_pool(global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -225,25 +226,22 @@ class ConvMLP(nn.Module):
     # -- sizes -----------------------------------------------------------------------------
     def check_input_size(self, height: int, width: int) -> None:
         """ConvMLP takes any positive size (its stride-2 layers are padded 3x3 windows)."""
-        if height < 1 or width < 1:
-            raise ValueError(f"ConvMLP needs a height and width of at least 1 pixel, got {height}x{width}")
+        _check_size(height, width)
 
     # -- classifier --------------------------------------------------------------------------
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            _check_pool(global_pool)
-            self.global_pool = global_pool
+        self.global_pool = new_pool(self.global_pool, global_pool)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = linear_head(self, self.head_hidden_size, num_classes)
 
     # -- forward -----------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stage outputs before the head: (N, dims[-1], ceil(H/32), ceil(W/32))."""
-        self.check_input_size(*x.shape[-2:])
-        x = self.tokenizer(x)
+        x = self.tokenizer(checked_input(x))
         x = self.conv_stages(x)
         for stage in self.stages:
             x = stage(x)
@@ -251,9 +249,12 @@ class ConvMLP(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.norm(x.permute(0, 2, 3, 1))  # per-position LayerNorm, as the official head
-        x = x.mean(dim=(1, 2))
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
         x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        if not pre_logits:
+            x = self.head(x)
+        return x if self.global_pool == "avg" else x.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -273,7 +274,7 @@ class ConvMLP(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"ConvMLP returns NCHW features only, got output_fmt={output_fmt!r}")
-        self.check_input_size(*x.shape[-2:])
+        x = checked_input(x)
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         last = len(self.feature_info) - 1
         intermediates = []
@@ -316,9 +317,17 @@ class ConvMLP(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def _check_pool(global_pool: str) -> None:
-    if global_pool != "avg":
-        raise ValueError(f"global_pool must be 'avg' (the paper's head), got {global_pool!r}")
+def _check_size(height: int, width: int) -> None:
+    if height < 1 or width < 1:
+        raise ValueError(f"ConvMLP needs a height and width of at least 1 pixel, got {height}x{width}")
+
+
+# one leaf call for FX (it reads the input size), so traced models still check it; its name has no
+# leading "_" because FX's autowrap skips such names
+@register_notrace_function
+def checked_input(x: torch.Tensor) -> torch.Tensor:
+    _check_size(x.shape[-2], x.shape[-1])
+    return x
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -352,9 +361,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, defaults: dict, **kwargs) -> ConvMLP:
-    return build_model_with_cfg(ConvMLP, variant, pretrained,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-                                **{**defaults, **kwargs})
+    return build(ConvMLP, variant, pretrained, dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+                 **{**defaults, **kwargs})
 
 
 @register_model(family="convmlp", paper=PAPER, model_cls=ConvMLP,

@@ -18,21 +18,22 @@ the model is built for (``img_size``): a model built for 256 has 8x8 windows in 
 at run time the map of stage i must be a multiple of that stage's window, and check_input_size
 says which sizes that allows.
 """
-from __future__ import annotations
+# (no `from __future__ import annotations`: FX copies string annotations into traced code, TorchScript rejects them)
 
 import math
 from functools import partial
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
-from timm.models._builder import build_model_with_cfg
+from timm.layers import DropPath, Mlp, PatchEmbed, register_notrace_function, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..registry import register_model
+from ._timm_api import build, check_pool, linear_head, new_pool
 
 __all__ = ["SwinMLP", "SwinMLPBlock", "PatchMerging", "window_partition", "window_reverse"]
 
@@ -150,8 +151,7 @@ class SwinMLP(nn.Module):
         super().__init__()
         if len(num_heads) != len(depths):
             raise ValueError(f"num_heads ({len(num_heads)} values) needs one value per stage ({len(depths)})")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        check_pool(global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.patch_size = patch_size
@@ -181,6 +181,7 @@ class SwinMLP(nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}.blocks"))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._set_size_rule()
         self.check_input_size(h, w)
         self.apply(self._init_weights)
 
@@ -194,7 +195,7 @@ class SwinMLP(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def stage_windows(self) -> list[int]:
+    def stage_windows(self) -> List[int]:
         return [stage.blocks[0].window_size if len(stage.blocks) else 1 for stage in self.layers]
 
     def input_multiple(self) -> int:
@@ -204,27 +205,24 @@ class SwinMLP(nn.Module):
             mult = math.lcm(mult, self.patch_size * 2 ** i * ws)
         return mult
 
+    def _set_size_rule(self) -> None:
+        # plain attributes the forward's size check reads (TorchScript and FX cannot run the methods above)
+        self.size_multiple = self.input_multiple()
+        self.size_rule = (f"this Swin-MLP (built for {self.img_size[0]}x{self.img_size[1]}: patch {self.patch_size}, "
+                          f"windows {tuple(self.stage_windows())} per stage)")
+
     def check_input_size(self, h: int, w: int) -> None:
         """Raise ValueError unless (h, w) is a size this model can take."""
-        mult = self.input_multiple()
-        if h <= 0 or w <= 0 or h % mult or w % mult:
-            raise ValueError(
-                f"this Swin-MLP (built for {self.img_size[0]}x{self.img_size[1]}: patch {self.patch_size}, windows "
-                f"{tuple(self.stage_windows())} per stage) needs height and width that are multiples of {mult}, "
-                f"got {h}x{w} (every stage's map must be a whole number of windows; build the model for the size "
-                f"you need with img_size=, and a window_size that divides its stage maps)")
+        _check_size(h, w, self.size_multiple, self.size_rule)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.global_pool = new_pool(self.global_pool, global_pool)
         self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = linear_head(self, self.num_features, num_classes)
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -232,8 +230,7 @@ class SwinMLP(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.layers), indices)
-        self.check_input_size(x.shape[-2], x.shape[-1])
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(checked_input(x, self.size_multiple, self.size_rule)))
         intermediates = []
         stages = self.layers[:max_index + 1] if stop_early else self.layers
         for i, stage in enumerate(stages):
@@ -251,6 +248,7 @@ class SwinMLP(nn.Module):
         take, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[:max_index + 1]
         self.layers[-1].downsample = None
+        self._set_size_rule()
         if prune_norm or max_index < self.num_layers - 1:
             self.norm = nn.Identity()
         if prune_head:
@@ -259,8 +257,7 @@ class SwinMLP(nn.Module):
 
     def forward_features(self, x):
         """(B, C, H, W) image -> (B, H/32, W/32, C') normalised map (NHWC, as timm's Swin)."""
-        self.check_input_size(x.shape[-2], x.shape[-1])
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(checked_input(x, self.size_multiple, self.size_rule)))
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
@@ -274,25 +271,42 @@ class SwinMLP(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(input_size=(3, 224, 224), num_classes=1000, crop_pct=0.9, **kwargs):
-    return dict(input_size=input_size, num_classes=num_classes, pool_size=None, crop_pct=crop_pct,
+def _check_size(h: int, w: int, multiple: int, rule: str) -> None:
+    if h <= 0 or w <= 0 or h % multiple or w % multiple:
+        raise ValueError(
+            f"{rule} needs height and width that are multiples of {multiple}, got {h}x{w} (every stage's map must "
+            f"be a whole number of windows; build the model for the size you need with img_size=, and a "
+            f"window_size that divides its stage maps)")
+
+
+# one leaf call for FX (it reads the input size), so traced models still check it; its name has no
+# leading "_" because FX's autowrap skips such names
+@register_notrace_function
+def checked_input(x: torch.Tensor, multiple: int, rule: str) -> torch.Tensor:
+    _check_size(x.shape[-2], x.shape[-1], multiple, rule)
+    return x
+
+
+def _cfg(input_size=(3, 224, 224), num_classes=1000, crop_pct=0.9, pool_size=(7, 7), **kwargs):
+    return dict(input_size=input_size, num_classes=num_classes, pool_size=pool_size, crop_pct=crop_pct,
                 interpolation="bicubic", fixed_input_size=True, first_conv="patch_embed.proj", classifier="head",
                 paper_name=PAPER, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    "swin_mlp_tiny_c24": _cfg(input_size=(3, 256, 256)),
-    "swin_mlp_tiny_c12": _cfg(input_size=(3, 256, 256)),
-    "swin_mlp_tiny_c6": _cfg(input_size=(3, 256, 256)),
+    "swin_mlp_tiny_c24": _cfg(input_size=(3, 256, 256), pool_size=(8, 8)),
+    "swin_mlp_tiny_c12": _cfg(input_size=(3, 256, 256), pool_size=(8, 8)),
+    "swin_mlp_tiny_c6": _cfg(input_size=(3, 256, 256), pool_size=(8, 8)),
     "swin_mlp_base": _cfg(),
-    "swin_mlp_tiny_cifar": _cfg(input_size=(3, 32, 32), num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, crop_pct=1.0),
+    "swin_mlp_tiny_cifar": _cfg(input_size=(3, 32, 32), num_classes=10, pool_size=(2, 2), mean=CIFAR_MEAN,
+                                std=CIFAR_STD, crop_pct=1.0),
 })
 
 
 def _create(variant: str, pretrained: bool, defaults: dict, **kwargs):
     # features come from forward_intermediates: the stage outputs sit inside layers.i (before merging)
     feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3))
-    return build_model_with_cfg(SwinMLP, variant, pretrained, feature_cfg=feature_cfg, **{**defaults, **kwargs})
+    return build(SwinMLP, variant, pretrained, feature_cfg, **{**defaults, **kwargs})
 
 
 _register = partial(register_model, family="swin_mlp", paper=PAPER, model_cls=SwinMLP)

@@ -28,13 +28,17 @@ as it is (:func:`mixlab.load_official`). Differences that change no key and no o
 outputs pass through parameter-free ``taps`` (hook points for stage shapes and features),
 and the whole network runs channels-last (input, activations and conv weights; the official
 code runs NCHW and copies every token map back to NCHW), and in eval mode each BatchNorm is
-folded into the conv before it; on CPU this makes it about 2x faster than the official
+folded into the conv before it (not in TorchScript, nor in a model built under timm's
+scriptable/exportable layer config); on CPU this makes it about 2x faster than the official
 implementation, with outputs equal to it within float32 rounding (tested to 1e-5).
+
+timm's model API: ``forward_features`` is the decoder output before the 1x1 head (the head is
+``final``); ``features_only`` gives the five encoder outputs, with the decoder pruned away.
 
 Input sizes: the encoder halves the size five times and the decoder doubles it back and
 adds the skips, so height and width must be multiples of 32.
 """
-from __future__ import annotations
+# (no `from __future__ import annotations`: FX copies string annotations into traced code, TorchScript rejects them)
 
 import math
 from typing import List, Optional, Sequence, Tuple, Union
@@ -42,14 +46,14 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath, trunc_normal_
-from timm.models._builder import build_model_with_cfg
+from timm.layers import DropPath, is_exportable, is_scriptable, register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
 from ..ops import axial_shift
 from ..registry import register_model
+from ._timm_api import build, device_dtype
 
 __all__ = ["UNeXt", "ShiftedMLP", "ShiftedBlock", "OverlapPatchEmbed", "DWConv"]
 
@@ -92,10 +96,11 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``bn(conv(x))``; with running statistics in use (eval mode) the BatchNorm is folded into
-    the conv's weights, which skips one pass over the (largest, full-resolution) activations."""
-    if bn.training or bn.running_mean is None:
+def _conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, fold: bool) -> torch.Tensor:
+    """``bn(conv(x))``; with running statistics in use (eval mode) and ``fold``, the BatchNorm is
+    folded into the conv's weights, which skips one pass over the (largest, full-resolution)
+    activations."""
+    if not fold or bn.training or bn.running_mean is None:
         return bn(conv(x))
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
@@ -107,6 +112,10 @@ def _conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tens
         bias = bias + bn.bias
     weight = conv.weight * scale.view(-1, 1, 1, 1)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _pool_relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(F.max_pool2d(x, 2, 2), inplace=True)
 
 
 class DWConv(nn.Module):
@@ -169,8 +178,17 @@ class OverlapPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
         x = self.proj(x)
-        h, w = x.shape[-2:]
+        h, w = x.shape[-2], x.shape[-1]
         return self.norm(_map_as_tokens(x)), h, w
+
+
+class ShiftedBlocks(nn.ModuleList):
+    """Shifted blocks applied in turn to (B, H*W, C) tokens of an H x W map (official: a ModuleList)."""
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        for block in self:
+            x = block(x, h, w)
+        return x
 
 
 class UNeXt(nn.Module):
@@ -197,11 +215,15 @@ class UNeXt(nn.Module):
         self.in_chans = in_chans
         self.dims = tuple(dims)
         self.num_features = self.head_hidden_size = c1
+        # eval-mode BatchNorm folding reads BatchNorm buffers that TorchScript types as Optional: off in
+        # models built for scripting or export (timm's layer config, as timm picks its layers)
+        self.fold_bn = not (is_scriptable() or is_exportable())
+        self.encoder_only = -1  # >= 0 after prune_intermediate_layers: the last encoder stage kept
         # the official code spaces 3 rates over its 4 blocks and uses the first two
         dpr = [drop_path_rate * i / 2 for i in range(3)]
 
         def block(dim, rate):
-            return nn.ModuleList([ShiftedBlock(dim, mlp_ratio, drop_rate, rate, shift_size)])
+            return ShiftedBlocks([ShiftedBlock(dim, mlp_ratio, drop_rate, rate, shift_size)])
 
         self.encoder1 = nn.Conv2d(in_chans, c1, 3, stride=1, padding=1)
         self.encoder2 = nn.Conv2d(c1, c2, 3, stride=1, padding=1)
@@ -234,73 +256,84 @@ class UNeXt(nn.Module):
     # -- sizes -------------------------------------------------------------------------------
     def check_input_size(self, height: int, width: int) -> None:
         """Five halvings on the way down and skips on the way up: multiples of 32 only."""
-        if height < 32 or width < 32 or height % 32 or width % 32:
-            raise ValueError(f"UNeXt needs a height and width that are multiples of 32, got {height}x{width}")
+        _check_size(height, width)
 
     # -- head --------------------------------------------------------------------------------
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.final
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the 1x1 output conv (``global_pool`` does not apply to a dense head)."""
         self.num_classes = num_classes
-        self.final = nn.Conv2d(self.num_features, num_classes, kernel_size=1) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            final = nn.Conv2d(self.num_features, num_classes, kernel_size=1, **device_dtype(self))
+            self.final = final.to(memory_format=torch.channels_last).train(self.training)
+        else:
+            self.final = nn.Identity()
 
     # -- forward -----------------------------------------------------------------------------
-    @staticmethod
-    def _token_stage(x: torch.Tensor, embed: OverlapPatchEmbed, blocks: nn.ModuleList, norm: nn.LayerNorm):
-        x, h, w = embed(x)
-        for blk in blocks:
-            x = blk(x, h, w)
-        return _tokens_as_map(norm(x), h, w)
-
+    # Written out module by module, with no helper that takes a module, because TorchScript can
+    # compile neither; ``x if torch.jit.is_scripting() else y`` is compiled as ``x`` alone, so
+    # the eval-mode BatchNorm folding of ``_conv_bn`` runs everywhere but in TorchScript.
     def _encode(self, x: torch.Tensor, upto: int = 4) -> List[torch.Tensor]:
         """The encoder outputs at reductions 2, 4, 8, 16, 32 (up to index ``upto``)."""
-        feats = []
-        for i, (conv, bn) in enumerate(((self.encoder1, self.ebn1), (self.encoder2, self.ebn2),
-                                        (self.encoder3, self.ebn3))):
-            x = self.taps[i](F.relu(F.max_pool2d(_conv_bn(x, conv, bn), 2, 2), inplace=True))
-            feats.append(x)
-            if i == upto:
-                return feats
-        x = self.taps[3](self._token_stage(x, self.patch_embed3, self.block1, self.norm3))
-        feats.append(x)
+        fold = self.fold_bn
+        x = self.ebn1(self.encoder1(x)) if torch.jit.is_scripting() else _conv_bn(x, self.encoder1, self.ebn1, fold)
+        feats = [self.taps[0](_pool_relu(x))]
+        if upto == 0:
+            return feats
+        x = feats[-1]
+        x = self.ebn2(self.encoder2(x)) if torch.jit.is_scripting() else _conv_bn(x, self.encoder2, self.ebn2, fold)
+        feats.append(self.taps[1](_pool_relu(x)))
+        if upto == 1:
+            return feats
+        x = feats[-1]
+        x = self.ebn3(self.encoder3(x)) if torch.jit.is_scripting() else _conv_bn(x, self.encoder3, self.ebn3, fold)
+        feats.append(self.taps[2](_pool_relu(x)))
+        if upto == 2:
+            return feats
+        t, h, w = self.patch_embed3(feats[-1])
+        feats.append(self.taps[3](_tokens_as_map(self.norm3(self.block1(t, h, w)), h, w)))
         if upto == 3:
             return feats
-        feats.append(self.taps[4](self._token_stage(x, self.patch_embed4, self.block2, self.norm4)))
+        t, h, w = self.patch_embed4(feats[-1])
+        feats.append(self.taps[4](_tokens_as_map(self.norm4(self.block2(t, h, w)), h, w)))
         return feats
 
     @staticmethod
     def _up(x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``relu(upsample2x(x)) + skip``, reusing the upsampled buffer where autograd allows."""
-        x = F.relu(F.interpolate(x, scale_factor=(2, 2), mode="bilinear"), inplace=True)
+        x = F.relu(F.interpolate(x, scale_factor=2.0, mode="bilinear"), inplace=True)
         if skip is None:
             return x
         # relu's backward reads its output, so the in-place add is for inference only
         return x + skip if torch.is_grad_enabled() else x.add_(skip)
 
-    @staticmethod
-    def _token_refine(x: torch.Tensor, blocks: nn.ModuleList, norm: nn.LayerNorm) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        t = _map_as_tokens(x)
-        for blk in blocks:
-            t = blk(t, h, w)
-        return _tokens_as_map(norm(t), h, w)
-
     def _decode(self, feats: List[torch.Tensor]) -> torch.Tensor:
-        t1, t2, t3, t4, x = feats
-        x = self._up(_conv_bn(x, self.decoder1, self.dbn1), t4)
-        x = self._token_refine(x, self.dblock1, self.dnorm3)
-        x = self._up(_conv_bn(x, self.decoder2, self.dbn2), t3)
-        x = self._token_refine(x, self.dblock2, self.dnorm4)
-        x = self._up(_conv_bn(x, self.decoder3, self.dbn3), t2)
-        x = self._up(_conv_bn(x, self.decoder4, self.dbn4), t1)
+        fold = self.fold_bn
+        x = feats[4]
+        x = self.dbn1(self.decoder1(x)) if torch.jit.is_scripting() else _conv_bn(x, self.decoder1, self.dbn1, fold)
+        x = self._up(x, feats[3])
+        h, w = x.shape[-2], x.shape[-1]
+        x = _tokens_as_map(self.dnorm3(self.dblock1(_map_as_tokens(x), h, w)), h, w)
+        x = self.dbn2(self.decoder2(x)) if torch.jit.is_scripting() else _conv_bn(x, self.decoder2, self.dbn2, fold)
+        x = self._up(x, feats[2])
+        h, w = x.shape[-2], x.shape[-1]
+        x = _tokens_as_map(self.dnorm4(self.dblock2(_map_as_tokens(x), h, w)), h, w)
+        x = self.dbn3(self.decoder3(x)) if torch.jit.is_scripting() else _conv_bn(x, self.decoder3, self.dbn3, fold)
+        x = self._up(x, feats[1])
+        x = self.dbn4(self.decoder4(x)) if torch.jit.is_scripting() else _conv_bn(x, self.decoder4, self.dbn4, fold)
+        x = self._up(x, feats[0])
         return self._up(self.decoder5(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoder output before the 1x1 head: (B, C1, H, W)."""
-        self.check_input_size(*x.shape[-2:])
-        return self._decode(self._encode(_channels_last(x)))
+        """Decoder output before the 1x1 head: (B, C1, H, W) (after ``prune_intermediate_layers``:
+        the deepest encoder feature kept)."""
+        x = _channels_last(checked_input(x))
+        if self.encoder_only >= 0:
+            return self._encode(x, self.encoder_only)[-1]
+        return self._decode(self._encode(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.final(x)
@@ -319,28 +352,60 @@ class UNeXt(nn.Module):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """timm's intermediate-feature API: the encoder outputs ``feature_info[i]``.
 
-        Returns ``(logits, features)``; with ``stop_early`` the deepest feature taken stands in
-        for the logits (the decoder is skipped); ``norm`` has no effect.
+        Returns ``(forward_features output, features)``, as timm's models do; with ``stop_early``
+        the deepest feature taken stands in for the decoder output (the decoder is skipped);
+        ``norm`` has no effect.
         """
         if output_fmt != "NCHW":
             raise ValueError(f"UNeXt returns NCHW features only, got output_fmt={output_fmt!r}")
-        self.check_input_size(*x.shape[-2:])
+        x = checked_input(x)
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        early = intermediates_only or stop_early
-        x = _channels_last(x)
-        feats = self._encode(x, max_index if early else len(self.feature_info) - 1)
+        if intermediates_only or stop_early:
+            upto = max_index
+        else:  # the whole network (after pruning: what is left of the encoder)
+            upto = self.encoder_only if self.encoder_only >= 0 else len(self.feature_info) - 1
+        feats = self._encode(_channels_last(x), upto)
         picked = [feats[i] for i in take_indices]
         if intermediates_only:
             return picked
-        if stop_early:
+        if stop_early or self.encoder_only >= 0:
             return feats[-1], picked
-        return self.forward_head(self._decode(feats)), picked
+        return self._decode(feats), picked
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """The decoder is not needed for encoder features; the encoder is kept whole."""
-        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        """Keep the encoder up to the deepest of the features ``indices``; the decoder and the 1x1
+        output conv (UNeXt's head) go with ``prune_head`` or when a stage it needs goes. The
+        pruned model's ``forward_features`` is then that deepest encoder feature. ``prune_norm``
+        does nothing: UNeXt has no final norm."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        last = len(self.feature_info) - 1
+        if not prune_head and max_index == last:
+            return take_indices
+        stages = ((), ("encoder2", "ebn2"), ("encoder3", "ebn3"), ("patch_embed3", "block1", "norm3"),
+                  ("patch_embed4", "block2", "norm4"))
+        dropped = [n for stage in stages[max_index + 1:] for n in stage]
+        dropped += ["decoder1", "decoder2", "decoder3", "decoder4", "decoder5", "dbn1", "dbn2", "dbn3", "dbn4",
+                    "dblock1", "dblock2", "dnorm3", "dnorm4"]
+        for name in dropped:
+            setattr(self, name, nn.Identity())
+        self.reset_classifier(0)
+        self.encoder_only = max_index
+        self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         return take_indices
+
+
+def _check_size(height: int, width: int) -> None:
+    if height < 32 or width < 32 or height % 32 or width % 32:
+        raise ValueError(f"UNeXt needs a height and width that are multiples of 32, got {height}x{width}")
+
+
+# one leaf call for FX (it reads the input size), so traced models still check it; its name has no
+# leading "_" because FX's autowrap skips such names
+@register_notrace_function
+def checked_input(x: torch.Tensor) -> torch.Tensor:
+    _check_size(x.shape[-2], x.shape[-1])
+    return x
 
 
 # -- configurations ------------------------------------------------------------------------------
@@ -357,9 +422,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, defaults: dict, **kwargs) -> UNeXt:
-    return build_model_with_cfg(UNeXt, variant, pretrained,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3, 4), feature_cls="getter"),
-                                **{**defaults, **kwargs})
+    return build(UNeXt, variant, pretrained, dict(out_indices=(0, 1, 2, 3, 4), feature_cls="getter"),
+                 **{**defaults, **kwargs})
 
 
 @register_model(family="unext", paper=PAPER, model_cls=UNeXt, input_size=(3, 256, 256), num_classes=1,
