@@ -20,7 +20,7 @@ def test_takes_img_size_names_the_models_whose_layout_depends_on_the_input_size(
     from mixlab.registry import takes_img_size
 
     sized = {n for n in ALL if takes_img_size(n)}
-    assert sized == {n for n in ALL if model_info(n).family in ("asmlp", "swin_mlp", "baseline-vit")}
+    assert sized == {n for n in ALL if model_info(n).family in ("asmlp", "swin_mlp", "baseline-vit", "baseline-mlp")}
     assert "vit_tiny_cifar" in sized and "convmixer_256_8" not in sized and "unext" not in sized
 
 

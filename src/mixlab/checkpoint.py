@@ -65,5 +65,5 @@ def load_official(model: nn.Module, state_dict_or_path) -> nn.Module:
     mixlab keeps the official key names and layouts, so the keys are matched strictly as
     they are: every tensor of the model must be in the file and nothing else may be.
     """
-    _strict_load(model, _as_state_dict(state_dict_or_path), "the official checkpoint")
+    _strict_load(model, _as_state_dict(state_dict_or_path), "the official checkpoint does not match")
     return model

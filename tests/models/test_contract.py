@@ -46,8 +46,9 @@ REAL = [n for n in NAMES if model_info(n).timm_name is None]
 # classes): the head and TorchScript checks run where the head or the class is mixlab's
 OWN_HEAD = [n for n in REAL if not model_info(n).family.startswith("baseline") or n.startswith(("googlenet", "vgg"))]
 
-# timm's NON_STD_FILTERS 'vit_*': token output (B, N, C), no pooling options, no features_only
-TOKEN_OUTPUT = ["vit_*"]
+# timm's NON_STD_FILTERS 'vit_*', '*mixer_*', 'resmlp_*': token output (B, N, C), no pooling options, no
+# features_only ('mixer_*' here: timm's '*mixer_*' would catch ConvMixer, a convolutional network)
+TOKEN_OUTPUT = ["vit_*", "mixer_*", "resmlp_*"]
 # timm's NON_STD_FILTERS category "spatial output": UNeXt segments, its output is a full-size map
 DENSE_OUTPUT = ["unext*"]
 # timm's EXCLUDE_JIT_FILTERS has 'densenet*' (its memory-efficient path is not scriptable)
@@ -83,6 +84,8 @@ def _input(name, batch=2):
     size = 32
     if info.family == "swin_mlp":
         size = info.input_size[-1]  # the build size fixes the windows: its own size is the smallest
+    elif name == "swin_tiny_cifar224":
+        size = 224  # the Conv2Former seed's Swin-T comparison: built for its 224-pixel inputs
     elif name == "googlenet_imagenet":
         size = 64  # the ImageNet stem and five max-pools leave 2x2
     return torch.randn(batch, info.input_size[0], size, size, generator=torch.Generator().manual_seed(1))

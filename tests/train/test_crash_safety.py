@@ -140,7 +140,12 @@ SIGINT_POINTS = ([(e, 2) for e in rd.CRASH_EVENTS if not e.startswith("best")]
 def _interrupt_then_resume(argv: list[str], out: Path, event: str, epoch: int, monkeypatch, capsys) -> None:
     monkeypatch.setenv("MIXLAB_TEST_CRASH_AT", f"{event}:{epoch}")
     monkeypatch.setenv("MIXLAB_TEST_CRASH_SIGNAL", "INT")
-    assert main([*argv, "--out", str(out)]) == 130
+    # Python's own Ctrl-C behaviour (KeyboardInterrupt), whatever handler an earlier test left
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main([*argv, "--out", str(out)]) == 130
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert "interrupted" in capsys.readouterr().err
     assert not (out / runlock.LOCK).exists()  # released on the way out
     committed = rd.CRASH_EVENTS.index(event) >= rd.CRASH_EVENTS.index("manifest")

@@ -78,7 +78,8 @@ default_cfgs = generate_default_cfgs({
     **{f"{b.name}_cifar": _pretrained_cfg_of(b, cifar=True) for b in MLP_BASELINES},
     "swin_tiny_cifar224": dict(input_size=(3, 224, 224), num_classes=10, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                crop_pct=1.0, interpolation="bilinear", first_conv="patch_embed.proj",
-                               classifier="head.fc", fixed_input_size=True, paper_name=_SWIN_PAPER),
+                               classifier="head.fc", fixed_input_size=True, pool_size=(7, 7),  # 224 / 32
+                               paper_name=_SWIN_PAPER),
 })
 
 for _b in MLP_BASELINES:
