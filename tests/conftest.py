@@ -93,20 +93,6 @@ def isolated_cache(tmp_path, monkeypatch):
 def make_mask_dataset():
     """make(root, n=12, size=32) -> a UNeXt-layout folder (images/, masks/0/) whose masks are a
     bright rectangle on noise (learnable, so IoU can rise above chance)."""
-    from PIL import Image
+    from data_helpers import make_mask_folder
 
-    def make(root, n: int = 12, size: int = 32):
-        rng = np.random.default_rng(0)
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        (root / "masks" / "0").mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            img = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
-            y, x = rng.integers(2, size // 2, 2)
-            h, w = rng.integers(6, size // 2, 2)
-            mask = np.zeros((size, size), np.uint8)
-            mask[y:y + h, x:x + w] = 1
-            img[mask == 1] += 150
-            Image.fromarray(img).save(root / "images" / f"case{i:02d}.png")
-            Image.fromarray(mask * 255).save(root / "masks" / "0" / f"case{i:02d}.png")
-        return root
-    return make
+    return make_mask_folder

@@ -63,24 +63,24 @@ class ExportResult:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+# (pattern, phrase) of the exporter errors that name the op or the line they failed at, most precise first
+_CULPRITS = (
+    (r"No ONNX function found for <OpOverload\(op='([^']+)'", lambda m: f"the op {m[1]} has no ONNX translation"),
+    (r"call_function\[target=torch\.ops\.([\w.]+)\]", lambda m: f"at the op {m[1]}"),
+    (r"Unsupported FX nodes: (\{.*?\})", lambda m: f"unsupported ops {m[1]}"),
+    (r"The following call raised this error:\s*\n\s*File \"([^\"]+)\", line (\d+), in (\w+)\s*\n\s*(.+)",
+     lambda m: f"at {Path(m[1]).name}:{m[2]} in {m[3]}: `{m[4].strip()}`"),
+    (r"(aten\.\w+(?:\.\w+)?)", lambda m: f"at the op {m[1]}"),
+)
+
+
 def _culprit(err: BaseException) -> str:
     """The op (or model line) an exporter error names, as one phrase."""
     text = _ANSI.sub("", f"{err}")
-    m = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", text)
-    if m:
-        return f"the op {m.group(1)} has no ONNX translation"
-    m = re.search(r"call_function\[target=torch\.ops\.([\w.]+)\]", text)
-    if m:
-        return f"at the op {m.group(1)}"
-    m = re.search(r"Unsupported FX nodes: (\{.*?\})", text)
-    if m:
-        return f"unsupported ops {m.group(1)}"
-    m = re.search(r"The following call raised this error:\s*\n\s*File \"([^\"]+)\", line (\d+), in (\w+)\s*\n\s*(.+)", text)
-    if m:
-        return f"at {Path(m.group(1)).name}:{m.group(2)} in {m.group(3)}: `{m.group(4).strip()}`"
-    m = re.search(r"(aten\.\w+(?:\.\w+)?)", text)
-    if m:
-        return f"at the op {m.group(1)}"
+    for pattern, phrase in _CULPRITS:
+        m = re.search(pattern, text)
+        if m:
+            return phrase(m)
     return ""
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_helpers import make_mask_folder
 from mixlab.cli import main
 from mixlab.train import rundir as rd
 from mixlab.train.config import resolve_config
@@ -23,19 +24,7 @@ TINY = ["--model", "unext_s", "--batch-size", "4", "--precision", "fp32", "--set
 
 def _make_busi_like(root: Path, n: int = 12, size: int = 32) -> Path:
     """Images with a bright blob on noise; the mask is the blob (so IoU can rise above chance)."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        img = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
-        y, x = rng.integers(2, size // 2, 2)
-        h, w = rng.integers(6, size // 2, 2)
-        mask = np.zeros((size, size), np.uint8)
-        mask[y:y + h, x:x + w] = 1
-        img[mask == 1] += 150
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        (root / "masks" / "0").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(root / "images" / f"case{i:02d}.png")
-        Image.fromarray(mask * 255).save(root / "masks" / "0" / f"case{i:02d}.png")
-    return root
+    return make_mask_folder(root, n, size)
 
 
 def seg(*args) -> None:
