@@ -57,6 +57,9 @@ def _is_lost_peer(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("connection closed by peer" in text or "connection reset by peer" in text)
 
 
+_CURRENT = None  # the process's Distributed while its process group exists
+
+
 @dataclass
 class Distributed:
     rank: int = 0
@@ -67,9 +70,13 @@ class Distributed:
 
     @classmethod
     def from_env(cls) -> "Distributed":
+        """The process's ranks (one object per process group: a second call returns the first's)."""
+        global _CURRENT
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
+        if _CURRENT is not None and tdist.is_initialized():
+            return _CURRENT
         d = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), timeout_s=timeout_seconds())
         if not tdist.is_initialized():
             use_cuda = torch.cuda.is_available() and os.environ.get("MIXLAB_DEVICE", "") != "cpu"
@@ -80,6 +87,7 @@ class Distributed:
             # a gloo group beside the main one: monitored_barrier (which names the ranks that
             # do not arrive) exists for gloo only
             d._monitor = tdist.new_group(backend="gloo", timeout=timeout)
+        _CURRENT = d
         return d
 
     @property
@@ -152,5 +160,14 @@ class Distributed:
                 tdist.barrier()
 
     def shutdown(self) -> None:
+        """Every rank leaves together (a barrier), then the monitor group and the default group are
+        destroyed while the ranks' gloo threads are idle: a rank tearing down while another still
+        sends can end its process with a C++ terminate at exit."""
         if self.enabled and tdist.is_initialized():
+            tdist.barrier()
+            if self._monitor is not None:
+                tdist.destroy_process_group(self._monitor)
+                self._monitor = None
             tdist.destroy_process_group()
+        global _CURRENT
+        _CURRENT = None

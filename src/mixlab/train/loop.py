@@ -236,6 +236,7 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack, console
                  images_per_sec=sum(r["images_per_sec"] for r in rows) / max(len(rows), 1))
     if main:
         rd.write_summary(out_dir, final)
+    dist.shutdown()  # every rank leaves together, the process groups destroyed before the interpreter exits
     return final
 
 
