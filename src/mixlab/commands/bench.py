@@ -1,7 +1,7 @@
 """`mixlab bench MODEL`: images/s of training or inference steps, optionally vs a timm model."""
 from __future__ import annotations
 
-import json
+from . import print_json
 
 
 def configure(p):
@@ -43,8 +43,7 @@ def run(args) -> int:
         warmup=args.warmup, windows=args.windows, window_seconds=args.window_seconds, count_flops=not args.no_flops,
         memory_check=not args.no_memory_check)
     hw, fast_dw, other = out["config"]["img_size"], out["fast_depthwise_convs"], out.get("other")
-    if args.json:
-        print(json.dumps(out, indent=2))
+    if print_json(out, args.json):
         return 0
     r = out["result"]
     print(f"{args.model}: {args.mode}, batch {args.batch_size}, {hw[0]}x{hw[1]}, {args.device}, "

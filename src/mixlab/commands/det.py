@@ -1,7 +1,7 @@
 """`mixlab det train | eval | predict`: instance segmentation, Mask R-CNN on any features_only backbone."""
 from __future__ import annotations
 
-import json
+from . import print_json
 
 
 def configure(p):
@@ -63,8 +63,7 @@ def _eval(args) -> int:
     from ..det.run import evaluate_det_run
 
     r = evaluate_det_run(args.checkpoint, args.data, args.weights, args.device, args.batch_size, args.plot)
-    if args.json:
-        print(json.dumps(r, indent=2))
+    if print_json(r, args.json):
         return 0
     print(f"Mask R-CNN on {r['backbone']} ({r['weights']} weights), {r['split']}:")
     for t, what in (("bbox", "boxes"), ("segm", "masks")):
@@ -84,11 +83,9 @@ def _predict(args) -> int:
 
     r = predict_det_run(args.checkpoint, args.input, args.out, args.weights, args.device, args.score_threshold,
                         overlays=not args.no_overlays)
-    if args.json:
-        print(json.dumps(r, indent=2))
-        return 0
-    print(f"{r['images']} image(s): {r['detections']} detections -> {r['predictions']}; {r['masks']} instance mask "
-          f"PNG(s) scoring >= {r['score_threshold']:g} in {args.out}/masks/"
-          + (f", {r['overlays']} overlay(s) in {args.out}/overlays/" if r["overlays"] else "")
-          + ("; ground_truth.json written beside them" if r["with_truth"] else ""))
+    if not print_json(r, args.json):
+        print(f"{r['images']} image(s): {r['detections']} detections -> {r['predictions']}; {r['masks']} instance "
+              f"mask PNG(s) scoring >= {r['score_threshold']:g} in {args.out}/masks/"
+              + (f", {r['overlays']} overlay(s) in {args.out}/overlays/" if r["overlays"] else "")
+              + ("; ground_truth.json written beside them" if r["with_truth"] else ""))
     return 0

@@ -1,10 +1,10 @@
 """`mixlab eval --checkpoint RUN_DIR`: accuracy, per-class accuracy, confusion matrix."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import UsageError
+from . import print_json
 
 
 def configure(p):
@@ -32,8 +32,7 @@ def run(args) -> int:
         path = Path(args.plot) if args.plot else Path(args.checkpoint) / f"confusion_{args.split}.png"
         plot_confusion(r, path)
         r["plot"] = str(path)
-    if args.json:
-        print(json.dumps(r, indent=2))
+    if print_json(r, args.json):
         return 0
     top5 = f", top-5 {r['top5_accuracy']:.2f}%" if r["top5_accuracy"] is not None else ""
     print(f"{r['model']} ({r['weights']} weights) on the {r['split']} split: accuracy {r['accuracy']:.2f}%{top5}, "

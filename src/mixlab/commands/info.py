@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from . import print_json
 
 
 def configure(p):
@@ -35,8 +36,7 @@ def run(args) -> int:
             print(format_per_layer(rows))
             print(f"total: {d['params']:,} params, {d['macs']:,} MACs")
         return 0
-    if args.json:
-        print(json.dumps(d, indent=2))
+    if print_json(d, args.json):
         return 0
     print(f"{d['name']}  ({d['paper']})")
     print(f"  input             {' x '.join(map(str, d['input_size']))}")

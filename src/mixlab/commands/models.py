@@ -1,7 +1,7 @@
 """`mixlab models [PATTERN]`: one line per registered model."""
 from __future__ import annotations
 
-import json
+from . import print_json
 
 
 def configure(p):
@@ -24,8 +24,7 @@ def run(args) -> int:
         info = model_info(name)
         rows.append(dict(name=name, params=registered_params(name), input_size=list(info.input_size),
                          family=info.family, paper=info.paper, cifar=info.cifar or None))
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if print_json(rows, args.json):
         return 0
     width = max(len(r["name"]) for r in rows)
     for r in rows:

@@ -1,9 +1,9 @@
 """`mixlab refine coarse | train | eval | apply | sampling`: boundary patch refinement (BPR)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from ..errors import UsageError
+from . import print_json
 
 COARSE_HELP = ("coarse masks: a folder of mask PNGs named like the images (`mixlab seg predict` or `mixlab det "
                "predict` --out, `mixlab refine coarse` --out) or a `mixlab seg train` run directory (predicts them)")
@@ -119,8 +119,7 @@ def _eval(args) -> int:
 
         change_cases_figure(arrays, r, args.overlays, title=f"refined by {args.checkpoint}; green: truth, "
                             "blue: coarse, red: refined")
-    if args.json:
-        print(json.dumps(r, indent=2))
+    if print_json(r, args.json):
         return 0
     for note in r["notes"]:
         print(f"note: {note}")
@@ -142,8 +141,7 @@ def _apply(args) -> int:
 
     r = apply_refine_run(args.checkpoint, args.coarse, args.input, args.out, args.weights, args.device,
                          overlays=not args.no_overlays)
-    if args.json:
-        print(json.dumps(r, indent=2))
+    if print_json(r, args.json):
         return 0
     if r["skipped_no_coarse"]:
         print(f"note: {len(r['skipped_no_coarse'])} image(s) without a coarse mask skipped: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from ..errors import MissingFileError, UsageError
+from . import print_json
 
 
 def configure(p):
@@ -119,8 +120,7 @@ def _eval(args) -> int:
 
     r = evaluate_seg_run(args.checkpoint, args.data, args.weights, args.device, args.batch_size,
                          keep_per_image=args.json, split_name=args.split)
-    if args.json:
-        print(json.dumps(r, indent=2))
+    if print_json(r, args.json):
         return 0
     print(f"{r['model']} ({r['weights']} weights) on the {r['split']}, threshold {r['threshold']:g}:")
     print(f"  IoU   {100 * r['iou']:6.2f}   Dice {100 * r['dice']:6.2f}   "
@@ -135,13 +135,14 @@ def _eval(args) -> int:
 def _predict(args) -> int:
     from ..evaluate import predict_seg_run
 
-    result = predict_seg_run(args.checkpoint, args.input, args.out, args.weights, args.threshold, args.device,
-                             overlays=not args.no_overlays)
-    if args.json:
-        print(json.dumps(result, indent=2))
+    result = predict_seg_run(args.checkpoint, args.input, args.out, weights=args.weights, threshold=args.threshold,
+                             device=args.device, overlays=not args.no_overlays)
+    if print_json(result, args.json):
         return 0
-    print(f"{result['images']} image(s) -> {args.out}/masks/ ({result['masks']} mask PNGs)"
-          + (f" and {args.out}/overlays/ ({result['overlays']} side-by-side pictures)" if result["overlays"] else ""))
+    written = f"{result['images']} image(s) -> {args.out}/masks/ ({result['masks']} mask PNGs)"
+    if result["overlays"]:
+        written += f" and {args.out}/overlays/ ({result['overlays']} side-by-side pictures)"
+    print(written)
     if "with_truth" in result:
         print(f"against the {result['with_truth']} ground-truth mask(s) found: IoU {result['iou_per_image']:.2f} "
               f"Dice {result['dice_per_image']:.2f} (mean over images; at the images' own size)")

@@ -272,21 +272,9 @@ def read_unext_folder(root: str | os.PathLike, size: tuple[int, int] | None = No
     if numbers != list(range(len(numbers))):
         raise UsageError(f"mask class folders in {mask_root} must be 0..K-1 without gaps, found {numbers}")
     image_paths = _list_images(image_dir, exts)
-    mask_paths, missing = [], []
-    for img in image_paths:
-        ms = []
-        for d in class_dirs:
-            mp = _find_with_stem(d, img.stem, img.suffix, exts)
-            if mp is None:
-                missing.append((img, d / img.name))
-            ms.append(mp)
-        mask_paths.append(ms)
-    if missing:
-        raise _missing_error(missing)
-    rule = _mask_rule(mask_threshold, mask_values)
-    images, masks = _with_cache(cache_dir, "unext", image_paths, mask_paths, size,
-                                lambda: _decode_all(image_paths, mask_paths, size, workers, rule), rule)
-    return SegDataset(images, masks, [p.stem for p in image_paths], str(root), [str(p) for p in image_paths])
+    mask_paths = _match_masks(image_paths, class_dirs, "", exts)
+    return _decoded("unext", root, image_paths, mask_paths, size, cache_dir, workers,
+                    _mask_rule(mask_threshold, mask_values))
 
 
 def read_image_mask_dirs(image_dir: str | os.PathLike, mask_dir: str | os.PathLike, mask_suffix: str = "",
@@ -306,18 +294,34 @@ def read_image_mask_dirs(image_dir: str | os.PathLike, mask_dir: str | os.PathLi
         raise UsageError(f"images and masks are the same folder ({image_dir}); pass mask_suffix=")
     if mask_suffix:  # masks beside the images: don't take a mask for an image
         image_paths = [p for p in image_paths if not p.stem.endswith(mask_suffix)]
+    mask_paths = _match_masks(image_paths, [mask_dir], mask_suffix, exts)
+    return _decoded("dirs", image_dir, image_paths, mask_paths, size, cache_dir, workers,
+                    _mask_rule(mask_threshold, mask_values))
+
+
+def _match_masks(image_paths: list[Path], mask_dirs: list[Path], suffix: str, exts) -> list[list[Path]]:
+    """Each image's mask in each of ``mask_dirs``: the image's stem + ``suffix`` with any image
+    extension (the image's own first). Every missing mask is named in one error."""
     mask_paths, missing = [], []
     for img in image_paths:
-        mp = _find_with_stem(mask_dir, img.stem + mask_suffix, img.suffix, exts)
-        if mp is None:
-            missing.append((img, mask_dir / f"{img.stem}{mask_suffix}{img.suffix}"))
-        mask_paths.append([mp])
+        row = []
+        for d in mask_dirs:
+            found = _find_with_stem(d, img.stem + suffix, img.suffix, exts)
+            if found is None:
+                missing.append((img, d / f"{img.stem}{suffix}{img.suffix}"))
+            row.append(found)
+        mask_paths.append(row)
     if missing:
         raise _missing_error(missing)
-    rule = _mask_rule(mask_threshold, mask_values)
-    images, masks = _with_cache(cache_dir, "dirs", image_paths, mask_paths, size,
+    return mask_paths
+
+
+def _decoded(layout: str, source: Path, image_paths, mask_paths, size, cache_dir, workers,
+             rule: MaskRule) -> SegDataset:
+    """The matched files decoded (or read from the cache of the same files and settings)."""
+    images, masks = _with_cache(cache_dir, layout, image_paths, mask_paths, size,
                                 lambda: _decode_all(image_paths, mask_paths, size, workers, rule), rule)
-    return SegDataset(images, masks, [p.stem for p in image_paths], str(image_dir), [str(p) for p in image_paths])
+    return SegDataset(images, masks, [p.stem for p in image_paths], str(source), [str(p) for p in image_paths])
 
 
 def _mask_rule(threshold, values) -> MaskRule:

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .base import RunContext, Task
+from ..train.config import DEFAULTS
 
 
 class ClassificationTask(Task):
@@ -15,11 +16,7 @@ class ClassificationTask(Task):
     curves, curves_label = (("train_acc", "train"), ("val_acc", "val")), "accuracy (%)"
     check_every = 20
 
-    @property
-    def defaults(self) -> dict:
-        from ..train.config import DEFAULTS
-
-        return DEFAULTS
+    defaults = DEFAULTS
 
     # --- data and model
     def setup(self, cfg: dict, ctx: RunContext, resume_dir=None) -> None:

@@ -22,6 +22,7 @@ from ..det.model import DETECTOR_DEFAULTS
 from .base import RunContext, Task
 from .segmentation import SPLIT_TRAIN, SPLIT_VAL
 from ..errors import MissingFileError, UsageError
+from ..train.config import run_settings
 
 DET_DEFAULTS: dict = {
     "task": "detection",
@@ -48,29 +49,12 @@ DET_DEFAULTS: dict = {
                   "betas": [0.9, 0.999], "eps": 1e-8},
     "schedule": {"name": "cosine", "warmup_epochs": 0.0, "min_lr": 0.0, "per_epoch": False},
     "augment": {"hflip": 0.5, "vflip": 0.0, "rot90": False, "brightness": 0.0, "contrast": 0.0},
-    "drop_path_rate": None,
-    "clip_grad": None,
-    "ema": {"enabled": False, "decay": 0.9998},
-    "device": "auto",
-    # fp32: under bf16 autocast torchvision decodes boxes in bf16 (8 significant bits: steps of 2
-    # pixels at coordinates 256-511), which costs the box and mask accuracy AP75 measures
-    "precision": "fp32",
-    # the detector's transform builds its batch in NCHW: channels_last would convert every map
-    "channels_last": False,
-    "fast_depthwise": "auto",
-    "autotune": True,
-    "picked": None,
-    "compile": "auto",
-    "num_threads": None,
-    "select": "best_val",  # best_val (highest validation mask AP) | last
-    "freeze_backbone": False,  # not for detection: detector.trainable_stages sets what trains
-    "log": {"loggers": [], "every_n_steps": 10},
-    # refuse a batch whose training step would not fit in the memory free (estimated from the
-    # model's activations before anything is allocated); false: run it anyway
-    "memory_check": True,
-    "progress": True,
-    "description": "",
-    "recipe": None,
+    # select: best_val (highest validation mask AP) | last; freeze_backbone is not for detection
+    # (detector.trainable_stages sets what trains); init is listed above. fp32: under bf16
+    # autocast torchvision decodes boxes in bf16 (8 significant bits: steps of 2 pixels at
+    # coordinates 256-511), which costs the box and mask accuracy AP75 measures; channels_last
+    # off: the detector's transform builds its batch in NCHW, channels_last would convert every map
+    **run_settings(log_every=10, omit=("init",), precision="fp32", channels_last=False),
 }
 
 _LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -234,9 +218,7 @@ class DetectionTask(Task):
     model_task = None  # the model is a backbone: any mixlab or timm classifier (validate_config checks it)
     config_kind = None  # its settings are its own: validate_config checks them all
 
-    @property
-    def defaults(self) -> dict:
-        return DET_DEFAULTS
+    defaults = DET_DEFAULTS
 
     def validate_config(self, cfg: dict) -> None:
         """A detection config's checks: the settings every task shares, then the detector's own

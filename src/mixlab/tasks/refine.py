@@ -28,6 +28,7 @@ from torch import nn
 from .base import RunContext
 from .segmentation import SPLIT_TRAIN, SPLIT_VAL, SegmentationTask, image_hw
 from ..errors import UsageError
+from ..train.config import run_settings
 
 _IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
@@ -59,27 +60,8 @@ REFINE_DEFAULTS: dict = {
                 "brightness": 0.1, "contrast": 0.1},
     "threshold": 0.5,
     "drop_last": True,
-    "drop_path_rate": None,
-    "clip_grad": None,
-    "ema": {"enabled": False, "decay": 0.9998},
-    "device": "auto",
-    "precision": "auto",
-    "channels_last": "auto",
-    "fast_depthwise": "auto",
-    "autotune": True,
-    "picked": None,
-    "compile": "auto",
-    "num_threads": None,
-    "select": "best_val",  # best_val (best refined IoU on the refiner's validation images) | last
-    "init": None,
-    "freeze_backbone": False,
-    "log": {"loggers": [], "every_n_steps": 10},
-    # refuse a batch whose training step would not fit in the memory free (estimated from the
-    # model's activations before anything is allocated); false: run it anyway
-    "memory_check": True,
-    "progress": True,
-    "description": "",
-    "recipe": None,
+    # select: best_val (best refined IoU on the refiner's validation images) | last
+    **run_settings(log_every=10),
 }
 
 _PERCENT_KEYS = ("iou", "dice", "iou_per_image", "dice_per_image", "iou_global", "dice_global", "precision",
@@ -134,9 +116,7 @@ class RefineTask(SegmentationTask):
     # plus the refine keys
     model_task = config_kind = "segmentation"
 
-    @property
-    def defaults(self) -> dict:
-        return REFINE_DEFAULTS
+    defaults = REFINE_DEFAULTS
 
     def validate_config(self, cfg: dict) -> None:
         p, c = cfg["patch"], cfg["coarse"]

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .base import RunContext, Task
+from ..train.config import SEG_DEFAULTS
 
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST = "split_train.txt", "split_val.txt", "split_test.txt"
 # summary.json keeps these validation figures in percent
@@ -94,11 +95,7 @@ class SegmentationTask(Task):
     check_every = 1  # segmentation steps are few and long: read the loss every step
     rate_digits = 1
 
-    @property
-    def defaults(self) -> dict:
-        from ..train.config import SEG_DEFAULTS
-
-        return SEG_DEFAULTS
+    defaults = SEG_DEFAULTS
 
     # --- data and model
     def setup(self, cfg: dict, ctx: RunContext, resume_dir=None) -> None:

@@ -16,6 +16,56 @@ import yaml
 from ..data.augment import AugmentConfig
 from ..errors import MissingFileError, UsageError, as_usage_error
 
+
+def run_settings(log_every: int, omit: tuple = (), **changes) -> dict:
+    """The settings every task's config ends with, in the order config.yaml lists them: model
+    regularisation, device and CPU settings, which weights are kept, start weights, logging.
+
+    ``log_every``: the task's default step-logging interval; ``changes``: the task's own default
+    for some of these keys; ``omit``: keys the task lists elsewhere in its config."""
+    settings = {
+        "drop_path_rate": None,
+        "clip_grad": None,
+        "ema": {"enabled": False, "decay": 0.9998},
+        "device": "auto",  # auto | cpu | cuda | cuda:N
+        "precision": "auto",  # auto (bf16 where supported) | fp32 | bf16 | fp16
+        "channels_last": "auto",  # auto (measured on the CPU, else on for convolutional models) | true | false
+        # mixlab's depthwise convolution with a fast CPU backward (mixlab.ops.depthwise): auto
+        # (measured on the CPU) | true | false; CUDA keeps cuDNN's
+        "fast_depthwise": "auto",
+        # measure the CPU settings left on auto (precision, channels_last, fast_depthwise) with a
+        # few training steps of each combination; false: bf16 where supported, channels_last for
+        # convolutional models, the fast depthwise op
+        "autotune": True,
+        "picked": None,  # written by the trainer: what was picked and how (resumed runs reuse it)
+        # torch.compile: auto (on the CPU, tried for runs estimated over 10 minutes and kept when it
+        # saves twice its compile time) | true | false
+        "compile": "auto",
+        "num_threads": None,
+        # which weights the final evaluation uses: best_val (the epoch with the best value of the
+        # task's selection metric on the validation split) | last
+        "select": "best_val",
+        # start from trained weights (a weights file or a run directory; mixlab.finetune): every
+        # tensor whose name and shape match is loaded, a classifier of another size is new
+        "init": None,
+        "freeze_backbone": False,  # train only the classifier (with init)
+        # loggers beside metrics.jsonl and train.log: csv (steps.csv) and/or tensorboard; the step
+        # loss and lr are written every every_n_steps optimizer steps (mixlab.train.loggers)
+        "log": {"loggers": [], "every_n_steps": log_every},
+        # refuse a batch whose training step would not fit in the memory free (estimated from the
+        # model's activations before anything is allocated); false: run it anyway
+        "memory_check": True,
+        "progress": True,
+        "description": "",
+        "recipe": None,
+    }
+    unknown = set(changes) - set(settings)
+    if unknown:
+        raise KeyError(f"run_settings: no setting {sorted(unknown)}")
+    settings.update(changes)
+    return {k: v for k, v in settings.items() if k not in omit}
+
+
 DEFAULTS: dict = {
     "task": "classification",
     "model": None,
@@ -38,38 +88,7 @@ DEFAULTS: dict = {
     "schedule": {"name": "constant", "warmup_epochs": 0.0, "min_lr": 0.0, "per_epoch": False},
     "loss": {"label_smoothing": 0.0},
     "augment": {k: (list(v) if isinstance(v, tuple) else v) for k, v in AugmentConfig().__dict__.items()},
-    "drop_path_rate": None,
-    "clip_grad": None,
-    "ema": {"enabled": False, "decay": 0.9998},
-    "device": "auto",  # auto | cpu | cuda | cuda:N
-    "precision": "auto",  # auto (bf16 where supported) | fp32 | bf16 | fp16
-    "channels_last": "auto",  # auto (measured on the CPU, else on for convolutional models) | true | false
-    # mixlab's depthwise convolution with a fast CPU backward (mixlab.ops.depthwise): auto
-    # (measured on the CPU) | true | false; CUDA keeps cuDNN's
-    "fast_depthwise": "auto",
-    # measure the CPU settings left on auto (precision, channels_last, fast_depthwise) with a
-    # few training steps of each combination; false: bf16 where supported, channels_last for
-    # convolutional models, the fast depthwise op
-    "autotune": True,
-    "picked": None,  # written by the trainer: what was picked and how (resumed runs reuse it)
-    # torch.compile: auto (on the CPU, tried for runs estimated over 10 minutes and kept when it
-    # saves twice its compile time) | true | false
-    "compile": "auto",
-    "num_threads": None,
-    "select": "best_val",  # which weights test accuracy is reported for: best_val | last
-    # start from trained weights (a weights file or a run directory; mixlab.finetune): every
-    # tensor whose name and shape match is loaded, a classifier of another size is new
-    "init": None,
-    "freeze_backbone": False,  # train only the classifier (with init)
-    # loggers beside metrics.jsonl and train.log: csv (steps.csv) and/or tensorboard; the step
-    # loss and lr are written every every_n_steps optimizer steps (mixlab.train.loggers)
-    "log": {"loggers": [], "every_n_steps": 50},
-    # refuse a batch whose training step would not fit in the memory free (estimated from the
-    # model's activations before anything is allocated); false: run it anyway
-    "memory_check": True,
-    "progress": True,
-    "description": "",
-    "recipe": None,
+    **run_settings(log_every=50),
 }
 
 # `mixlab seg train`: the same machinery (optimizer, schedule, precision, run directory) with
@@ -100,28 +119,11 @@ SEG_DEFAULTS: dict = {
                 "brightness": 0.0, "contrast": 0.0},
     "threshold": 0.5,
     "drop_last": True,  # the official loader drops the last incomplete batch
-    "drop_path_rate": None,
-    "clip_grad": None,
-    "ema": {"enabled": False, "decay": 0.9998},
-    "device": "auto",
-    "precision": "auto",
-    "channels_last": "auto",
-    "fast_depthwise": "auto",
-    "autotune": True,
-    "picked": None,
-    "compile": "auto",
-    "num_threads": None,
-    "select": "best_val",  # best_val (highest validation IoU, as the paper's code keeps) | last
-    "init": None,
-    "freeze_backbone": False,
-    "log": {"loggers": [], "every_n_steps": 10},
-    # refuse a batch whose training step would not fit in the memory free (estimated from the
-    # model's activations before anything is allocated); false: run it anyway
-    "memory_check": True,
-    "progress": True,
-    "description": "",
-    "recipe": None,
+    # select: best_val (highest validation IoU, as the paper's code keeps) | last
+    **run_settings(log_every=10),
 }
+
+
 def _task(name: str):
     """The task object of a task name (its defaults, command, model kind and own checks)."""
     from ..tasks import get_task

@@ -137,15 +137,24 @@ def auto_bool(value, key):
     raise _fail(key, "auto, true or false", value)
 
 
-def text(null=True) -> Callable:
-    def check(value, key):
-        if value is None and null:
-            return None
-        if isinstance(value, str):
-            return value
-        raise _fail(key, "null or a text" if null else "a text", value)
+def _of_type(kind: type, what: str) -> Callable:
+    """A check that takes values of one Python type, and none where ``null``; ``what`` names the
+    values taken in the error."""
+    def checker(null: bool = True) -> Callable:
+        def check(value, key):
+            if value is None and null:
+                return None
+            if isinstance(value, kind):
+                return value
+            raise _fail(key, what + (" or null" if null else ""), value)
 
-    return check
+        return check
+
+    return checker
+
+
+text = _of_type(str, "a text")
+mapping = _of_type(dict, "a mapping (key: value)")
 
 
 def path(value, key):
@@ -154,17 +163,6 @@ def path(value, key):
     if isinstance(value, str) and value.strip():
         return value
     raise _fail(key, "null or a path", value)
-
-
-def mapping(null=True) -> Callable:
-    def check(value, key):
-        if value is None and null:
-            return None
-        if isinstance(value, dict):
-            return value
-        raise _fail(key, "a mapping (key: value)" + (" or null" if null else ""), value)
-
-    return check
 
 
 def pair(element: Callable, ordered: bool = True, null: bool = False, what: str = "[min, max]") -> Callable:
