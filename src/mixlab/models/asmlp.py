@@ -29,13 +29,14 @@ import torch
 from torch import nn
 from typing import Optional
 
-from timm.layers import DropPath, GroupNorm1, Mlp, PatchEmbed, register_notrace_function, to_2tuple, trunc_normal_
+from timm.layers import DropPath, GroupNorm1, Mlp, PatchEmbed, register_notrace_function, to_2tuple
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..ops.axial_shift import PADDING_MODES, axial_shift
 from ..registry import register_model
+from ._init import init_trunc_normal_
 from ._timm_api import build, check_pool, linear_head, new_pool
 
 __all__ = ["ASMLP", "AxialShift", "AxialShiftedBlock", "PatchMerging"]
@@ -188,9 +189,7 @@ class ASMLP(nn.Module):
         # the official init touches Linear and LayerNorm only: its 1x1 convolutions keep
         # PyTorch's default init, and so do mixlab's
         if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            init_trunc_normal_(m)
 
     def check_input_size(self, h: int, w: int) -> None:
         """Raise ValueError unless (h, w) is a size this model can take."""

@@ -42,12 +42,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from timm.layers import DropPath, LayerNorm2d, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..registry import register_model
+from ._init import init_trunc_normal_
 from ._timm_api import build, check_pool, linear_head, new_pool
 
 __all__ = ["Conv2Former", "ConvModulation", "ConvMlp", "Conv2FormerBlock"]
@@ -318,14 +319,10 @@ def checked_input(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def _init_weights(m: nn.Module) -> None:
-    """The official initialisation: truncated normal (std 0.02) convs and linears, zero biases."""
+    """The official initialisation: truncated normal (std 0.02) convs and linears, zero biases (the
+    official code also sets the norms to ones and zeros, which is PyTorch's own init of them)."""
     if isinstance(m, (nn.Conv2d, nn.Linear)):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+        init_trunc_normal_(m)
 
 
 # -- configurations ------------------------------------------------------------------------------

@@ -37,11 +37,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..registry import register_model
+from ._init import init_trunc_normal_
 from ._timm_api import build, check_pool, linear_head, new_pool
 
 __all__ = ["ConvMLP", "ConvTokenizer", "ConvStage", "ConvMLPBlock", "ConvMLPStage"]
@@ -331,19 +332,12 @@ def checked_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def _init_weights(m: nn.Module) -> None:
-    """The official initialisation (conv biases keep PyTorch's default, as there)."""
+    """The official initialisation (conv biases keep PyTorch's default, as there; the official code
+    also sets the norms to ones and zeros, which is PyTorch's own init of them)."""
     if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+        init_trunc_normal_(m)
     elif isinstance(m, nn.Conv2d):
         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    elif isinstance(m, nn.BatchNorm2d):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # -- configurations ------------------------------------------------------------------------------

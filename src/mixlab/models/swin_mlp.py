@@ -27,12 +27,13 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath, Mlp, PatchEmbed, register_notrace_function, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, register_notrace_function, to_2tuple
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..registry import register_model
+from ._init import init_trunc_normal_
 from ._timm_api import build, check_pool, linear_head, new_pool
 
 __all__ = ["SwinMLP", "SwinMLPBlock", "PatchMerging", "window_partition", "window_reverse"]
@@ -187,13 +188,9 @@ class SwinMLP(nn.Module):
 
     @staticmethod
     def _init_weights(m):
+        # the official init; its LayerNorms' ones and zeros are PyTorch's own
         if isinstance(m, (nn.Linear, nn.Conv1d)):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            init_trunc_normal_(m)
 
     def stage_windows(self) -> List[int]:
         return [stage.blocks[0].window_size if len(stage.blocks) else 1 for stage in self.layers]

@@ -46,13 +46,14 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath, is_exportable, is_scriptable, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, is_exportable, is_scriptable, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
 from ..ops import axial_shift
 from ..registry import register_model
+from ._init import init_trunc_normal_
 from ._timm_api import build, device_dtype
 
 __all__ = ["UNeXt", "ShiftedMLP", "ShiftedBlock", "OverlapPatchEmbed", "DWConv"]
@@ -61,14 +62,10 @@ PAPER = "UNeXt: MLP-based Rapid Medical Image Segmentation Network (Valanarasu &
 
 
 def _init_weights(m: nn.Module) -> None:
-    """The official initialisation of the token stages (the plain convs keep PyTorch's)."""
+    """The official initialisation of the token stages (the plain convs keep PyTorch's; the official
+    code also sets the LayerNorms to ones and zeros, which is PyTorch's own init of them)."""
     if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+        init_trunc_normal_(m)
     elif isinstance(m, nn.Conv2d):
         fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
         nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
