@@ -275,6 +275,12 @@ _RESNET_CIFAR = ("stem replaced after building (timm has no such option): 7x7/2 
                  "max-pool removed; total stride 32 -> 8, last map 4x4 at 32x32")
 _EFFNET_CIFAR = ("strides set to 1 after building: the stem conv and the first block of stage 2 "
                  "(blocks.1.0); total stride 32 -> 8, last map 4x4 at 32x32")
+# the two ViT widths: the same paper, and a CIFAR form from timm's options alone
+_VIT_PAPER = ("An Image is Worth 16x16 Words (Dosovitskiy et al., ICLR 2021); {} width from DeiT (Touvron et al., "
+              "ICML 2021)")
+_VIT_CIFAR = dict(cifar="timm options: img_size=32, patch_size=4 (8x8 = 64 tokens)",
+                  cifar_kwargs=dict(img_size=32, patch_size=4),
+                  cifar_pool_size=None)  # tokens, no map (as timm's ViT)
 
 BASELINES: tuple[Baseline, ...] = (
     Baseline("vgg16_bn", "VGG-16-BN", CNN,
@@ -337,20 +343,10 @@ BASELINES: tuple[Baseline, ...] = (
              "strides set to 1 after building: the 3x3/2 stem conv and the first block of stage 1 (its conv2 and "
              "shortcut; RegNet has no max-pool, that stride plays its role); total stride 32 -> 8, last map 4x4",
              adapt=_adapt_regnet, paper_figures=dict(params=4.3e6, macs=0.4e9, top1=74.1)),
-    Baseline("vit_tiny", "ViT-Tiny/16", VIT,
-             "An Image is Worth 16x16 Words (Dosovitskiy et al., ICLR 2021); Tiny width from DeiT (Touvron et al., "
-             "ICML 2021)",
-             VisionTransformer, vit_tiny_patch16_224, "vit_tiny_patch16_224",
-             "timm options: img_size=32, patch_size=4 (8x8 = 64 tokens)",
-             cifar_kwargs=dict(img_size=32, patch_size=4), cifar_pool_size=None,  # tokens, no map (as timm's ViT)
-             paper_figures=dict(params=5.7e6, top1=72.2)),
-    Baseline("vit_small", "ViT-Small/16", VIT,
-             "An Image is Worth 16x16 Words (Dosovitskiy et al., ICLR 2021); Small width from DeiT (Touvron et al., "
-             "ICML 2021)",
-             VisionTransformer, vit_small_patch16_224, "vit_small_patch16_224",
-             "timm options: img_size=32, patch_size=4 (8x8 = 64 tokens)",
-             cifar_kwargs=dict(img_size=32, patch_size=4), cifar_pool_size=None,  # tokens, no map (as timm's ViT)
-             paper_figures=dict(params=22e6, top1=79.8)),
+    Baseline("vit_tiny", "ViT-Tiny/16", VIT, _VIT_PAPER.format("Tiny"), VisionTransformer, vit_tiny_patch16_224,
+             "vit_tiny_patch16_224", **_VIT_CIFAR, paper_figures=dict(params=5.7e6, top1=72.2)),
+    Baseline("vit_small", "ViT-Small/16", VIT, _VIT_PAPER.format("Small"), VisionTransformer, vit_small_patch16_224,
+             "vit_small_patch16_224", **_VIT_CIFAR, paper_figures=dict(params=22e6, top1=79.8)),
     Baseline("swin_tiny", "Swin-T", VIT,
              "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows (Liu et al., ICCV 2021)",
              SwinTransformer, swin_tiny_patch4_window7_224, "swin_tiny_patch4_window7_224",
