@@ -43,7 +43,7 @@ from timm.models._registry import generate_default_cfgs, get_pretrained_cfg
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..registry import register_model
-from ._timm_api import build, check_pool, device_dtype, new_pool
+from ._timm_api import ClassifierApi, build, check_pool, linear_head
 
 __all__ = ["GoogLeNet", "BASELINES"]
 
@@ -51,7 +51,7 @@ CNN = "baseline-cnn"
 VIT = "baseline-vit"
 
 
-class GoogLeNet(TorchvisionGoogLeNet):
+class GoogLeNet(ClassifierApi, TorchvisionGoogLeNet):
     """torchvision's GoogLeNet (Inception v1) without the auxiliary heads, with timm's interface.
 
     The network and its initialisation are torchvision's (``aux_logits=False,
@@ -60,6 +60,8 @@ class GoogLeNet(TorchvisionGoogLeNet):
     ``num_features``, ``in_chans`` and ``global_pool`` (``"avg"``, or ``""``: no pooling, the
     classifier, if any, classifies every position).
     """
+
+    classifier_name = "fc"
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2,
                  global_pool: str = "avg"):
@@ -101,19 +103,12 @@ class GoogLeNet(TorchvisionGoogLeNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.global_pool = new_pool(self.global_pool, global_pool)
-        self.num_classes = num_classes
-        if num_classes > 0:
-            self.fc = nn.Linear(self.num_features, num_classes, **device_dtype(self)).train(self.training)
-            _googlenet_init(self.fc.weight)
-            nn.init.zeros_(self.fc.bias)
-        else:
-            self.fc = nn.Identity()
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        fc = linear_head(self, self.head_hidden_size, num_classes)
+        if num_classes > 0:  # torchvision's init of GoogLeNet's Linear layers
+            _googlenet_init(fc.weight)
+            nn.init.zeros_(fc.bias)
+        return fc
 
 
 def _googlenet_init(weight: torch.Tensor) -> None:
