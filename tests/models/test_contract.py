@@ -252,6 +252,28 @@ def test_forward_intermediates_end_at_forward_features(name):
     assert len(only) == 1 and torch.equal(only[0], taps[1])
 
 
+@pytest.mark.parametrize("name", [n for n in REAL if model_info(n).family in OFFICIAL_FAMILIES])
+def test_stopping_early_and_pruning_end_the_network_at_the_deepest_stage_kept(name):
+    """timm's convention (its ConvNeXt, ResNet...), which mixlab's families share: with ``stop_early``
+    the first item is the output of the deepest stage taken, without the final norm or (UNeXt) the
+    decoder; a network pruned to a stage ends there and gives the features of the stages left."""
+    model = _real(name).eval()
+    x = _input(name, batch=1)
+
+    def nchw(t):
+        return t.permute(0, 3, 1, 2) if getattr(model, "output_fmt", "NCHW") == "NHWC" else t
+
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        stopped, taken = model.forward_intermediates(x, indices=[1], stop_early=True)
+        assert model.prune_intermediate_layers([1]) == [1]
+        final, left = model.forward_intermediates(x)
+        features = model.forward_features(x)
+    assert torch.equal(nchw(stopped), taps[1]) and torch.equal(taken[0], taps[1])
+    assert torch.equal(final, features) and torch.equal(nchw(final), taps[1])
+    assert len(left) == 2 and torch.equal(left[0], taps[0]) and torch.equal(left[1], taps[1])
+
+
 @pytest.mark.parametrize("name", [n for n in REAL if model_info(n).family in OFFICIAL_FAMILIES
                                   and not model_info(n).cifar])
 def test_official_checkpoint_round_trip(name, tmp_path):

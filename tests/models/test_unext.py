@@ -205,7 +205,9 @@ def test_pruning_to_a_shallower_feature_ends_the_network_there():
         assert model.prune_intermediate_layers([1, 2]) == [1, 2]
         assert torch.equal(model.forward_features(x), taps[2])
         final, picked = model.forward_intermediates(x, indices=[1, 2])
+        left = model.forward_intermediates(x, intermediates_only=True)  # the features of the stages left
     assert torch.equal(final, taps[2]) and torch.equal(picked[0], taps[1])
+    assert len(left) == 3 and all(torch.equal(a, b) for a, b in zip(left, taps))
     assert model.num_classes == 0 and model.num_features == 32
     assert not any(n.startswith(("patch_embed3", "decoder", "dblock")) for n, _ in model.named_parameters())
 

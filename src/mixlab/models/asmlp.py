@@ -27,16 +27,17 @@ from functools import partial
 
 import torch
 from torch import nn
-from typing import Optional
+from typing import List
 
-from timm.layers import DropPath, GroupNorm1, Mlp, PatchEmbed, register_notrace_function, to_2tuple, trunc_normal_
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath, GroupNorm1, Mlp, register_notrace_function, to_2tuple
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..ops.axial_shift import PADDING_MODES, axial_shift
 from ..registry import register_model
-from ._timm_api import build, check_pool, linear_head, new_pool
+from ._init import init_trunc_normal_
+from ._swin_layout import MergingStage, SwinLayoutNet
+from ._timm_api import build
 
 __all__ = ["ASMLP", "AxialShift", "AxialShiftedBlock", "PatchMerging"]
 
@@ -110,24 +111,19 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-class ASMLPStage(nn.Module):
+class ASMLPStage(MergingStage):
     """Blocks, then (stages 1-3) patch merging: the official ``BasicLayer`` and its key names."""
 
     def __init__(self, dim: int, depth: int, downsample: bool, drop_path, **block_kwargs):
-        super().__init__()
-        # a Sequential (same state_dict keys as the official ModuleList) so the stage output
-        # before merging can be hooked as a feature map
-        self.blocks = nn.Sequential(*[
-            AxialShiftedBlock(dim, drop_path=drop_path[i], **block_kwargs) for i in range(depth)])
-        self.downsample = PatchMerging(dim) if downsample else None
-
-    def forward(self, x):
-        x = self.blocks(x)
-        return self.downsample(x) if self.downsample is not None else x
+        super().__init__([AxialShiftedBlock(dim, drop_path=drop_path[i], **block_kwargs) for i in range(depth)],
+                         PatchMerging(dim) if downsample else None)
 
 
-class ASMLP(nn.Module):
+class ASMLP(SwinLayoutNet):
     """AS-MLP.
+
+    Features (``forward_intermediates``, ``features_only``): each stage's output before patch
+    merging; ``norm=True`` applies the final norm to the last.
 
     Args:
         img_size: the size the model is built for; any height and width that are multiples of
@@ -147,40 +143,23 @@ class ASMLP(nn.Module):
                  padding: str = "zero", connection: str = "parallel", mlp_ratio: float = 4.0,
                  as_bias: bool = True, drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  patch_norm: bool = True, global_pool: str = "avg"):
-        super().__init__()
         if padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {', '.join(PADDING_MODES)}, got {padding!r}")
         if connection not in CONNECTIONS:
             raise ValueError(f"connection must be one of {', '.join(CONNECTIONS)}, got {connection!r}")
         if int(shift_size) != shift_size or shift_size < 1 or int(dilation) != dilation or dilation < 1:
             raise ValueError(f"shift_size and dilation must be positive integers, got {shift_size!r}, {dilation!r}")
-        check_pool(global_pool)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.patch_size = patch_size
-        self.num_layers = len(depths)
-        self.embed_dim = embed_dim
-        self.shift_size, self.dilation, self.padding = int(shift_size), int(dilation), padding
-        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_layers - 1))
-        self.global_pool = global_pool
-        self.img_size = to_2tuple(img_size)
-        self.check_input_size(*self.img_size)
+        shift_size, dilation = int(shift_size), int(dilation)
+        _check_size(*to_2tuple(img_size), patch_size, len(depths), shift_size, dilation, padding)
+        block_kwargs = dict(shift_size=shift_size, dilation=dilation, padding=padding, connection=connection,
+                            mlp_ratio=mlp_ratio, as_bias=as_bias, drop=drop_rate)
 
-        self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                                      norm_layer=GroupNorm1 if patch_norm else None, output_fmt="NCHW")
-        self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # works under a meta device too
-        block_kwargs = dict(shift_size=self.shift_size, dilation=self.dilation, padding=padding,
-                            connection=connection, mlp_ratio=mlp_ratio, as_bias=as_bias, drop=drop_rate)
-        self.layers = nn.ModuleList()
-        self.feature_info = []
-        for i, depth in enumerate(depths):
-            dim = embed_dim * 2 ** i
-            self.layers.append(ASMLPStage(dim, depth, i < self.num_layers - 1,
-                                          dpr[sum(depths[:i]):sum(depths[:i + 1])], **block_kwargs))
-            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}.blocks"))
-        self.norm = GroupNorm1(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        def stage(i: int, dim: int, drop_path: List[float], downsample: bool) -> ASMLPStage:
+            return ASMLPStage(dim, len(drop_path), downsample, drop_path, **block_kwargs)
+
+        super().__init__(stage, img_size, patch_size, in_chans, num_classes, embed_dim, depths, drop_rate,
+                         drop_path_rate, GroupNorm1, patch_norm, global_pool, output_fmt="NCHW")
+        self.shift_size, self.dilation, self.padding = shift_size, dilation, padding
         self.apply(self._init_weights)
 
     @staticmethod
@@ -188,9 +167,7 @@ class ASMLP(nn.Module):
         # the official init touches Linear and LayerNorm only: its 1x1 convolutions keep
         # PyTorch's default init, and so do mixlab's
         if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            init_trunc_normal_(m)
 
     def check_input_size(self, h: int, w: int) -> None:
         """Raise ValueError unless (h, w) is a size this model can take."""
@@ -198,50 +175,6 @@ class ASMLP(nn.Module):
 
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
         return checked_input(x, self.patch_size, self.num_layers, self.shift_size, self.dilation, self.padding)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.global_pool = new_pool(self.global_pool, global_pool)
-        self.num_classes = num_classes
-        self.head = linear_head(self, self.num_features, num_classes)
-
-    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage outputs before patch merging (timm's feature API); ``norm`` normalises the last."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"AS-MLP features are NCHW, got output_fmt={output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        x = self.pos_drop(self.patch_embed(self._checked(x)))
-        intermediates = []
-        stages = self.layers[:max_index + 1] if stop_early else self.layers
-        for i, stage in enumerate(stages):
-            x = stage.blocks(x)
-            if i in take:
-                intermediates.append(self.norm(x) if norm and i == self.num_layers - 1 else x)
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        self.layers[-1].downsample = None
-        if prune_norm or max_index < self.num_layers - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
-
-    def forward_features(self, x):
-        x = self.pos_drop(self.patch_embed(self._checked(x)))
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
 
     def forward_head(self, x, pre_logits: bool = False):
         if self.global_pool == "avg":

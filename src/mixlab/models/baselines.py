@@ -43,7 +43,7 @@ from timm.models._registry import generate_default_cfgs, get_pretrained_cfg
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..registry import register_model
-from ._timm_api import build, check_pool, device_dtype, new_pool
+from ._timm_api import ClassifierApi, build, check_pool, linear_head
 
 __all__ = ["GoogLeNet", "BASELINES"]
 
@@ -51,7 +51,7 @@ CNN = "baseline-cnn"
 VIT = "baseline-vit"
 
 
-class GoogLeNet(TorchvisionGoogLeNet):
+class GoogLeNet(ClassifierApi, TorchvisionGoogLeNet):
     """torchvision's GoogLeNet (Inception v1) without the auxiliary heads, with timm's interface.
 
     The network and its initialisation are torchvision's (``aux_logits=False,
@@ -60,6 +60,8 @@ class GoogLeNet(TorchvisionGoogLeNet):
     ``num_features``, ``in_chans`` and ``global_pool`` (``"avg"``, or ``""``: no pooling, the
     classifier, if any, classifies every position).
     """
+
+    classifier_name = "fc"
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2,
                  global_pool: str = "avg"):
@@ -101,19 +103,12 @@ class GoogLeNet(TorchvisionGoogLeNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.global_pool = new_pool(self.global_pool, global_pool)
-        self.num_classes = num_classes
-        if num_classes > 0:
-            self.fc = nn.Linear(self.num_features, num_classes, **device_dtype(self)).train(self.training)
-            _googlenet_init(self.fc.weight)
-            nn.init.zeros_(self.fc.bias)
-        else:
-            self.fc = nn.Identity()
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        fc = linear_head(self, self.head_hidden_size, num_classes)
+        if num_classes > 0:  # torchvision's init of GoogLeNet's Linear layers
+            _googlenet_init(fc.weight)
+            nn.init.zeros_(fc.bias)
+        return fc
 
 
 def _googlenet_init(weight: torch.Tensor) -> None:
@@ -275,6 +270,12 @@ _RESNET_CIFAR = ("stem replaced after building (timm has no such option): 7x7/2 
                  "max-pool removed; total stride 32 -> 8, last map 4x4 at 32x32")
 _EFFNET_CIFAR = ("strides set to 1 after building: the stem conv and the first block of stage 2 "
                  "(blocks.1.0); total stride 32 -> 8, last map 4x4 at 32x32")
+# the two ViT widths: the same paper, and a CIFAR form from timm's options alone
+_VIT_PAPER = ("An Image is Worth 16x16 Words (Dosovitskiy et al., ICLR 2021); {} width from DeiT (Touvron et al., "
+              "ICML 2021)")
+_VIT_CIFAR = dict(cifar="timm options: img_size=32, patch_size=4 (8x8 = 64 tokens)",
+                  cifar_kwargs=dict(img_size=32, patch_size=4),
+                  cifar_pool_size=None)  # tokens, no map (as timm's ViT)
 
 BASELINES: tuple[Baseline, ...] = (
     Baseline("vgg16_bn", "VGG-16-BN", CNN,
@@ -337,20 +338,10 @@ BASELINES: tuple[Baseline, ...] = (
              "strides set to 1 after building: the 3x3/2 stem conv and the first block of stage 1 (its conv2 and "
              "shortcut; RegNet has no max-pool, that stride plays its role); total stride 32 -> 8, last map 4x4",
              adapt=_adapt_regnet, paper_figures=dict(params=4.3e6, macs=0.4e9, top1=74.1)),
-    Baseline("vit_tiny", "ViT-Tiny/16", VIT,
-             "An Image is Worth 16x16 Words (Dosovitskiy et al., ICLR 2021); Tiny width from DeiT (Touvron et al., "
-             "ICML 2021)",
-             VisionTransformer, vit_tiny_patch16_224, "vit_tiny_patch16_224",
-             "timm options: img_size=32, patch_size=4 (8x8 = 64 tokens)",
-             cifar_kwargs=dict(img_size=32, patch_size=4), cifar_pool_size=None,  # tokens, no map (as timm's ViT)
-             paper_figures=dict(params=5.7e6, top1=72.2)),
-    Baseline("vit_small", "ViT-Small/16", VIT,
-             "An Image is Worth 16x16 Words (Dosovitskiy et al., ICLR 2021); Small width from DeiT (Touvron et al., "
-             "ICML 2021)",
-             VisionTransformer, vit_small_patch16_224, "vit_small_patch16_224",
-             "timm options: img_size=32, patch_size=4 (8x8 = 64 tokens)",
-             cifar_kwargs=dict(img_size=32, patch_size=4), cifar_pool_size=None,  # tokens, no map (as timm's ViT)
-             paper_figures=dict(params=22e6, top1=79.8)),
+    Baseline("vit_tiny", "ViT-Tiny/16", VIT, _VIT_PAPER.format("Tiny"), VisionTransformer, vit_tiny_patch16_224,
+             "vit_tiny_patch16_224", **_VIT_CIFAR, paper_figures=dict(params=5.7e6, top1=72.2)),
+    Baseline("vit_small", "ViT-Small/16", VIT, _VIT_PAPER.format("Small"), VisionTransformer, vit_small_patch16_224,
+             "vit_small_patch16_224", **_VIT_CIFAR, paper_figures=dict(params=22e6, top1=79.8)),
     Baseline("swin_tiny", "Swin-T", VIT,
              "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows (Liu et al., ICCV 2021)",
              SwinTransformer, swin_tiny_patch4_window7_224, "swin_tiny_patch4_window7_224",

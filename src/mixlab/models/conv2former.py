@@ -38,17 +38,18 @@ so multiples of 8.
 """
 # (no `from __future__ import annotations`: FX copies string annotations into traced code, TorchScript rejects them)
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from timm.layers import DropPath, LayerNorm2d, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..registry import register_model
-from ._timm_api import build, check_pool, linear_head, new_pool
+from ._init import init_trunc_normal_
+from ._timm_api import ClassifierApi, IntermediatesApi, build, check_pool
 
 __all__ = ["Conv2Former", "ConvModulation", "ConvMlp", "Conv2FormerBlock"]
 
@@ -120,8 +121,12 @@ class Conv2FormerBlock(nn.Module):
         return x if gamma is None else gamma[:, None, None] * x
 
 
-class Conv2Former(nn.Module):
+class Conv2Former(ClassifierApi, IntermediatesApi, nn.Module):
     """Conv2Former classifier (NCHW in, logits out).
+
+    Features (``forward_intermediates``, ``features_only``): the output of each stage. ``norm`` is
+    accepted for timm's API and ignored: the network has no final norm apart from its head, which
+    includes a projection.
 
     Args:
         kernel_size: depthwise kernel of the convolutional modulation.
@@ -140,6 +145,8 @@ class Conv2Former(nn.Module):
         head_hidden_size: channels of the head's 1x1 conv + GELU + LayerNorm before pooling
             (official 1280); ``None``: the head is only a LayerNorm (the seed's).
     """
+
+    classifier_name = "pred"  # the official name; ``head`` is the part before it
 
     def __init__(
         self,
@@ -228,16 +235,6 @@ class Conv2Former(nn.Module):
     def check_input_size(self, height: int, width: int) -> None:
         _check_size(height, width, self.size_multiple)
 
-    # -- classifier --------------------------------------------------------------------------
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.pred
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.global_pool = new_pool(self.global_pool, global_pool)
-        self.num_classes = num_classes
-        self.pred = linear_head(self, self.head_hidden_size, num_classes)
-
     # -- forward -----------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the last stage, before the head: (N, dims[-1], H/32, W/32) for the ImageNet stem."""
@@ -257,34 +254,17 @@ class Conv2Former(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's intermediate-feature API: the output of each stage in ``indices``.
+    # -- features (forward_intermediates: _timm_api.IntermediatesApi) ----------------------------
+    def _stage_count(self) -> int:
+        return len(self.stages)
 
-        ``norm`` is accepted for the API and ignored: the network has no final norm apart from
-        its head, which includes a projection.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"Conv2Former returns NCHW features only, got output_fmt={output_fmt!r}")
+    def _stage_outputs(self, x: torch.Tensor, last: int) -> List[torch.Tensor]:
         x = checked_input(x, self.size_multiple)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        for i, (downsample, stage) in enumerate(zip(self.downsample_layers, self.stages)):
+        outputs = []
+        for downsample, stage in zip(self.downsample_layers[:last + 1], self.stages[:last + 1]):
             x = stage(downsample(x))
-            if i in take_indices:
-                intermediates.append(x)
-            if stop_early and i >= max_index:
-                break
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+            outputs.append(x)
+        return outputs
 
     def prune_intermediate_layers(
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
@@ -318,14 +298,10 @@ def checked_input(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def _init_weights(m: nn.Module) -> None:
-    """The official initialisation: truncated normal (std 0.02) convs and linears, zero biases."""
+    """The official initialisation: truncated normal (std 0.02) convs and linears, zero biases (the
+    official code also sets the norms to ones and zeros, which is PyTorch's own init of them)."""
     if isinstance(m, (nn.Conv2d, nn.Linear)):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+        init_trunc_normal_(m)
 
 
 # -- configurations ------------------------------------------------------------------------------

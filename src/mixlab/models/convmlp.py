@@ -33,16 +33,17 @@ conv output, and the outputs *after* the downsamples of stages 1 and 3).
 """
 # (no `from __future__ import annotations`: FX copies string annotations into traced code, TorchScript rejects them)
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..registry import register_model
-from ._timm_api import build, check_pool, linear_head, new_pool
+from ._init import init_trunc_normal_
+from ._timm_api import ClassifierApi, IntermediatesApi, build, check_pool
 
 __all__ = ["ConvMLP", "ConvTokenizer", "ConvStage", "ConvMLPBlock", "ConvMLPStage"]
 
@@ -167,8 +168,12 @@ class ConvMLPStage(nn.Module):
         return self.downsample_mlp(self.blocks(x))
 
 
-class ConvMLP(nn.Module):
+class ConvMLP(ClassifierApi, IntermediatesApi, nn.Module):
     """ConvMLP classifier (NCHW in, logits out).
+
+    Features (``forward_intermediates``, ``features_only``): the convolutional stage's blocks and
+    each Conv-MLP stage's blocks, before its downsample; ``norm=True`` applies the head's
+    LayerNorm to the last.
 
     Args:
         blocks: Conv-MLP blocks per stage.
@@ -228,16 +233,6 @@ class ConvMLP(nn.Module):
         """ConvMLP takes any positive size (its stride-2 layers are padded 3x3 windows)."""
         _check_size(height, width)
 
-    # -- classifier --------------------------------------------------------------------------
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.global_pool = new_pool(self.global_pool, global_pool)
-        self.num_classes = num_classes
-        self.head = linear_head(self, self.head_hidden_size, num_classes)
-
     # -- forward -----------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stage outputs before the head: (N, dims[-1], ceil(H/32), ceil(W/32))."""
@@ -259,40 +254,22 @@ class ConvMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's intermediate-feature API; feature ``i`` is ``feature_info[i]``.
+    # -- features (forward_intermediates: _timm_api.IntermediatesApi) ----------------------------
+    def _stage_count(self) -> int:
+        return 1 + len(self.stages)
 
-        ``norm=True`` applies the head's LayerNorm to the last feature (if taken).
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"ConvMLP returns NCHW features only, got output_fmt={output_fmt!r}")
-        x = checked_input(x)
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        last = len(self.feature_info) - 1
-        intermediates = []
-        x = self.conv_stages.conv_blocks(self.tokenizer(x))
-        if 0 in take_indices:
-            intermediates.append(x)
-        if not (stop_early and max_index == 0):
-            x = self.conv_stages.downsample(x)
-            for i, stage in enumerate(self.stages, start=1):
-                x = stage.blocks(x)
-                if i in take_indices:
-                    intermediates.append(self._norm_nchw(x) if norm and i == last else x)
-                if stop_early and i >= max_index:
-                    break
-                x = stage.downsample_mlp(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+    def _stage_outputs(self, x: torch.Tensor, last: int) -> List[torch.Tensor]:
+        """The convolutional stage's blocks, then each Conv-MLP stage's blocks (before its downsample)."""
+        outputs = [self.conv_stages.conv_blocks(self.tokenizer(checked_input(x)))]
+        downsample = self.conv_stages.downsample
+        for stage in self.stages[:last]:
+            outputs.append(stage.blocks(downsample(outputs[-1])))
+            downsample = stage.downsample_mlp
+        return outputs
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's LayerNorm, on an NCHW map."""
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def prune_intermediate_layers(
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
@@ -313,9 +290,6 @@ class ConvMLP(nn.Module):
             self.reset_classifier(0)
         return take_indices
 
-    def _norm_nchw(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
 
 def _check_size(height: int, width: int) -> None:
     if height < 1 or width < 1:
@@ -331,19 +305,12 @@ def checked_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def _init_weights(m: nn.Module) -> None:
-    """The official initialisation (conv biases keep PyTorch's default, as there)."""
+    """The official initialisation (conv biases keep PyTorch's default, as there; the official code
+    also sets the norms to ones and zeros, which is PyTorch's own init of them)."""
     if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+        init_trunc_normal_(m)
     elif isinstance(m, nn.Conv2d):
         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    elif isinstance(m, nn.BatchNorm2d):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # -- configurations ------------------------------------------------------------------------------

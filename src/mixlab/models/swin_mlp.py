@@ -22,18 +22,19 @@ says which sizes that allows.
 
 import math
 from functools import partial
-from typing import List, Optional
+from typing import List, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath, Mlp, PatchEmbed, register_notrace_function, to_2tuple, trunc_normal_
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath, Mlp, register_notrace_function, to_2tuple
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import CIFAR_MEAN, CIFAR_STD
 from ..registry import register_model
-from ._timm_api import build, check_pool, linear_head, new_pool
+from ._init import init_trunc_normal_
+from ._swin_layout import MergingStage, SwinLayoutNet
+from ._timm_api import build
 
 __all__ = ["SwinMLP", "SwinMLPBlock", "PatchMerging", "window_partition", "window_reverse"]
 
@@ -114,26 +115,23 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-class SwinMLPStage(nn.Module):
+class SwinMLPStage(MergingStage):
     """Blocks (window, then shifted window, ...), then patch merging for stages 1-3 (official ``BasicLayer``)."""
 
     def __init__(self, dim, input_resolution, depth, num_heads, window_size, mlp_ratio, drop, drop_path, downsample):
-        super().__init__()
-        # Sequential keeps the official ModuleList keys and can be hooked for the pre-merging feature map
-        self.blocks = nn.Sequential(*[
+        super().__init__([
             SwinMLPBlock(dim, input_resolution, num_heads, window_size,
                          shift_size=0 if i % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio, drop=drop,
                          drop_path=drop_path[i])
-            for i in range(depth)])
-        self.downsample = PatchMerging(dim) if downsample else None
-
-    def forward(self, x):
-        x = self.blocks(x)
-        return self.downsample(x) if self.downsample is not None else x
+            for i in range(depth)], PatchMerging(dim) if downsample else None)
 
 
-class SwinMLP(nn.Module):
+class SwinMLP(SwinLayoutNet):
     """Swin-MLP.
+
+    ``forward_features`` gives the normalised (B, H/32, W/32, C') map, NHWC as timm's Swin. Features
+    (``forward_intermediates``, ``features_only``): each stage's output before patch merging, NCHW
+    (or NHWC with ``output_fmt="NHWC"``); ``norm=True`` applies the final norm to the last.
 
     Args:
         img_size: the size the model is built for; it fixes each stage's window (and so the
@@ -144,56 +142,37 @@ class SwinMLP(nn.Module):
         global_pool: ``avg`` or ``''``.
     """
 
+    feature_fmts = ("NCHW", "NHWC")
+
     def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
                  mlp_ratio: float = 4.0, drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  patch_norm: bool = True, global_pool: str = "avg"):
-        super().__init__()
         if len(num_heads) != len(depths):
             raise ValueError(f"num_heads ({len(num_heads)} values) needs one value per stage ({len(depths)})")
-        check_pool(global_pool)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.patch_size = patch_size
-        self.num_layers = len(depths)
-        self.embed_dim = embed_dim
-        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_layers - 1))
-        self.global_pool = global_pool
-        self.output_fmt = "NHWC"
-        self.img_size = to_2tuple(img_size)
-        h, w = self.img_size
-        if h % (patch_size * 2 ** (self.num_layers - 1)) or w % (patch_size * 2 ** (self.num_layers - 1)):
-            raise ValueError(f"Swin-MLP with patch {patch_size} and {self.num_layers} stages is built for sizes that "
-                             f"are multiples of {patch_size * 2 ** (self.num_layers - 1)}, got img_size {h}x{w}")
+        h, w = to_2tuple(img_size)
+        multiple = patch_size * 2 ** (len(depths) - 1)
+        if h % multiple or w % multiple:
+            raise ValueError(f"Swin-MLP with patch {patch_size} and {len(depths)} stages is built for sizes that "
+                             f"are multiples of {multiple}, got img_size {h}x{w}")
         grid = (h // patch_size, w // patch_size)
 
-        self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                                      norm_layer=nn.LayerNorm if patch_norm else None, output_fmt="NHWC")
-        self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # works under a meta device too
-        self.layers = nn.ModuleList()
-        self.feature_info = []
-        for i, depth in enumerate(depths):
-            dim = embed_dim * 2 ** i
+        def stage(i: int, dim: int, drop_path: List[float], downsample: bool) -> SwinMLPStage:
             res = (grid[0] // 2 ** i, grid[1] // 2 ** i)
-            self.layers.append(SwinMLPStage(dim, res, depth, num_heads[i], window_size, mlp_ratio, drop_rate,
-                                            dpr[sum(depths[:i]):sum(depths[:i + 1])], i < self.num_layers - 1))
-            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}.blocks"))
-        self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            return SwinMLPStage(dim, res, len(drop_path), num_heads[i], window_size, mlp_ratio, drop_rate, drop_path,
+                                downsample)
+
+        super().__init__(stage, img_size, patch_size, in_chans, num_classes, embed_dim, depths, drop_rate,
+                         drop_path_rate, nn.LayerNorm, patch_norm, global_pool, output_fmt="NHWC")
         self._set_size_rule()
         self.check_input_size(h, w)
         self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m):
+        # the official init; its LayerNorms' ones and zeros are PyTorch's own
         if isinstance(m, (nn.Linear, nn.Conv1d)):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            init_trunc_normal_(m)
 
     def stage_windows(self) -> List[int]:
         return [stage.blocks[0].window_size if len(stage.blocks) else 1 for stage in self.layers]
@@ -215,52 +194,14 @@ class SwinMLP(nn.Module):
         """Raise ValueError unless (h, w) is a size this model can take."""
         _check_size(h, w, self.size_multiple, self.size_rule)
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        return checked_input(x, self.size_multiple, self.size_rule)
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.global_pool = new_pool(self.global_pool, global_pool)
-        self.num_classes = num_classes
-        self.head = linear_head(self, self.num_features, num_classes)
-
-    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage outputs before patch merging, NCHW (timm's feature API); ``norm`` normalises the last."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        x = self.pos_drop(self.patch_embed(checked_input(x, self.size_multiple, self.size_rule)))
-        intermediates = []
-        stages = self.layers[:max_index + 1] if stop_early else self.layers
-        for i, stage in enumerate(stages):
-            x = stage.blocks(x)
-            if i in take:
-                y = self.norm(x) if norm and i == self.num_layers - 1 else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        self.layers[-1].downsample = None
-        self._set_size_rule()
-        if prune_norm or max_index < self.num_layers - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
-
-    def forward_features(self, x):
-        """(B, C, H, W) image -> (B, H/32, W/32, C') normalised map (NHWC, as timm's Swin)."""
-        x = self.pos_drop(self.patch_embed(checked_input(x, self.size_multiple, self.size_rule)))
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        self._set_size_rule()  # the windows of the stages left
+        return take_indices
 
     def forward_head(self, x, pre_logits: bool = False):
         if self.global_pool == "avg":

@@ -46,14 +46,15 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath, is_exportable, is_scriptable, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, is_exportable, is_scriptable, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
 from ..ops import axial_shift
 from ..registry import register_model
-from ._timm_api import build, device_dtype
+from ._init import init_trunc_normal_
+from ._timm_api import ClassifierApi, IntermediatesApi, build, device_dtype
 
 __all__ = ["UNeXt", "ShiftedMLP", "ShiftedBlock", "OverlapPatchEmbed", "DWConv"]
 
@@ -61,14 +62,10 @@ PAPER = "UNeXt: MLP-based Rapid Medical Image Segmentation Network (Valanarasu &
 
 
 def _init_weights(m: nn.Module) -> None:
-    """The official initialisation of the token stages (the plain convs keep PyTorch's)."""
+    """The official initialisation of the token stages (the plain convs keep PyTorch's; the official
+    code also sets the LayerNorms to ones and zeros, which is PyTorch's own init of them)."""
     if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+        init_trunc_normal_(m)
     elif isinstance(m, nn.Conv2d):
         fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
         nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
@@ -191,8 +188,13 @@ class ShiftedBlocks(nn.ModuleList):
         return x
 
 
-class UNeXt(nn.Module):
+class UNeXt(ClassifierApi, IntermediatesApi, nn.Module):
     """UNeXt: convolutional encoder, shifted-MLP bottleneck, convolutional decoder with skips.
+
+    Features (``forward_intermediates``, ``features_only``): the five encoder outputs
+    ``feature_info[i]``. ``forward_intermediates`` returns ``(forward_features output, features)``,
+    as timm's models do; with ``stop_early`` short of the last encoder stage, the deepest encoder
+    output stands in for the decoder output (the decoder is skipped); ``norm`` has no effect.
 
     Args:
         num_classes: output channels (independent sigmoid logits; 1 for binary masks).
@@ -204,6 +206,8 @@ class UNeXt(nn.Module):
         drop_path_rate: stochastic depth; as the official code, the 16x16 blocks (``block1``,
             ``dblock1``) get 0 and the others ``drop_path_rate / 2``.
     """
+
+    classifier_name = "final"  # the official name of the 1x1 output conv
 
     def __init__(self, num_classes: int = 1, in_chans: int = 3, dims: Sequence[int] = (16, 32, 128, 160, 256),
                  shift_size: int = 5, mlp_ratio: float = 1.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
@@ -259,10 +263,6 @@ class UNeXt(nn.Module):
         _check_size(height, width)
 
     # -- head --------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.final
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the 1x1 output conv (``global_pool`` does not apply to a dense head)."""
         self.num_classes = num_classes
@@ -341,36 +341,15 @@ class UNeXt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's intermediate-feature API: the encoder outputs ``feature_info[i]``.
+    # -- features (forward_intermediates: _timm_api.IntermediatesApi) ----------------------------
+    def _stage_count(self) -> int:
+        return self.encoder_only + 1 if self.encoder_only >= 0 else len(self.feature_info)
 
-        Returns ``(forward_features output, features)``, as timm's models do; with ``stop_early``
-        the deepest feature taken stands in for the decoder output (the decoder is skipped);
-        ``norm`` has no effect.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"UNeXt returns NCHW features only, got output_fmt={output_fmt!r}")
-        x = checked_input(x)
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        if intermediates_only or stop_early:
-            upto = max_index
-        else:  # the whole network (after pruning: what is left of the encoder)
-            upto = self.encoder_only if self.encoder_only >= 0 else len(self.feature_info) - 1
-        feats = self._encode(_channels_last(x), upto)
-        picked = [feats[i] for i in take_indices]
-        if intermediates_only:
-            return picked
-        if stop_early or self.encoder_only >= 0:
-            return feats[-1], picked
-        return self._decode(feats), picked
+    def _stage_outputs(self, x: torch.Tensor, last: int) -> List[torch.Tensor]:
+        return self._encode(_channels_last(checked_input(x)), last)
+
+    def _features_end(self, outputs: List[torch.Tensor]) -> torch.Tensor:
+        return outputs[-1] if self.encoder_only >= 0 else self._decode(outputs)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
