@@ -85,6 +85,14 @@ def test_train_eval_predict(mask_folder, tmp_path):
     assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
     assert len(list((pred / "overlays").glob("*.png"))) == 8
     assert len(list((pred / "masks").glob("*.png"))) == len(results)  # threshold 0: every detection
+
+    # --union-score: every detection joins the union at 0, none at 1 (no score reaches 1 here)
+    low = json.loads(det("eval", "--checkpoint", str(run), "--union-score", "0", "--json"))
+    high = json.loads(det("eval", "--checkpoint", str(run), "--union-score", "1", "--json"))
+    assert (low["union_score"], high["union_score"]) == (0.0, 1.0)
+    assert low["segm_AP"] == high["segm_AP"] == r["segm_AP"]  # COCO AP does not depend on it
+    assert max(d["score"] for d in results) < 1.0 and low["n_detections"] > 0
+    assert low["union_recall"] > 0 and high["union_recall"] == pytest.approx(0, abs=1e-5)  # (the formulas add 1e-5)
     full = json.loads(det("eval", "--checkpoint", str(run), "--data", str(mask_folder), "--json"))
     assert full["n_images"] == 8 and full["n_detections"] == len(results)
     for iou_type in ("bbox", "segm"):
@@ -129,6 +137,8 @@ def test_det_errors_are_one_line(mask_folder, tmp_path, capsys):
     assert "detector.norm must be gn or none" in capsys.readouterr().err
     assert main(["train", "--recipe", "maskrcnn-busi", "--model", "resnet18_imagenet"]) == 2
     assert "run it with `mixlab det train`" in capsys.readouterr().err
+    assert main(["det", "eval", "--checkpoint", str(tmp_path / "r"), "--union-score", "2"]) == 2
+    assert "--union-score must be a score between 0 and 1, got 2.0" in capsys.readouterr().err
     empty = tmp_path / "empty_only"
     (empty / "images").mkdir(parents=True)
     (empty / "masks" / "0").mkdir(parents=True)

@@ -27,6 +27,9 @@ def configure(p):
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's eval batch size)")
     e.add_argument("--plot", metavar="PNG", help="write the precision-recall curves (IoU 0.5 and 0.75) there")
+    e.add_argument("--union-score", type=float, metavar="S",
+                   help="instances scoring at least S form the union scored as a semantic mask "
+                        "(default: the run's eval.union_score, 0.5)")
     e.add_argument("--json", action="store_true", help="print every figure as JSON")
 
     r = sub.add_parser("predict", help="detect instances; write predictions.json, mask PNGs and overlays")
@@ -62,7 +65,8 @@ def _f(x) -> str:
 def _eval(args) -> int:
     from ..det.run import evaluate_det_run
 
-    r = evaluate_det_run(args.checkpoint, args.data, args.weights, args.device, args.batch_size, args.plot)
+    r = evaluate_det_run(args.checkpoint, args.data, args.weights, args.device, args.batch_size, args.plot,
+                         union_score=args.union_score)
     if print_json(r, args.json):
         return 0
     print(f"Mask R-CNN on {r['backbone']} ({r['weights']} weights), {r['split']}:")

@@ -64,13 +64,18 @@ def _check_classes(cfg: dict, ds, what: str) -> None:
 
 
 def evaluate_det_run(run_dir, data=None, weights: str = "best", device: str = "auto", batch_size: int | None = None,
-                     plot: str | None = None) -> dict:
+                     plot: str | None = None, union_score: float | None = None) -> dict:
     """COCOeval (bbox, segm) and union IoU / Dice of a run on its validation split, or on every
-    image of ``data``; ``plot``: write the precision-recall curves there."""
+    image of ``data``; ``plot``: write the precision-recall curves there; ``union_score``: the
+    score an instance needs to join the union (default: the run's ``eval.union_score``)."""
     from ..tasks.detection import evaluate_detector, load_det_data
     from .metrics import plot_pr_curves
 
+    if union_score is not None and not 0.0 <= union_score <= 1.0:
+        raise UsageError(f"--union-score must be a score between 0 and 1, got {union_score}")
     model, cfg = load_det_run(run_dir, weights)
+    if union_score is not None:
+        cfg["eval"]["union_score"] = float(union_score)
     if data:
         part = _read_data(cfg, data)
         split = f"all {len(part)} images of {data}"
