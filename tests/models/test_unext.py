@@ -178,6 +178,11 @@ def test_in_chans_num_classes_and_head():
         assert model(torch.randn(2, 1, 32, 64)).shape == (2, 3, 32, 64)
     model.reset_classifier(2)
     assert model.get_classifier().out_channels == 2
+    model.reset_classifier(4, "")  # timm's values for the pool are taken (a dense head has none)
+    assert model.get_classifier().out_channels == 4
+    with pytest.raises(ValueError, match="global_pool must be 'avg'.*got 'max'"):
+        model.reset_classifier(3, "max")
+    assert model.get_classifier().out_channels == 4  # a refused call changes nothing
     with torch.no_grad():
         assert model.forward_features(torch.randn(1, 1, 32, 32)).shape == (1, 8, 32, 32)
 

@@ -54,7 +54,7 @@ from ..data.constants import IMAGENET_MEAN, IMAGENET_STD
 from ..ops import axial_shift
 from ..registry import register_model
 from ._init import init_trunc_normal_
-from ._timm_api import ClassifierApi, IntermediatesApi, build, device_dtype
+from ._timm_api import ClassifierApi, IntermediatesApi, build, check_pool, device_dtype
 
 __all__ = ["UNeXt", "ShiftedMLP", "ShiftedBlock", "OverlapPatchEmbed", "DWConv"]
 
@@ -264,7 +264,10 @@ class UNeXt(ClassifierApi, IntermediatesApi, nn.Module):
 
     # -- head --------------------------------------------------------------------------------
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the 1x1 output conv (``global_pool`` does not apply to a dense head)."""
+        """Replace the 1x1 output conv. ``global_pool`` does not apply to a dense head: timm's values
+        ('avg', '') are taken and change nothing, anything else is refused as on the other families."""
+        if global_pool is not None:
+            check_pool(global_pool)
         self.num_classes = num_classes
         if num_classes > 0:
             final = nn.Conv2d(self.num_features, num_classes, kernel_size=1, **device_dtype(self))
