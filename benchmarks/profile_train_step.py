@@ -4,9 +4,10 @@ operators by self time, eager and (``--compile``) under torch.compile.
     python benchmarks/profile_train_step.py --model convmixer_256_8 --batch-size 128 --img-size 32 \
         --precision bf16 [--compile] [--out FILE.txt]
 
-The model gets the settings `mixlab train` would use on the CPU (channels_last, mixlab's fast
-depthwise convolution) unless told otherwise; the step is mixlab's own (`mixlab.train.step.TrainStep`,
-AdamW, cross-entropy). Run it alone on the machine.
+The step is the one `mixlab bench --mode train` times (`mixlab.analysis.bench.StepRunner`: mixlab's
+TrainStep with the model's task loss, seeded random inputs), with the settings `mixlab train` would
+use on the CPU (channels_last, mixlab's fast depthwise convolution) unless told otherwise. Run it
+alone on the machine.
 """
 from __future__ import annotations
 
@@ -14,26 +15,24 @@ import argparse
 import datetime
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import mixlab
+from mixlab.analysis.bench import BenchConfig, StepRunner
 from mixlab.ops.depthwise import use_fast_depthwise
+from mixlab.analysis.profile import input_hw_of
 from mixlab.runtime import tune_malloc
 from mixlab.train.cpu_defaults import cpu_model_name
-from mixlab.train.step import TrainStep
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--img-size", type=int, required=True)
-    ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--img-size", type=int, help="default: the model's registered input size")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--nchw", action="store_true", help="keep NCHW (default: channels_last)")
     ap.add_argument("--aten-depthwise", action="store_true", help="keep aten's depthwise convolution")
@@ -44,29 +43,22 @@ def main() -> None:
     args = ap.parse_args()
     tune_malloc()
     torch.manual_seed(0)
-    model = mixlab.create_model(args.model, num_classes=args.num_classes)
+    hw = input_hw_of(args.model, [args.img_size] if args.img_size else None)
+    model = mixlab.create_model(args.model, img_size=hw if args.img_size else None)
     if not args.aten_depthwise:
         use_fast_depthwise(model)
-    fmt = torch.contiguous_format if args.nchw else torch.channels_last
-    model = model.to(memory_format=fmt)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size).to(memory_format=fmt)
-    y = torch.randint(0, args.num_classes, (args.batch_size,))
-    net = torch.compile(model) if args.compile else model
-    step = TrainStep(net, torch.optim.AdamW(model.parameters(), 1e-3), nn.CrossEntropyLoss(), "cpu", args.precision)
-    for _ in range(3):  # warm-up (and the compile)
-        step(x, y)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step(x, y)
-    seconds = (time.perf_counter() - start) / args.steps
+    cfg = BenchConfig(mode="train", batch_size=args.batch_size, img_size=hw, precision=args.precision,
+                      channels_last=not args.nchw, compile=args.compile, task=mixlab.model_info(args.model).task)
+    runner = StepRunner(model, cfg, getattr(model, "in_chans", 3), int(model.num_classes))
+    runner.run(3)  # warm-up (and the compile)
+    seconds = runner.run(args.steps) / args.steps
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
-            step(x, y)
+        runner.run(3)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [f"python {' '.join(sys.argv)}",
              f"commit {commit}, {cpu_model_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"{datetime.date.today().isoformat()}",
-             f"{args.model}: batch {args.batch_size}, {args.img_size} px, {args.precision}, "
+             f"{args.model}: batch {args.batch_size}, {hw[0]}x{hw[1]}, {args.precision}, "
              f"{'NCHW' if args.nchw else 'channels_last'}, {'aten' if args.aten_depthwise else 'fast'} depthwise conv, "
              f"{'compiled' if args.compile else 'eager'}: {1000 * seconds:.1f} ms/step, "
              f"{args.batch_size / seconds:.1f} images/s",

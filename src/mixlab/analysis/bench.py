@@ -20,7 +20,7 @@ from ..train.step import TrainStep, infer_step
 from .profile import flop_counter, input_hw_of
 from ..errors import UsageError
 
-__all__ = ["BenchConfig", "bench_model", "bench_pair", "bench_registered", "build_timm_model"]
+__all__ = ["BenchConfig", "StepRunner", "bench_model", "bench_pair", "bench_registered", "build_timm_model"]
 
 
 @dataclass
@@ -39,8 +39,9 @@ class BenchConfig:
     task: str = "classification"  # classification (cross-entropy) | segmentation (BCE + Dice on masks)
 
 
-class _Runner:
-    """Holds one model's step and its inputs; `run(n)` executes n steps and syncs."""
+class StepRunner:
+    """Holds one model's step (train: mixlab's TrainStep with the task's loss; infer) and its
+    seeded random inputs; `run(n)` executes n steps and syncs."""
 
     def __init__(self, model: nn.Module, cfg: BenchConfig, in_chans: int, num_classes: int):
         self.cfg = cfg
@@ -93,7 +94,7 @@ class _Runner:
         return int(counter.get_total_flops())
 
 
-def _steps_per_window(runner: _Runner, seconds: float) -> int:
+def _steps_per_window(runner: StepRunner, seconds: float) -> int:
     t = runner.run(1)
     return max(1, round(seconds / max(t, 1e-6)))
 
@@ -124,9 +125,9 @@ def bench_pair(model: nn.Module, cfg: BenchConfig, other: nn.Module | None = Non
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    runners = [_Runner(model, cfg, in_chans, _num_classes(model, cfg.task))]
+    runners = [StepRunner(model, cfg, in_chans, _num_classes(model, cfg.task))]
     if other is not None:
-        runners.append(_Runner(other, cfg, in_chans, _num_classes(other, cfg.task)))
+        runners.append(StepRunner(other, cfg, in_chans, _num_classes(other, cfg.task)))
     for r in runners:
         r.run(cfg.warmup)
     steps = [_steps_per_window(r, cfg.window_seconds) for r in runners]
