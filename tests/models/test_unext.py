@@ -14,7 +14,6 @@ from torch import nn
 
 import mixlab
 from mixlab.analysis.profile import count_macs, count_params
-from mixlab.models.unext import UNeXt
 
 
 # -- a reference written after the official archs.py ----------------------------------------------

@@ -14,7 +14,6 @@ from mixlab.cli import main
 from mixlab.train import rundir as rd
 from mixlab.train.config import resolve_config
 from mixlab.tasks.segmentation import SPLIT_TRAIN, SPLIT_VAL
-from mixlab.train import run_training as run_seg_training
 from mixlab.train.optim import lr_factor
 
 # unext_s at 32x32 in fp32 on one thread: a few seconds per run

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UsageError
 from . import print_json
 
 

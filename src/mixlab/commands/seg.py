@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from ..errors import MissingFileError, UsageError
+from ..errors import UsageError
 from . import print_json
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from ..data.augment import AugmentConfig
-from ..errors import MissingFileError, UsageError, as_usage_error
+from ..errors import MissingFileError, UsageError
 
 
 def run_settings(log_every: int, omit: tuple = (), **changes) -> dict:
