@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         print(f"mixlab: unknown command {command!r}.{hint} Run `mixlab --help`.", file=sys.stderr)
         return 2
-    from .runtime import tune_malloc
+    from .runtime import flush_denormals, tune_malloc
 
     tune_malloc()  # before any large tensor is allocated; see runtime.py for why
+    flush_denormals()  # before torch starts its worker threads, which copy the mode; see runtime.py
     parser, module = build_parser(command)
     args = parser.parse_args(rest)
     try:

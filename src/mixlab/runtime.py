@@ -1,5 +1,15 @@
 """Process-level settings that make CPU training fast.
 
+Subnormal floats (|x| < 1.2e-38 in fp32 and bf16) are computed by a slow path on x86 CPUs.
+Training makes them: ConvMixer's GELU comes before its BatchNorm, so it sees the raw
+convolution outputs, which grow as the network learns, and its erf/exp of large inputs
+underflows into the subnormal range. In the public 25-epoch ConvMixer CIFAR-10 recipe the
+training speed fell epoch by epoch, from 304 to 188 images/s by epoch 9 (2-core AMD EPYC);
+timing the step with that run's epoch-9 weights gave 2,381-2,688 ms without flushing and
+1,814-1,893 ms with it, the speed of the untrained network. :func:`flush_denormals` sets the
+CPU's flush-to-zero and denormals-are-zero modes. Measured in
+benchmarks/results/cpu-flush-denormals-2026-11-29/.
+
 glibc's malloc serves large blocks (above a threshold that starts at 128 KiB) with mmap and
 hands them back to the kernel on free, and trims the heap top eagerly. A training step
 frees and re-allocates the same large activations every iteration, so each step page-faults
@@ -47,3 +57,33 @@ def tune_malloc() -> bool:
 
 def malloc_tuned() -> bool:
     return bool(_applied)
+
+
+_flushed: bool | None = None
+
+
+def flush_denormals(on: bool = True) -> bool:
+    """Treat subnormal floats as zero on the CPU (``torch.set_flush_denormal``), once per
+    process. Returns True when set.
+
+    The mode is a per-thread CPU register: torch sets it on the calling thread, and OpenMP's
+    worker threads copy it from that thread when they are created. Call this before torch runs
+    its first parallel operation (the CLI does so at start, beside :func:`tune_malloc`); set
+    later, torch's existing worker threads keep computing subnormals. Skipped when
+    ``MIXLAB_FLUSH_DENORMALS=0``. The numbers change only where a value would have been
+    subnormal (it becomes 0), as on GPUs, whose fast math flushes them too.
+    """
+    global _flushed
+    if _flushed is not None:
+        return _flushed
+    _flushed = False
+    if not on or os.environ.get("MIXLAB_FLUSH_DENORMALS", "1") == "0":
+        return False
+    import torch
+
+    _flushed = bool(torch.set_flush_denormal(True))  # False where the CPU has no such mode
+    return _flushed
+
+
+def denormals_flushed() -> bool:
+    return bool(_flushed)

@@ -199,7 +199,7 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
     versions, threads and CPU, and ``fast_depthwise_convs`` (layers switched). ``memory_check``:
     refuse a batch whose step would not fit in the memory free (estimated first)."""
     from ..registry import create_model, model_info
-    from ..runtime import malloc_tuned
+    from ..runtime import denormals_flushed, malloc_tuned
     from ..train.cpu_defaults import cpu_model_name
     from ..train.validation import check_model_kwargs
 
@@ -243,5 +243,6 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
                       window_seconds=window_seconds, count_flops=count_flops, task=info.task)
     out = bench_pair(model, cfg, other, in_chans=getattr(model, "in_chans", 3))
     out.update(model=name, vs=vs, torch=torch.__version__, malloc_tuned=malloc_tuned(),
+               denormals_flushed=denormals_flushed(),
                threads=torch.get_num_threads(), fast_depthwise_convs=fast_dw, cpu=cpu_model_name())
     return out

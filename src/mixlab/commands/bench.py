@@ -49,7 +49,8 @@ def run(args) -> int:
     print(f"{args.model}: {args.mode}, batch {args.batch_size}, {hw[0]}x{hw[1]}, {args.device}, "
           f"{args.precision}{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}"
           f"{f', fast depthwise conv ({fast_dw} layers)' if fast_dw else ''}"
-          f"  (torch {out['torch']}, {out['threads']} threads, malloc tuning {'on' if out['malloc_tuned'] else 'off'}; "
+          f"  (torch {out['torch']}, {out['threads']} threads, malloc tuning {'on' if out['malloc_tuned'] else 'off'}, "
+          f"subnormals {'flushed' if out['denormals_flushed'] else 'kept'}; "
           f"{out['cpu']})")
 
     def line(label, res):

@@ -31,6 +31,7 @@ from .settings import pick_device, pick_run_settings
 from .step import TrainStep, autocast
 from ..data.loader import epoch_seed
 from ..errors import TrainingDiverged, UsageError
+from ..runtime import denormals_flushed
 
 
 def run_training(task, cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
@@ -172,6 +173,7 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack, console
     summary = dict(model=cfg["model"], recipe=cfg.get("recipe"), params=params, macs=macs, epochs=int(cfg["epochs"]),
                    device=str(device), world_size=dist.world_size, precision=ctx.precision,
                    channels_last=picked["channels_last"], fast_depthwise=picked["fast_depthwise"],
+                   denormals_flushed=denormals_flushed(),
                    settings_picked=picked, **task.run_summary(cfg))
     log = cfg.get("log") or {}
     loggers = stack.enter_context(closing(StepLoggers(out_dir, log.get("loggers") or [] if main else [],
