@@ -4,9 +4,9 @@ Subnormal floats (|x| < 1.2e-38 in fp32 and bf16) are computed by a slow path on
 Training makes them: ConvMixer's GELU comes before its BatchNorm, so it sees the raw
 convolution outputs, which grow as the network learns, and its erf/exp of large inputs
 underflows into the subnormal range. In the public 25-epoch ConvMixer CIFAR-10 recipe the
-training speed fell epoch by epoch, from 304 to 188 images/s by epoch 9 (2-core AMD EPYC);
+training speed fell epoch by epoch, from 304 to 189 images/s by epoch 9 (2-core AMD EPYC);
 timing the step with that run's epoch-9 weights gave 2,381-2,688 ms without flushing and
-1,814-1,893 ms with it, the speed of the untrained network. :func:`flush_denormals` sets the
+1,814-1,893 ms with it (untrained weights: 1,521-1,812 ms either way). :func:`flush_denormals` sets the
 CPU's flush-to-zero and denormals-are-zero modes. Measured in
 benchmarks/results/cpu-flush-denormals-2026-11-29/.
 
