@@ -62,7 +62,7 @@ def malloc_tuned() -> bool:
 _flushed: bool | None = None
 
 
-def flush_denormals(on: bool = True) -> bool:
+def flush_denormals() -> bool:
     """Treat subnormal floats as zero on the CPU (``torch.set_flush_denormal``), once per
     process. Returns True when set.
 
@@ -77,7 +77,7 @@ def flush_denormals(on: bool = True) -> bool:
     if _flushed is not None:
         return _flushed
     _flushed = False
-    if not on or os.environ.get("MIXLAB_FLUSH_DENORMALS", "1") == "0":
+    if os.environ.get("MIXLAB_FLUSH_DENORMALS", "1") == "0":
         return False
     import torch
 
