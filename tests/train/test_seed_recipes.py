@@ -20,6 +20,7 @@ from mixlab.tasks import get_task
 #   tfa.optimizers.AdamW(learning_rate=0.001, weight_decay=0.0001)   (Keras Adam: betas 0.9/0.999, epsilon 1e-7)
 #   layers.Rescaling(scale=1.0 / 255); layers.BatchNormalization()   (momentum 0.99, epsilon 1e-3)
 #   RandomCrop(32, 32) + RandomFlip("horizontal") on 32x32 images; ModelCheckpoint(monitor="val_accuracy")
+#   dataset.shuffle(batch_size * 10) over the stored arrays, then dataset.batch(batch_size) (no drop_remainder)
 KERAS_SEED = {
     "model": "convmixer_256_8", "epochs": 10, "batch_size": 128,
     "optimizer.name": "adamw_tfa", "optimizer.lr": 0.001, "optimizer.weight_decay": 0.0001,
@@ -29,6 +30,7 @@ KERAS_SEED = {
     "model_kwargs": {"bn_momentum": 0.01, "bn_eps": 1e-3, "init": "keras"},
     "augment.crop_padding": 0, "augment.hflip": 0.5, "augment.mixup_alpha": 0.0, "augment.random_erasing": 0.0,
     "augment.color_jitter": 0.0, "loss.label_smoothing": 0.0, "select": "best_val", "drop_last": False,
+    "shuffle_buffer": 1280,
 }
 # The Conv2Former Paddle seed: Adam(lr 1e-3, weight_decay 1e-5), CosineAnnealing over 50 epochs, batch 256,
 # CrossEntropyLoss(label_smoothing=0.1), drop_path 0.1; ColorJitter(0.2, 0.2, 0.2), MixupImage (a no-op on

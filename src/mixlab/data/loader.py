@@ -22,6 +22,32 @@ from typing import Callable
 import torch
 
 
+def buffered_shuffle(order: torch.Tensor, buffer_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``order`` shuffled as tf.data's ``Dataset.shuffle(buffer_size)`` shuffles a stream.
+
+    A buffer holds the next ``buffer_size`` elements of the stream; each output is drawn
+    uniformly from the buffer and the stream's next element takes its place; once the stream
+    ends the buffer drains the same way. An element can therefore come out at most
+    ``buffer_size - 1`` places before its position in ``order``: a small buffer keeps each
+    epoch close to the stored order (Keras recipes shuffle with ``batch_size * 10``), which a
+    full permutation does not reproduce. ``buffer_size >= len(order)`` is a full shuffle.
+    """
+    n = len(order)
+    stream = order.tolist()
+    draws = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
+    buffer, nxt, out = stream[:buffer_size], min(buffer_size, n), []
+    for u in draws:
+        j = int(u * len(buffer))
+        out.append(buffer[j])
+        if nxt < n:
+            buffer[j] = stream[nxt]
+            nxt += 1
+        else:  # the stream has ended: the buffer shrinks
+            buffer[j] = buffer[-1]
+            buffer.pop()
+    return torch.tensor(out, dtype=order.dtype)
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of one rank's epoch: every random draw of an epoch (order, augmentation,
     dropout) derives from it, so a run resumed at epoch e draws what an uninterrupted run draws."""
@@ -37,6 +63,11 @@ class DeviceLoader:
     ``drop_last``, else ``ceil((n // world_size) / batch_size)``; without shuffling (evaluation)
     a rank runs through its whole shard.
 
+    ``shuffle_buffer``: shuffle as tf.data does with a buffer of this many elements
+    (:func:`buffered_shuffle`) instead of a full permutation. The stream it shuffles is one
+    fixed seeded order of the data, the same every epoch: the stand-in for a release's stored
+    order (an image-folder tree is sorted by class, which no small buffer could mix).
+
     ``prepare``: a factory called at :meth:`set_epoch` with the epoch's seed (rank-specific),
     returning the function that turns a gathered batch into the model's inputs and targets
     (augmentation for training, normalisation for evaluation). Without it batches are yielded
@@ -45,7 +76,7 @@ class DeviceLoader:
 
     def __init__(self, *tensors: torch.Tensor, batch_size: int, shuffle: bool = False, drop_last: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1,
-                 prepare: Callable[[int], Callable] | None = None):
+                 prepare: Callable[[int], Callable] | None = None, shuffle_buffer: int | None = None):
         if not tensors:
             raise ValueError("DeviceLoader needs at least one tensor")
         n = len(tensors[0])
@@ -54,7 +85,10 @@ class DeviceLoader:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
         self.tensors, self.batch_size = tensors, int(batch_size)
+        if shuffle_buffer is not None and int(shuffle_buffer) < 1:
+            raise ValueError(f"shuffle_buffer must be 1 or more (or None for a full shuffle), got {shuffle_buffer}")
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
+        self.shuffle_buffer = None if shuffle_buffer is None else int(shuffle_buffer)
         self.rank, self.world_size = rank, world_size
         self.prepare_factory = prepare
         self.epoch = 0
@@ -79,7 +113,12 @@ class DeviceLoader:
     def indices(self) -> torch.Tensor:
         """This rank's indices for the current epoch, in order."""
         n = len(self.tensors[0])
-        if self.shuffle:
+        if self.shuffle and self.shuffle_buffer is not None:
+            # the stream's order is drawn from the run's seed alone (epoch -1 is no real epoch)
+            stream = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, -1, 0)))
+            order = buffered_shuffle(stream, self.shuffle_buffer,
+                                     torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 0)))
+        elif self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 0)))
         else:
             order = torch.arange(n)

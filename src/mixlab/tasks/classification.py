@@ -51,7 +51,8 @@ class ClassificationTask(Task):
         self.train_loader = DeviceLoader(data.train.images.to(device), data.train.labels.to(device),
                                          batch_size=int(cfg["batch_size"]), shuffle=True,
                                          drop_last=bool(cfg["drop_last"]), seed=int(cfg["seed"]),
-                                         rank=ctx.dist.rank, world_size=ctx.dist.world_size, prepare=train_prepare)
+                                         rank=ctx.dist.rank, world_size=ctx.dist.world_size, prepare=train_prepare,
+                                         shuffle_buffer=cfg.get("shuffle_buffer"))
         self.eval_batch_size, self.mean, self.std = int(cfg["eval_batch_size"]), mean, std
         if cfg["loss"]["label_smoothing"] and not cfg["augment"].get("mixup_alpha") \
                 and not cfg["augment"].get("cutmix_alpha"):

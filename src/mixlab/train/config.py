@@ -77,6 +77,9 @@ DEFAULTS: dict = {
     "batch_size": 128,
     "eval_batch_size": 500,
     "drop_last": False,  # true: leave out each epoch's last incomplete batch (a DataLoader's drop_last)
+    # null: a new full permutation each epoch; N: tf.data's shuffle with a buffer of N images
+    # over one fixed order of the training set (what a Keras recipe's dataset.shuffle(N) does)
+    "shuffle_buffer": None,
     "data": {"dataset": "cifar10", "root": None, "val_split": 0.1, "val_seed": 0, "val_holdout": "random",
              "resize": None, "on_bad_image": "error", "mean": None, "std": None,
              "download": False},

@@ -271,6 +271,7 @@ _COMMON: dict[str, Callable] = {
 CLASSIFICATION: dict[str, Callable] = {
     **_COMMON, "num_classes": whole(lo=2, null=True), "img_size": image_size(square_only=True),
     "eval_batch_size": whole(lo=1),
+    "shuffle_buffer": whole(lo=1, null=True, hint="images in tf.data's shuffle buffer, or null for a full shuffle"),
     "data.dataset": choice("cifar10", "cifar100", "folder"), "data.root": path, "data.val_split": RATE,
     "data.val_seed": whole(lo=0), "data.val_holdout": choice("random", "first", "test"),
     "data.resize": whole(lo=1, null=True, hint="the side, in pixels, every image is resized to"),
