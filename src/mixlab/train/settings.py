@@ -44,6 +44,7 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
     from ..ops.depthwise import use_fast_depthwise
     from .cpu_defaults import resolve_cpu_settings
 
+    fuse = _fuse_gelu_bn(cfg, model, device, say)
     if device.type == "cpu":
         p = resolve_cpu_settings(cfg, model, batch, loss_fn, total_steps, say, measure=not dist.enabled)
     else:  # CUDA keeps cuDNN's depthwise convolution
@@ -51,7 +52,30 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
                                       channels_last=pick_channels_last(cfg["channels_last"], model),
                                       fast_depthwise=False, compile=cfg.get("compile") is True,
                                       how="device defaults", figures={})
+    p["fused_gelu_bn"] = fuse
     cfg["picked"] = p
     if p["fast_depthwise"] and device.type == "cpu":
         use_fast_depthwise(model)
     return p
+
+
+def _fuse_gelu_bn(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
+    """Whether this run fuses GELU + BatchNorm pairs (:mod:`mixlab.ops.gelu_bn`), switching them
+    in ``model`` when it does, before the CPU settings are timed (so the timings include it). A
+    resumed run follows its record (runs recorded before the option existed did not fuse)."""
+    from ..ops.gelu_bn import fused_gelu_bn_available, use_fused_gelu_bn
+    from .cpu_defaults import _as_bool
+
+    if cfg.get("picked"):
+        fuse = bool(cfg["picked"].get("fused_gelu_bn", False))
+    else:
+        wanted = _as_bool(cfg.get("fused_gelu_bn", "auto"), "fused_gelu_bn")
+        if wanted is False or device.type != "cpu":
+            return False
+        if not fused_gelu_bn_available():
+            if wanted is True:
+                say("fused_gelu_bn=true was asked for, but the kernel is not available here (see the message above): "
+                    "GELU and BatchNorm run as two aten operations")
+            return False
+        fuse = True
+    return fuse and use_fused_gelu_bn(model) > 0

@@ -1,0 +1,321 @@
+"""GELU followed by training-mode BatchNorm in one CPU kernel (``gelu_bn_kernels.cpp``).
+
+ConvMixer (and timm's) applies ``GELU`` then ``BatchNorm2d`` to every convolution's output: 17
+pairs in a ConvMixer-256/8 step. In aten each pair is five passes over a 16.8 MB activation
+(GELU; BatchNorm's statistics and normalisation; BatchNorm's two backward passes) plus GELU's
+backward, about 10 ms a pair on 2 EPYC cores in bf16; the fused kernel does the forward in two
+passes and the backward in two, and evaluates GELU twice instead of three times
+(benchmarks/bench_gelu_bn.py).
+
+Scope: a 4-D channels-last tensor (what ``mixlab train`` uses on the CPU for convolutional
+models) in fp32 or bf16, on the CPU, in training mode (batch statistics; the running statistics
+are updated as ``nn.BatchNorm2d`` updates them). Anything else (evaluation, NCHW, other
+dtypes, CUDA) runs ``F.gelu`` then ``F.batch_norm`` unchanged. As for the depthwise op, the first
+call of each new shape times the kernel against aten (forward and backward) and keeps the faster,
+stored per CPU, torch version and thread count in the kernel cache folder.
+
+:func:`use_fused_gelu_bn` switches every ``nn.GELU`` (exact) directly followed by an
+``nn.BatchNorm2d`` in an ``nn.Sequential`` to the fused module, in place: the GELU becomes an
+``nn.Identity`` and the BatchNorm a :class:`GeluBatchNorm2d` (same parameters, buffers and
+state_dict keys). :func:`restore_gelu_bn` undoes it.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernel_build import KernelLibrary, cache_dir, cpu_identity
+
+__all__ = ["gelu_batch_norm", "GeluBatchNorm2d", "use_fused_gelu_bn", "restore_gelu_bn",
+           "fused_gelu_bn_available"]
+
+_P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+_SIGS = {}
+for _t in ("f32", "bf16"):
+    _SIGS[f"mixlab_gelu_bn_fwd_stats_{_t}"] = (_I, [_P, _P, _L, _L, _D, _D, _I])
+    _SIGS[f"mixlab_gelu_bn_fwd_apply_{_t}"] = (_I, [_P, _P, _L, _L, _P, _P, _I])
+    _SIGS[f"mixlab_gelu_bn_bwd_stats_{_t}"] = (_I, [_P, _P, _L, _L, _D, _D, _I])
+    _SIGS[f"mixlab_gelu_bn_bwd_apply_{_t}"] = (_I, [_P, _P, _P, _P, _L, _L, _P, _P, _P, _I])
+
+LIBRARY = KernelLibrary(
+    Path(__file__).with_name("gelu_bn_kernels.cpp"), "mixlab_gelu_bn", "fused GELU + BatchNorm",
+    ("mixlab_gelu_bn_abi_version", 2), _SIGS, "MIXLAB_FUSED_GELU_BN_BUILD",
+    "GELU and BatchNorm run as two aten operations (correct, slower)",
+    # the loops are bound by GELU's arithmetic: full-width AVX-512 where the CPU has it
+    extra_flags=("-mprefer-vector-width=512",))
+
+
+def fused_gelu_bn_available() -> bool:
+    """Whether the compiled kernel is loaded (building it on first call)."""
+    return LIBRARY.load() is not None
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _sfx(x: torch.Tensor) -> str:
+    return "bf16" if x.dtype == torch.bfloat16 else "f32"
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise MemoryError("the fused GELU + BatchNorm kernel could not allocate its per-thread sums")
+
+
+# ----------------------------------------------------------------------------- the two ops
+# Registered ops (not bare Python calls) so torch.compile treats each as one opaque node.
+
+@torch.library.custom_op("mixlab::gelu_bn_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = batch_norm(gelu(x)) with batch statistics; returns y, g = gelu(x) (kept for the
+    backward, as aten keeps BatchNorm's input), and the mean and biased variance of g per
+    channel (fp64)."""
+    lib = LIBRARY.load()
+    n, c, h, w = x.shape
+    m, threads = n * h * w, torch.get_num_threads()
+    s = torch.empty(c, dtype=torch.float64)
+    ss = torch.empty(c, dtype=torch.float64)
+    g = torch.empty_like(x, memory_format=torch.channels_last)
+    _check(getattr(lib, f"mixlab_gelu_bn_fwd_stats_{_sfx(x)}")(x.data_ptr(), g.data_ptr(), m, c, s.data_ptr(),
+                                                                 ss.data_ptr(), threads))
+    mean = s / m
+    var = (ss / m - mean * mean).clamp_min(0.0)
+    rstd = (var + eps).rsqrt()
+    scale = rstd * weight.double()
+    shift = (bias.double() - mean * scale).float().contiguous()
+    scale = scale.float().contiguous()
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    _check(getattr(lib, f"mixlab_gelu_bn_fwd_apply_{_sfx(x)}")(g.data_ptr(), y.data_ptr(), m, c, scale.data_ptr(),
+                                                                 shift.data_ptr(), threads))
+    return y, g, mean, var
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, eps):
+    c = x.shape[1]
+    return (torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(x, memory_format=torch.channels_last),
+            x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64))
+
+
+@torch.library.custom_op("mixlab::gelu_bn_backward", mutates_args=())
+def _backward_op(x: torch.Tensor, g: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                 var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dweight, dbias of :func:`_forward_op` (dweight, dbias in fp32)."""
+    lib = LIBRARY.load()
+    n, c, h, w = x.shape
+    m, threads = n * h * w, torch.get_num_threads()
+    dy = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    sd = torch.empty(c, dtype=torch.float64)
+    sdg = torch.empty(c, dtype=torch.float64)
+    _check(getattr(lib, f"mixlab_gelu_bn_bwd_stats_{_sfx(x)}")(g.data_ptr(), dy.data_ptr(), m, c, sd.data_ptr(),
+                                                                 sdg.data_ptr(), threads))
+    rstd = (var + eps).rsqrt()
+    sum_dy_xhat = rstd * (sdg - mean * sd)  # sum of dy * (g - mean) * rstd
+    a = weight.double() * rstd
+    # dg = a * (dy - sum_dy / m - xhat * sum_dy_xhat / m), xhat = (g - mean) * rstd, as k1*dy + k2*g + k3
+    k1 = a.float().contiguous()
+    k2 = (-a * rstd * sum_dy_xhat / m).float().contiguous()
+    k3 = (-a * sd / m + a * rstd * mean * sum_dy_xhat / m).float().contiguous()
+    dx = torch.empty_like(x, memory_format=torch.channels_last)
+    _check(getattr(lib, f"mixlab_gelu_bn_bwd_apply_{_sfx(x)}")(x.data_ptr(), g.data_ptr(), dy.data_ptr(),
+                                                                 dx.data_ptr(), m, c,
+                                                                 k1.data_ptr(), k2.data_ptr(), k3.data_ptr(),
+                                                                 threads))
+    return dx, sum_dy_xhat.float(), sd.float()
+
+
+@_backward_op.register_fake
+def _(x, g, grad_out, weight, mean, var, eps):
+    c = x.shape[1]
+    return (torch.empty_like(x, memory_format=torch.channels_last), x.new_empty(c, dtype=torch.float32),
+            x.new_empty(c, dtype=torch.float32))
+
+
+class _GeluBatchNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, g, mean, var = _forward_op(x, weight, bias, eps)
+        ctx.save_for_backward(x, g, weight, mean, var)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, g, weight, mean, var = ctx.saved_tensors
+        dx, dw, db = _backward_op(x, g, grad_y, weight, mean, var, ctx.eps)
+        return (dx if ctx.needs_input_grad[0] else None, dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+                db.to(weight.dtype) if ctx.needs_input_grad[2] else None, None)
+
+
+# ----------------------------------------------------------------------------- kernel or aten, per shape
+#
+# Timed once per (shape, dtype, threads) on first use, as the depthwise op's weight gradient is;
+# the verdict is kept per CPU and torch version in the kernel cache folder.
+
+_method_override: str | None = None
+_plan: dict[str, str] | None = None
+
+
+def set_gelu_bn_method(method: str | None) -> None:
+    """Force 'kernel' or 'aten' for every call; None (default) times both per shape."""
+    global _method_override
+    if method not in (None, "kernel", "aten"):
+        raise ValueError(f"GELU + BatchNorm method must be 'kernel', 'aten' or None, got {method!r}")
+    _method_override = method
+
+
+def _plan_path() -> Path:
+    key = hashlib.sha256(f"{cpu_identity()}|{torch.__version__}".encode()).hexdigest()[:12]
+    return cache_dir() / f"gelu_bn_plan_{key}.json"
+
+
+def _load_plan() -> dict[str, str]:
+    global _plan
+    if _plan is None:
+        try:
+            _plan = json.loads(_plan_path().read_text())
+        except (OSError, ValueError):
+            _plan = {}
+    return _plan
+
+
+def _aten(x, weight, bias, eps):
+    return F.batch_norm(F.gelu(x), None, None, weight, bias, True, 0.0, eps)
+
+
+def _time_methods(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> dict[str, float]:
+    xs = x.detach().requires_grad_()
+    ws, bs = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+    dy = torch.randn_like(xs, memory_format=torch.channels_last)
+    runs = {"kernel": lambda: _GeluBatchNormFn.apply(xs, ws, bs, eps)[0].backward(dy),
+            "aten": lambda: _aten(xs, ws, bs, eps).backward(dy)}
+    times = {}
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        for run in runs.values():  # one untimed call each (first-call set-up)
+            run()
+        for name, run in runs.items():
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t0)
+            times[name] = best
+    return times
+
+
+def _method(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> str:
+    if _method_override is not None:
+        return _method_override
+    key = f"{tuple(x.shape)}|{str(x.dtype)[6:]}|t{torch.get_num_threads()}"
+    plan = _load_plan()
+    if torch.compiler.is_compiling():  # nothing can be timed while tracing: the kernel unless timed slower
+        return plan.get(key, "kernel")
+    if plan.get(key) not in ("kernel", "aten"):
+        times = _time_methods(x, weight, bias, eps)
+        plan[key] = min(times, key=times.get)
+        from ..io import atomic_write_json
+
+        try:
+            atomic_write_json(_plan_path(), plan)
+        except OSError:
+            pass  # a read-only home folder: the choice is kept for this process only
+    return plan[key]
+
+
+# ----------------------------------------------------------------------------- function and module
+
+def _fusable(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _is_nhwc(x)
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1 and LIBRARY.load() is not None)
+
+
+def gelu_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                    weight: torch.Tensor | None, bias: torch.Tensor | None, training: bool, momentum: float,
+                    eps: float) -> torch.Tensor:
+    """``F.batch_norm(F.gelu(x), running_mean, running_var, weight, bias, training, momentum, eps)``,
+    fused on the CPU where :mod:`this module <mixlab.ops.gelu_bn>` says it can be."""
+    if not training or not _fusable(x):
+        return F.batch_norm(F.gelu(x), running_mean, running_var, weight, bias, training, momentum, eps)
+    c = x.shape[1]
+    w = weight if weight is not None else x.new_ones(c, dtype=torch.float32)
+    b = bias if bias is not None else x.new_zeros(c, dtype=torch.float32)
+    if _method(x, w, b, eps) != "kernel":
+        return F.batch_norm(F.gelu(x), running_mean, running_var, weight, bias, training, momentum, eps)
+    y, mean, var = _GeluBatchNormFn.apply(x, w, b, eps)
+    if running_mean is not None:
+        m = x.numel() // c
+        with torch.no_grad():  # as aten does: the unbiased variance goes into the running estimate
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1.0 - momentum).add_((var * (m / (m - 1))).to(running_var.dtype), alpha=momentum)
+    return y
+
+
+class GeluBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that applies exact GELU to its input first (:func:`gelu_batch_norm`).
+
+    Same parameters, buffers and state_dict as ``nn.BatchNorm2d``; ``isinstance(m,
+    nn.BatchNorm2d)`` holds.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        # momentum and the use of batch statistics exactly as nn.BatchNorm2d decides them
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return gelu_batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
+                               self.weight, self.bias, batch_stats, factor, self.eps)
+
+
+def _is_exact_gelu(m: nn.Module) -> bool:
+    return type(m) is nn.GELU and m.approximate == "none"
+
+
+def use_fused_gelu_bn(model: nn.Module) -> int:
+    """Fuse every exact ``nn.GELU`` directly followed by an ``nn.BatchNorm2d`` in an
+    ``nn.Sequential`` of ``model``, in place (the GELU becomes ``nn.Identity``, the BatchNorm a
+    :class:`GeluBatchNorm2d`; parameters and state_dict keys stay). Returns how many pairs."""
+    n = 0
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            act, bn = seq._modules[a], seq._modules[b]
+            if _is_exact_gelu(act) and type(bn) is nn.BatchNorm2d:
+                seq._modules[a] = _FusedAway()
+                bn.__class__ = GeluBatchNorm2d
+                n += 1
+    return n
+
+
+class _FusedAway(nn.Identity):
+    """Where a GELU was before :func:`use_fused_gelu_bn` moved it into the next BatchNorm."""
+
+
+def restore_gelu_bn(model: nn.Module) -> int:
+    """Undo :func:`use_fused_gelu_bn` (e.g. before exporting to a format that wants aten ops)."""
+    n = 0
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            if type(seq._modules[a]) is _FusedAway and type(seq._modules[b]) is GeluBatchNorm2d:
+                seq._modules[a] = nn.GELU()
+                seq._modules[b].__class__ = nn.BatchNorm2d
+                n += 1
+    return n

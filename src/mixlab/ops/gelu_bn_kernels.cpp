@@ -1,0 +1,246 @@
+// GELU followed by training-mode BatchNorm, fused, on channels-last CPU tensors:
+//
+//   g = gelu(x) = x * Phi(x)      y = (g - mean_c) * rstd_c * gamma_c + beta_c
+//
+// with mean_c, rstd_c the batch statistics of g per channel c. x is (M, C) with C contiguous
+// (an NHWC tensor: M = N*H*W), fp32 or bf16 (bf16 read as uint16 and widened by a shift, written
+// back with round-to-nearest-even); all arithmetic is fp32, channel sums are kept in fp64.
+//
+// Why: ConvMixer applies GELU then BatchNorm to every convolution's output. In aten that is a
+// GELU kernel, BatchNorm's statistics pass and its normalisation, and in the backward
+// BatchNorm's two passes and GELU's gradient: about 10 ms per pair for one ConvMixer-256/8
+// activation (128x256x16x16, bf16, 2 EPYC cores), 17 pairs a step. Fused, the forward computes
+// g once (writing it out and summing it) and then normalises it; the backward sums dy and
+// dy * g, then computes the input gradient with GELU's derivative. GELU is evaluated twice a
+// step instead of three times (aten: forward, and both terms of its derivative), and the
+// work, bound by GELU's arithmetic more than by memory here, is one pass less each way.
+// benchmarks/bench_gelu_bn.py measures both.
+//
+// GELU is the exact (erf) form. erf comes from Abramowitz & Stegun 7.1.26 (absolute error
+// below 1.5e-7) and exp from a range reduction to [-ln2/2, ln2/2] and a degree-7 Taylor
+// polynomial, both branch-free so the channel loops vectorise; exp's argument is clamped
+// at -87, so no subnormal number is ever produced (they are slow on x86).
+//
+// Built with the depthwise kernels' builder (mixlab/ops/depthwise_build.py), called through
+// ctypes on data pointers, threads from torch's own OpenMP pool.
+#include <omp.h>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace {
+
+inline float widen(float v) { return v; }
+// bit casts through __builtin_bit_cast, not memcpy: a memcpy to a local keeps GCC from vectorising
+inline float widen(uint16_t v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) {
+    const uint32_t u = __builtin_bit_cast(uint32_t, v);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest, ties to even
+    *p = static_cast<uint16_t>(v != v ? 0x7FC0u : r);      // NaN stays NaN
+}
+
+// exp(w) for w <= 0 (clamped to -87: exp(-87) is still a normal float)
+inline float exp_nonpos(float w) {
+    w = w > -87.0f ? w : -87.0f;  // a select, not std::fmax (which GCC 12 leaves scalar)
+    // n = round(w / ln 2) by the 1.5 * 2^23 trick (std::floor keeps GCC 12 from vectorising)
+    const float n = (w * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = (w - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+
+struct Phi {
+    float cdf, pdf;
+};
+
+// Phi(v) (the normal CDF) and the normal density phi(v), from one exp (returned by value: a
+// local whose address is taken inside an `omp simd` loop keeps the loop scalar)
+inline Phi phi_pair(float v) {
+    const float z = v * 0.70710678118654752f;
+    const float a = std::fabs(z);
+    const float t = 1.0f / (1.0f + 0.3275911f * a);
+    const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+    const float e = exp_nonpos(-z * z);
+    const float erf_abs = 1.0f - poly * e;
+    const float erf = std::copysign(erf_abs, z);
+    return {0.5f + 0.5f * erf, e * 0.39894228040143268f};
+}
+
+inline float gelu(float v) { return v * phi_pair(v).cdf; }
+
+inline long imin(long a, long b) { return a < b ? a : b; }
+
+constexpr long ROWS = 64;  // rows summed in fp32 (in registers) before they are added to the fp64 sums
+constexpr long CB = 32;    // channels per register block: two sums of 32 fp32 = 4 AVX-512 registers
+
+// Per-channel sums a_c = sum_r A(r, c), b_c = sum_r B(r, c) in fp64, split by rows over the
+// threads; `Terms::add(r, c, a, b)` adds row r, channel c's two terms. A block of CB channels
+// is summed over ROWS rows in registers, then added to this thread's fp64 sums.
+template <typename Terms>
+int channel_sums(const Terms& terms, long M, long C, double* out1, double* out2, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    double* dbuf = static_cast<double*>(std::calloc(static_cast<size_t>(nthreads) * 2 * C + 1, sizeof(double)));
+    if (!dbuf) return 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int tid = omp_get_thread_num();
+        const int nt = omp_get_num_threads();
+        double* d1 = dbuf + static_cast<size_t>(tid) * 2 * C;
+        double* d2 = d1 + C;
+        const long chunk = (M + nt - 1) / nt;
+        const long lo = tid * chunk, hi = imin(M, lo + chunk);
+        for (long r0 = lo; r0 < hi; r0 += ROWS) {
+            const long r1 = imin(hi, r0 + ROWS);
+            long c0 = 0;
+            for (; c0 + CB <= C; c0 += CB) {
+                float a[CB], b[CB];
+                for (long c = 0; c < CB; ++c) a[c] = b[c] = 0.f;
+                for (long r = r0; r < r1; ++r) {
+#pragma omp simd
+                    for (long c = 0; c < CB; ++c) terms.add(r, c0 + c, a[c], b[c]);
+                }
+                for (long c = 0; c < CB; ++c) {
+                    d1[c0 + c] += a[c];
+                    d2[c0 + c] += b[c];
+                }
+            }
+            for (long c = c0; c < C; ++c) {  // channels past the last whole block
+                float a = 0.f, b = 0.f;
+                for (long r = r0; r < r1; ++r) terms.add(r, c, a, b);
+                d1[c] += a;
+                d2[c] += b;
+            }
+        }
+    }
+    for (long c = 0; c < C; ++c) {
+        double a = 0.0, b = 0.0;
+        for (int t = 0; t < nthreads; ++t) {
+            a += dbuf[static_cast<size_t>(t) * 2 * C + c];
+            b += dbuf[static_cast<size_t>(t) * 2 * C + C + c];
+        }
+        out1[c] = a;
+        out2[c] = b;
+    }
+    std::free(dbuf);
+    return 0;
+}
+
+// forward pass 1 terms: gelu(x) and gelu(x)^2; g = gelu(x) is also written out, so that pass 2
+// is an affine map of it instead of a second GELU, and the backward's sums read it
+template <typename T>
+struct GeluMoments {
+    const T* x;
+    T* g;
+    long C;
+    void add(long r, long c, float& a, float& b) const {
+        const float v = gelu(widen(x[r * C + c]));
+        store(g + r * C + c, v);
+        a += v;
+        b += v * v;
+    }
+};
+
+template <typename T>
+int fwd_stats(const T* x, T* g, long M, long C, double* sum, double* sumsq, int nthreads) {
+    return channel_sums(GeluMoments<T>{x, g, C}, M, C, sum, sumsq, nthreads);
+}
+
+// forward pass 2: y = g * scale + shift
+template <typename T>
+int fwd_apply(const T* g, T* y, long M, long C, const float* scale, const float* shift, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long r = 0; r < M; ++r) {
+        const T* gr = g + r * C;
+        T* yr = y + r * C;
+#pragma omp simd
+        for (long c = 0; c < C; ++c) store(yr + c, widen(gr[c]) * scale[c] + shift[c]);
+    }
+    return 0;
+}
+
+// backward pass 1 terms: dy and dy * g (g as the forward wrote it)
+template <typename T>
+struct GradMoments {
+    const T* g;
+    const T* dy;
+    long C;
+    void add(long r, long c, float& a, float& b) const {
+        const float d = widen(dy[r * C + c]);
+        a += d;
+        b += d * widen(g[r * C + c]);
+    }
+};
+
+template <typename T>
+int bwd_stats(const T* g, const T* dy, long M, long C, double* sum_dy, double* sum_dy_g, int nthreads) {
+    return channel_sums(GradMoments<T>{g, dy, C}, M, C, sum_dy, sum_dy_g, nthreads);
+}
+
+// backward pass 2: dx = (k1 * dy + k2 * g + k3) * gelu'(x)
+template <typename T>
+int bwd_apply(const T* x, const T* g, const T* dy, T* dx, long M, long C, const float* k1, const float* k2,
+              const float* k3, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long r = 0; r < M; ++r) {
+        const T* xr = x + r * C;
+        const T* gr = g + r * C;
+        const T* dr = dy + r * C;
+        T* out = dx + r * C;
+#pragma omp simd
+        for (long c = 0; c < C; ++c) {
+            const float v = widen(xr[c]);
+            const Phi f = phi_pair(v);
+            const float dg = k1[c] * widen(dr[c]) + k2[c] * widen(gr[c]) + k3[c];
+            store(out + c, dg * (f.cdf + v * f.pdf));
+        }
+    }
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int mixlab_gelu_bn_abi_version(void) { return 2; }
+
+int mixlab_gelu_bn_fwd_stats_f32(const void* x, void* g, long M, long C, double* s, double* ss, int nt) {
+    return fwd_stats(static_cast<const float*>(x), static_cast<float*>(g), M, C, s, ss, nt);
+}
+int mixlab_gelu_bn_fwd_stats_bf16(const void* x, void* g, long M, long C, double* s, double* ss, int nt) {
+    return fwd_stats(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(g), M, C, s, ss, nt);
+}
+int mixlab_gelu_bn_fwd_apply_f32(const void* g, void* y, long M, long C, const float* a, const float* b, int nt) {
+    return fwd_apply(static_cast<const float*>(g), static_cast<float*>(y), M, C, a, b, nt);
+}
+int mixlab_gelu_bn_fwd_apply_bf16(const void* g, void* y, long M, long C, const float* a, const float* b, int nt) {
+    return fwd_apply(static_cast<const uint16_t*>(g), static_cast<uint16_t*>(y), M, C, a, b, nt);
+}
+int mixlab_gelu_bn_bwd_stats_f32(const void* g, const void* dy, long M, long C, double* s, double* sg, int nt) {
+    return bwd_stats(static_cast<const float*>(g), static_cast<const float*>(dy), M, C, s, sg, nt);
+}
+int mixlab_gelu_bn_bwd_stats_bf16(const void* g, const void* dy, long M, long C, double* s, double* sg, int nt) {
+    return bwd_stats(static_cast<const uint16_t*>(g), static_cast<const uint16_t*>(dy), M, C, s, sg, nt);
+}
+int mixlab_gelu_bn_bwd_apply_f32(const void* x, const void* g, const void* dy, void* dx, long M, long C,
+                                 const float* k1, const float* k2, const float* k3, int nt) {
+    return bwd_apply(static_cast<const float*>(x), static_cast<const float*>(g), static_cast<const float*>(dy),
+                     static_cast<float*>(dx), M, C, k1, k2, k3, nt);
+}
+int mixlab_gelu_bn_bwd_apply_bf16(const void* x, const void* g, const void* dy, void* dx, long M, long C,
+                                  const float* k1, const float* k2, const float* k3, int nt) {
+    return bwd_apply(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(g),
+                     static_cast<const uint16_t*>(dy), static_cast<uint16_t*>(dx), M, C, k1, k2, k3, nt);
+}
+
+}  // extern "C"

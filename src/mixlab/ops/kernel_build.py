@@ -1,0 +1,132 @@
+"""Build (once per machine) and load mixlab's small C++ CPU kernels.
+
+Each kernel file beside this one (``depthwise_kernels.cpp``, ``gelu_bn_kernels.cpp``) includes
+no torch headers, so the machine's C++ compiler builds it in about a second, where a
+``torch.utils.cpp_extension`` build takes a minute; it is called through ``ctypes`` on the
+tensors' data pointers. The shared library is cached under ``$MIXLAB_KERNEL_CACHE`` (default
+``~/.cache/mixlab/kernels``) by a hash of its source, the compiler, the flags and the CPU
+(``-march=native`` code must not run on another processor that shares the home folder), and
+written atomically, so parallel ranks that build it at once do not corrupt it.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MIXLAB_KERNEL_CACHE") or Path.home() / ".cache" / "mixlab" / "kernels")
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cpu_identity() -> str:
+    """Model name and feature flags: what -march=native compiles for."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in text.splitlines() if line.split(":")[0].strip() in ("model name", "flags")]
+    return "\n".join(dict.fromkeys(keep))  # one copy of each distinct line
+
+
+def say(msg: str) -> None:
+    print(f"mixlab: {msg}", file=sys.stderr, flush=True)
+
+
+class KernelLibrary:
+    """One kernel source, built at first use and loaded once per process.
+
+    ``what``: the kernel's name in messages; ``stem``: the cached library's file-name stem;
+    ``abi``: (symbol, version) checked after loading; ``signatures``: {function: (restype,
+    argtypes)}; ``disable_env``: a variable that, set to 0, skips the build; ``fallback``: what
+    runs instead, said once when the library is unavailable.
+    """
+
+    def __init__(self, source: Path, stem: str, what: str, abi: tuple[str, int], signatures: dict,
+                 disable_env: str, fallback: str, extra_flags: tuple[str, ...] = ()):
+        self.source, self.stem, self.what, self.abi = source, stem, what, abi
+        self.signatures, self.disable_env, self.fallback = signatures, disable_env, fallback
+        self.flags = [*FLAGS, *extra_flags]
+        self._lib: ctypes.CDLL | None = None
+        self._status: str | None = None  # None: not tried yet; "": loaded; else why not
+
+    def _build(self, cxx: str) -> Path:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+        key = hashlib.sha256("\0".join([self.source.read_text(), cxx, version, " ".join(self.flags),
+                                        cpu_identity(), str(self.abi[1])]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"{self.stem}_{key}.so"
+        if target.is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.stem}_", suffix=".so.tmp", dir=target.parent)
+        os.close(fd)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([cxx, *self.flags, str(self.source), "-o", tmp], capture_output=True, text=True,
+                                  timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{Path(cxx).name} failed: {proc.stderr.strip()[-800:]}")
+            from ..io import _UMASK
+
+            os.chmod(tmp, 0o777 & ~_UMASK)  # mkstemp made it 0600: the mode a compiler gives a library
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        say(f"compiled the {self.what} kernel in {time.perf_counter() - t0:.1f} s "
+            f"({Path(cxx).name} {' '.join(self.flags[:3])}) -> {target} (built once per machine)")
+        return target
+
+    def load(self) -> ctypes.CDLL | None:
+        """The loaded library, building it on first use; None where it cannot be built (the
+        reason is printed once and kept in :meth:`unavailable_reason`)."""
+        if self._status is not None:
+            return self._lib
+        self._status = ""
+        if os.environ.get(self.disable_env, "1") == "0":
+            self._status = f"{self.disable_env}=0"
+        elif not sys.platform.startswith("linux"):
+            self._status = f"the kernel is built for Linux only (this is {sys.platform})"
+        elif (cxx := compiler()) is None:
+            self._status = "no C++ compiler found (install g++ or set CXX)"
+        else:
+            try:
+                import torch  # noqa: F401  (its libgomp must be loaded first so the kernel shares it)
+
+                lib = ctypes.CDLL(str(self._build(cxx)))
+                if getattr(lib, self.abi[0])() != self.abi[1]:
+                    raise RuntimeError("stale kernel library (ABI version)")
+                for name, (restype, argtypes) in self.signatures.items():
+                    fn = getattr(lib, name)
+                    fn.restype, fn.argtypes = restype, argtypes
+                self._lib = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                self._status = f"building it failed ({e})"
+        if self._status:
+            say(f"{self.what} kernel unavailable: {self._status}; {self.fallback}")
+        return self._lib
+
+    def unavailable_reason(self) -> str | None:
+        """None when the kernel is loaded, else why not (after :meth:`load` was tried)."""
+        self.load()
+        return self._status or None
+
+    def reset(self) -> None:
+        """Forget the loaded library (tests rebuild it under other settings)."""
+        self._lib, self._status = None, None

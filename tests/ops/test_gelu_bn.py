@@ -1,0 +1,218 @@
+"""The fused GELU + BatchNorm equals F.gelu then F.batch_norm: forward, running statistics and
+all three gradients against an fp64 reference; the module swap keeps a model's state and its
+training; the fallbacks are aten's own operations."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixlab.ops import gelu_bn as gb
+from mixlab.ops.gelu_bn import GeluBatchNorm2d, gelu_batch_norm, restore_gelu_bn, use_fused_gelu_bn
+
+
+@pytest.fixture
+def kernel(monkeypatch, tmp_path):
+    """The compiled kernel for every call (also where aten would be timed faster)."""
+    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(tmp_path / "kernels"))
+    gb.LIBRARY.reset()
+    if not gb.fused_gelu_bn_available():
+        pytest.skip(f"kernel not built here: {gb.LIBRARY.unavailable_reason()}")
+    gb.set_gelu_bn_method("kernel")
+    yield
+    gb.set_gelu_bn_method(None)
+    gb.LIBRARY.reset()
+
+
+def _inputs(n, c, h, w, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=g) * 2 + 0.3).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.rand(c, generator=g) + 0.5
+    bias = torch.randn(c, generator=g)
+    dy = torch.randn(n, c, h, w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    return x, weight, bias, dy
+
+
+def _run(fn, x, weight, bias, dy, eps=1e-5):
+    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    rm, rv = torch.zeros(x.shape[1], dtype=weight.dtype), torch.ones(x.shape[1], dtype=weight.dtype)
+    y = fn(x, rm, rv, weight, bias, True, 0.1, eps)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), x.grad, weight.grad, bias.grad, rm, rv
+
+
+def _aten(x, rm, rv, w, b, training, momentum, eps):
+    return F.batch_norm(F.gelu(x), rm, rv, w, b, training, momentum, eps)
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+# (N, C, H, W): odd channel counts (the kernel's 32-channel blocks and their tail), batch 1, ConvMixer's map
+SHAPES = [(4, 16, 5, 7), (2, 33, 3, 3), (1, 70, 6, 5), (8, 256, 16, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_equals_gelu_then_batch_norm(kernel, shape, dtype):
+    x, w, b, dy = _inputs(*shape, dtype)
+    fused = _run(gelu_batch_norm, x, w, b, dy)
+    # the fp64 reference of the same (rounded) inputs
+    ref = _run(_aten, x.double(), w.double(), b.double(), dy.double())
+    names = ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
+    if dtype == torch.float32:
+        for name, got, want in zip(names, fused, ref):
+            assert _rel(got, want) < 2e-5, (name, _rel(got, want))
+    else:
+        # bf16 outputs carry 8 bits: no worse than aten's own bf16 result against the same reference
+        aten = _run(_aten, x, w, b, dy)
+        for name, got, want, theirs in zip(names, fused, ref, aten):
+            assert _rel(got, want) <= max(2 * _rel(theirs, want), 1e-5), (name, _rel(got, want), _rel(theirs, want))
+    assert fused[0].dtype == dtype and fused[1].dtype == dtype
+    assert fused[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_module_matches_batchnorm_including_cumulative_momentum(kernel):
+    x, w, b, dy = _inputs(4, 24, 6, 6, torch.float32)
+    for momentum in (0.1, None):
+        plain = nn.BatchNorm2d(24, momentum=momentum)
+        with torch.no_grad():
+            plain.weight.copy_(w)
+            plain.bias.copy_(b)
+        fused = copy.deepcopy(plain)
+        fused.__class__ = GeluBatchNorm2d
+        for step in range(3):
+            xs = x * (1 + step)  # other statistics each step
+            torch.testing.assert_close(fused(xs), plain(F.gelu(xs)), rtol=2e-5, atol=2e-5)
+        assert int(fused.num_batches_tracked) == int(plain.num_batches_tracked) == 3
+        torch.testing.assert_close(fused.running_mean, plain.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.running_var, plain.running_var, rtol=1e-5, atol=1e-6)
+        fused.eval()
+        plain.eval()
+        fused.load_state_dict(plain.state_dict())
+        assert torch.equal(fused(x), plain(F.gelu(x)))  # evaluation is aten's own path
+
+
+def test_outside_the_scope_it_is_aten_exactly(kernel):
+    x, w, b, dy = _inputs(2, 8, 4, 4, torch.float32)
+    nchw = x.contiguous()
+    assert torch.equal(_run(gelu_batch_norm, nchw, w, b, dy)[0], _run(_aten, nchw, w, b, dy)[0])
+    half = x.half()  # no fp16 kernel
+    assert torch.equal(gelu_batch_norm(half, None, None, w.half(), b.half(), True, 0.1, 1e-5),
+                       _aten(half, None, None, w.half(), b.half(), True, 0.1, 1e-5))
+
+
+def test_without_the_kernel_it_is_aten(monkeypatch, capsys):
+    monkeypatch.setenv("MIXLAB_FUSED_GELU_BN_BUILD", "0")
+    gb.LIBRARY.reset()
+    try:
+        assert not gb.fused_gelu_bn_available()
+        assert "MIXLAB_FUSED_GELU_BN_BUILD=0" in capsys.readouterr().err
+        x, w, b, dy = _inputs(2, 8, 4, 4, torch.float32)
+        for got, want in zip(_run(gelu_batch_norm, x, w, b, dy), _run(_aten, x, w, b, dy)):
+            assert torch.equal(got, want)
+    finally:
+        gb.LIBRARY.reset()
+
+
+def _count_pairs(model: nn.Module) -> int:
+    """GELU directly followed by BatchNorm2d in a Sequential, counted here without the op."""
+    n = 0
+    for seq in model.modules():
+        if isinstance(seq, nn.Sequential):
+            kids = list(seq)
+            n += sum(isinstance(a, nn.GELU) and isinstance(b, nn.BatchNorm2d) for a, b in zip(kids, kids[1:]))
+    return n
+
+
+def _mixlab_convmixer():
+    import mixlab
+
+    return mixlab.create_model("convmixer_256_8")
+
+
+def _timm_convmixer():
+    from timm.models.convmixer import ConvMixer
+
+    return ConvMixer(dim=64, depth=3, kernel_size=5, patch_size=2, num_classes=10)
+
+
+# ConvMixer: GELU + BatchNorm after the stem and twice in each block (depthwise, pointwise)
+@pytest.mark.parametrize("build, pairs", [(_mixlab_convmixer, 1 + 2 * 8), (_timm_convmixer, 1 + 2 * 3)])
+def test_swap_keeps_state_and_restores(build, pairs):
+    model = build()
+    want = _count_pairs(model)
+    assert want == pairs
+    before = copy.deepcopy(model.state_dict())
+    assert use_fused_gelu_bn(model) == want
+    assert _count_pairs(model) == 0
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert sum(isinstance(m, GeluBatchNorm2d) for m in model.modules()) == want
+    assert restore_gelu_bn(model) == want and _count_pairs(model) == want
+    assert not any(isinstance(m, GeluBatchNorm2d) for m in model.modules())
+
+
+def test_swapped_model_trains_as_the_original(kernel):
+    import mixlab
+
+    torch.manual_seed(0)
+    plain = mixlab.create_model("convmixer_256_8", num_classes=10).to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(plain)
+    assert use_fused_gelu_bn(fused) == 17
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, fused)]
+    for _ in range(4):
+        losses = []
+        for m, opt in zip((plain, fused), opts):
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 1e-5, losses
+    sp, sf = plain.state_dict(), fused.state_dict()
+    assert max(float((sp[k].double() - sf[k].double()).abs().max()) for k in sp) < 1e-5
+
+
+def test_method_is_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(tmp_path))
+    gb.LIBRARY.reset()
+    if not gb.fused_gelu_bn_available():
+        pytest.skip(f"kernel not built here: {gb.LIBRARY.unavailable_reason()}")
+    monkeypatch.setattr(gb, "_plan", None)
+    calls = []
+    monkeypatch.setattr(gb, "_time_methods", lambda *a: calls.append(1) or {"kernel": 2.0, "aten": 1.0})
+    x, w, b, dy = _inputs(2, 8, 4, 4, torch.float32)
+    for _ in range(3):
+        y = gelu_batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+    assert len(calls) == 1  # timed on the first call only
+    assert torch.equal(y, _aten(x, None, None, w, b, True, 0.1, 1e-5))  # aten was timed faster: aten runs
+    plan = json.loads(gb._plan_path().read_text())
+    assert list(plan.values()) == ["aten"] and "(2, 8, 4, 4)" in list(plan)[0]
+    monkeypatch.setattr(gb, "_plan", None)  # a new process reads the verdict instead of timing again
+    gelu_batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="'kernel', 'aten' or None"):
+        gb.set_gelu_bn_method("fast")
+    gb.LIBRARY.reset()
+
+
+def test_compiled_model_uses_the_op(kernel):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.BatchNorm2d(8)).to(
+        memory_format=torch.channels_last)
+    ref = copy.deepcopy(m)
+    use_fused_gelu_bn(m)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(4, 8, 8, 8)  # (the plain sum of a BatchNorm's output has no gradient)
+    out = torch.compile(m)(x)
+    (out * r).sum().backward()
+    want = ref(x)
+    (want * r).sum().backward()
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(m[0].weight.grad, ref[0].weight.grad, rtol=1e-4, atol=1e-5)
