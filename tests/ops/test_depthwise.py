@@ -203,3 +203,24 @@ def test_swapped_model_trains_like_the_original_fp32(path):
             run.append(loss.item())
         losses.append(run)
     assert max(abs(p - q) for p, q in zip(*losses)) < 1e-5
+
+
+@pytest.mark.parametrize("k, dil, pad", [(5, 1, 2), (3, 2, 2), (5, 1, 0), (3, 1, 2), (3, 1, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_gradient_by_either_method_equals_the_reference(k, dil, pad, dtype, monkeypatch):
+    # (3, 1, 3) pads more than the kernel reaches: only aten's own input gradient can do that
+    g = torch.Generator().manual_seed(1)
+    c = 5
+    x = torch.randn(2, c, 9, 8, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(c, 1, k, k, generator=g) * 0.3).to(dtype)
+    out = F.conv2d(x, w, None, 1, pad, dil, c)
+    up = torch.randn(out.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    ref = torch.ops.aten.convolution_backward(up.double(), x.double(), w.double(), None, [1, 1], [pad, pad],
+                                              [dil, dil], False, [0, 0], c, [True, False, False])[0]
+    assert (dwmod._flipped_padding((pad, pad), (k, k), (dil, dil)) is None) == (pad > dil * (k - 1))
+    for method in ("aten", "flipped_forward"):
+        monkeypatch.setattr(dwmod, "_plan", {})
+        monkeypatch.setattr(dwmod, "_choose", lambda key, cands, run, m=method: m if m in cands else cands[0])
+        gx = dwmod._input_grad(up, x, w, (pad, pad), (dil, dil))
+        assert gx.shape == x.shape
+        assert _rel_err(gx, ref) < TOL[dtype], (method, _rel_err(gx, ref))

@@ -4,7 +4,8 @@ aten computes a depthwise convolution's forward and input gradient quickly on th
 weight gradient is slow: for one ConvMixer-256/8 layer (128x256x16x16, 5x5, bf16, channels_last)
 it took 179 ms on a 2-core Intel Xeon and 54 ms on a 2-core AMD EPYC, where the forward takes
 2-3.5 ms (benchmarks/bench_depthwise.py), and it was half or more of a ConvMixer training step. :func:`depthwise_conv2d` keeps aten for the forward and the input
-gradient and computes the weight gradient with a small C++ kernel built at first use
+gradient (aten's input-gradient path, or its forward with the flipped kernel where that is timed
+faster) and computes the weight gradient with a small C++ kernel built at first use
 (:mod:`mixlab.ops.depthwise_build`), summing bf16 products in fp32. Where no compiler is
 found, it falls back to aten's weight gradient in fp32 (the faster of aten's two on bf16
 inputs), and says so once.
@@ -230,10 +231,50 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, 
     return _weight_grad_op(x, grad_out, *kernel, *pad, *dil, False)[0]
 
 
+# ----------------------------------------------------------------------------- input gradient
+#
+# The input gradient of a stride-1 depthwise convolution is itself a depthwise convolution of the
+# output gradient with the spatially flipped kernel and padding d*(k-1) - p. aten's forward path
+# for that was faster than its own input-gradient path on every shape measured here (ConvMixer's
+# 5x5 layer, bf16: 2.0 against 3.5 ms, 2 EPYC cores), but that is one machine's measurement: the
+# first backward of each new shape times both and keeps the faster, in the same plan file.
+
+def _flipped_padding(padding, kernel, dilation) -> tuple[int, int] | None:
+    pad = tuple(d * (k - 1) - p for p, k, d in zip(padding, kernel, dilation))
+    return pad if min(pad) >= 0 else None
+
+
+def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dilation) -> torch.Tensor:
+    kernel = (w.shape[2], w.shape[3])
+    flipped = _flipped_padding(padding, kernel, dilation)
+
+    def aten():
+        return torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], list(padding), list(dilation), False,
+                                                   [0, 0], x.shape[1], [True, False, False])[0]
+
+    def via_forward():
+        return F.conv2d(g, w.flip(2, 3), None, 1, flipped, dilation, x.shape[1])
+
+    if flipped is None or g.device.type != "cpu":
+        return aten()
+    key = (f"dgrad|{tuple(x.shape)}|k{kernel[0]}x{kernel[1]}|p{padding[0]},{padding[1]}|d{dilation[0]},{dilation[1]}|"
+           f"{str(x.dtype)[6:]}|{'nhwc' if _is_nhwc(x) else 'nchw'}|t{torch.get_num_threads()}")
+    runs = {"aten": aten, "flipped_forward": via_forward}
+    if torch.compiler.is_compiling():  # nothing is timed while tracing
+        method = _load_plan().get(key, "aten")
+    else:
+        method = _load_plan().get(key)
+        if method not in runs:
+            method = _choose(key, list(runs), lambda m: runs[m]())
+    return runs[method]()
+
+
 # ----------------------------------------------------------------------------- autograd
 
 class _DepthwiseConv2dFn(torch.autograd.Function):
-    """forward and input gradient: aten; weight gradient: :func:`_weight_grad_op` (fp32 sums).
+    """forward: aten; input gradient: aten's, or aten's forward with the flipped kernel, the
+    faster on this machine (:func:`_input_grad`); weight gradient: :func:`_weight_grad_op`
+    (fp32 sums).
 
     Under autocast the casts happen here, so the weight gradient is returned in the weight's
     own dtype straight from the fp32 sums instead of being rounded to bf16 first."""
@@ -255,9 +296,7 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         gx = gw = gb = None
         g = grad_out.to(xc.dtype)
         if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.convolution_backward(
-                g, xc, wc, None, [1, 1], list(padding), list(dilation), False, [0, 0], xc.shape[1],
-                [True, False, False])[0].to(x_dtype)
+            gx = _input_grad(g, xc, wc, padding, dilation).to(x_dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # the bias gradient comes with the weight's (one pass over dY, summed in fp32)
             with_bias = bool(ctx.needs_input_grad[2])
