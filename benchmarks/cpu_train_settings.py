@@ -1,7 +1,8 @@
 """Training-step speed of one model under every CPU setting `mixlab train` can pick, in one process.
 
-For each combination of precision (bf16 / fp32), layout (channels_last / NCHW) and depthwise
-convolution (mixlab's fast op / aten's), the same model, batch and task loss; the settings are
+For each combination of precision (bf16 / fp32), layout (channels_last / NCHW) and mixlab's CPU
+ops or aten's (the fast depthwise convolution, and GELU + BatchNorm fused where the model has
+such pairs, as `mixlab train` uses them), the same model, batch and task loss; the settings are
 timed in turn, one window each per round, so drift in the machine falls on all alike. Prints
 images/s (median over rounds) and the ratio of each to the best plain-torch setting (aten's
 depthwise convolution), and writes a JSON with the command, commit, CPU, torch and date.
@@ -27,7 +28,8 @@ from torch import nn
 
 import mixlab
 from mixlab.ops.depthwise import use_fast_depthwise
-from mixlab.runtime import tune_malloc
+from mixlab.ops.gelu_bn import use_fused_gelu_bn
+from mixlab.runtime import flush_denormals, tune_malloc
 from mixlab.train.cpu_defaults import cpu_model_name
 from mixlab.train.step import TrainStep
 
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     tune_malloc()
+    flush_denormals()  # as the CLI does, before torch's first parallel operation
     info = mixlab.model_info(args.model)
     size = args.img_size or info.input_size[1]
     seg = info.task == "segmentation"
@@ -60,9 +63,9 @@ def main() -> None:
     steps, runs = [], []
     for s in settings:
         m = __import__("copy").deepcopy(base)
-        n_fast = use_fast_depthwise(m) if s["fast_depthwise"] else 0
+        n_fast = (use_fast_depthwise(m) + use_fused_gelu_bn(m)) if s["fast_depthwise"] else 0
         if s["fast_depthwise"] and n_fast == 0:
-            continue  # no eligible depthwise convolution: the same as the aten setting
+            continue  # no eligible depthwise convolution or GELU + BatchNorm pair: the same as the aten setting
         fmt = torch.channels_last if s["channels_last"] else torch.contiguous_format
         m = m.to(memory_format=fmt).train()
         xs = x.contiguous(memory_format=fmt)
@@ -101,7 +104,7 @@ def main() -> None:
 
 def label(s: dict) -> dict:
     return dict(label=f"{s['precision']}, {'channels_last' if s['channels_last'] else 'NCHW'}, "
-                      f"{'fast' if s['fast_depthwise'] else 'aten'} depthwise")
+                      f"{'mixlab ops' if s['fast_depthwise'] else 'aten'}")
 
 
 if __name__ == "__main__":
