@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mixlab.ops import gelu_bn
+from mixlab.ops import gelu as gelu_ops
 from mixlab.runtime import flush_denormals, tune_malloc
 from mixlab.train.cpu_defaults import cpu_model_name
 
@@ -36,9 +36,9 @@ def main() -> None:
     args = ap.parse_args()
     tune_malloc()
     flush_denormals()  # as the CLI does, before torch's first parallel operation
-    if not gelu_bn.fused_gelu_bn_available():
-        sys.exit(f"the fused kernel is not available here: {gelu_bn.LIBRARY.unavailable_reason()}")
-    gelu_bn.set_gelu_bn_method("kernel")
+    if not gelu_ops.fast_gelu_available():
+        sys.exit(f"the fused kernel is not available here: {gelu_ops.LIBRARY.unavailable_reason()}")
+    gelu_ops.set_gelu_method("kernel")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [f"python {' '.join(sys.argv)}",
              f"commit {commit}, {cpu_model_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -60,7 +60,7 @@ def main() -> None:
                 return y
 
             def fused(backward):
-                y = gelu_bn.gelu_batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+                y = gelu_ops.gelu_batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
                 if backward:
                     y.backward(dy)
                 return y

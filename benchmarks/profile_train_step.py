@@ -6,7 +6,7 @@ operators by self time, eager and (``--compile``) under torch.compile.
 
 The step is the one `mixlab bench --mode train` times (`mixlab.analysis.bench.StepRunner`: mixlab's
 TrainStep with the model's task loss, seeded random inputs), with the settings `mixlab train` would
-use on the CPU (channels_last, mixlab's fast depthwise convolution, fused GELU + BatchNorm) unless told otherwise. Run it
+use on the CPU (channels_last, mixlab's fast depthwise convolution and GELU kernels) unless told otherwise. Run it
 alone on the machine.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import mixlab
 from mixlab.analysis.bench import BenchConfig, StepRunner
 from mixlab.ops.depthwise import use_fast_depthwise
 from mixlab.analysis.profile import input_hw_of
-from mixlab.ops.gelu_bn import use_fused_gelu_bn
+from mixlab.ops.gelu import use_fast_gelu
 from mixlab.runtime import flush_denormals, tune_malloc
 from mixlab.train.cpu_defaults import cpu_model_name
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--nchw", action="store_true", help="keep NCHW (default: channels_last)")
     ap.add_argument("--aten-depthwise", action="store_true", help="keep aten's depthwise convolution")
-    ap.add_argument("--aten-gelu-bn", action="store_true", help="keep GELU and BatchNorm as two aten operations")
+    ap.add_argument("--aten-gelu", action="store_true", help="keep aten's GELU (and BatchNorm)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--steps", type=int, default=6, help="timed steps (after 3 warm-up steps)")
     ap.add_argument("--rows", type=int, default=15, help="operators listed")
@@ -50,8 +50,8 @@ def main() -> None:
     model = mixlab.create_model(args.model, img_size=hw if args.img_size else None)
     if not args.aten_depthwise:
         use_fast_depthwise(model)
-    if not args.aten_gelu_bn:
-        use_fused_gelu_bn(model)
+    if not args.aten_gelu:
+        use_fast_gelu(model)
     cfg = BenchConfig(mode="train", batch_size=args.batch_size, img_size=hw, precision=args.precision,
                       channels_last=not args.nchw, compile=args.compile, task=mixlab.model_info(args.model).task)
     runner = StepRunner(model, cfg, getattr(model, "in_chans", 3), int(model.num_classes))
@@ -65,7 +65,7 @@ def main() -> None:
              f"{datetime.date.today().isoformat()}",
              f"{args.model}: batch {args.batch_size}, {hw[0]}x{hw[1]}, {args.precision}, "
              f"{'NCHW' if args.nchw else 'channels_last'}, {'aten' if args.aten_depthwise else 'fast'} depthwise conv, "
-             f"{'aten' if args.aten_gelu_bn else 'fused'} GELU + BatchNorm, "
+             f"{'aten' if args.aten_gelu else 'mixlab'} GELU, "
              f"{'compiled' if args.compile else 'eager'}: {1000 * seconds:.1f} ms/step, "
              f"{args.batch_size / seconds:.1f} images/s",
              "operators over 3 profiled steps (divide by 3 for one step):",

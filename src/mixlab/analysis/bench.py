@@ -189,17 +189,17 @@ def build_timm_model(spec: str, kwargs: dict) -> nn.Module:
 
 def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_size=None, device: str = "cpu",
                      precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                     fast_depthwise: bool = True, fused_gelu_bn: bool = True, num_classes: int | None = None,
+                     fast_depthwise: bool = True, fast_gelu: bool = True, num_classes: int | None = None,
                      model_kwargs: dict | None = None,
                      vs: str | None = None, vs_kwargs: dict | None = None, warmup: int = 3, windows: int = 5,
                      window_seconds: float = 2.0, count_flops: bool = True, memory_check: bool = True) -> dict:
     """Time the registered model ``name`` (and the timm model ``vs`` = ``timm:NAME``, alternating
     windows), as ``mixlab bench`` does. ``img_size``: [N] or [H, W], or None for the model's own.
     ``fast_depthwise``: on the CPU, run ``name`` with mixlab's fast depthwise convolution (the
-    ``vs`` model always keeps aten's); ``fused_gelu_bn``: likewise with GELU + BatchNorm pairs
-    fused (:mod:`mixlab.ops.gelu_bn`). Returns :func:`bench_pair`'s dict with the model, the
-    versions, threads and CPU, ``fast_depthwise_convs`` (layers switched) and
-    ``fused_gelu_bn_pairs``. ``memory_check``:
+    ``vs`` model always keeps aten's); ``fast_gelu``: likewise with mixlab's GELU kernels
+    (:mod:`mixlab.ops.gelu`). Returns :func:`bench_pair`'s dict with the model, the versions,
+    threads and CPU, ``fast_depthwise_convs`` (layers switched) and ``fast_gelu`` ([GELU +
+    BatchNorm pairs fused, GELUs alone]). ``memory_check``:
     refuse a batch whose step would not fit in the memory free (estimated first)."""
     from ..registry import create_model, model_info
     from ..runtime import denormals_flushed, malloc_tuned
@@ -220,11 +220,11 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
         from ..ops.depthwise import use_fast_depthwise
 
         fast_dw = use_fast_depthwise(model)
-    fused = 0
-    if fused_gelu_bn and not device.startswith("cuda"):
-        from ..ops.gelu_bn import use_fused_gelu_bn
+    gelus = (0, 0)
+    if fast_gelu and not device.startswith("cuda"):
+        from ..ops.gelu import use_fast_gelu
 
-        fused = use_fused_gelu_bn(model)
+        gelus = use_fast_gelu(model)
     other = None
     if vs:
         if not vs.startswith("timm:"):
@@ -252,6 +252,6 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
     out = bench_pair(model, cfg, other, in_chans=getattr(model, "in_chans", 3))
     out.update(model=name, vs=vs, torch=torch.__version__, malloc_tuned=malloc_tuned(),
                denormals_flushed=denormals_flushed(),
-               threads=torch.get_num_threads(), fast_depthwise_convs=fast_dw, fused_gelu_bn_pairs=fused,
+               threads=torch.get_num_threads(), fast_depthwise_convs=fast_dw, fast_gelu=list(gelus),
                cpu=cpu_model_name())
     return out

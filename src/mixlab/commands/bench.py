@@ -16,9 +16,10 @@ def configure(p):
     p.add_argument("--fast-depthwise", choices=["on", "off"], default="on",
                    help="on the CPU, run mixlab's model with the fast depthwise convolution (mixlab.ops.depthwise; "
                         "default on, as `mixlab train` measures it; the --vs model always keeps aten's)")
-    p.add_argument("--fused-gelu-bn", choices=["on", "off"], default="on",
-                   help="on the CPU, run mixlab's model with GELU + BatchNorm pairs fused (mixlab.ops.gelu_bn; "
-                        "default on, as `mixlab train` uses it; the --vs model always keeps aten's)")
+    p.add_argument("--fast-gelu", choices=["on", "off"], default="on",
+                   help="on the CPU, run mixlab's model with mixlab's GELU kernels: GELU + BatchNorm pairs fused, "
+                        "other GELUs alone (mixlab.ops.gelu; default on, as `mixlab train` uses them; the --vs model "
+                        "always keeps aten's)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--model-kwargs", default="", metavar="K=V,...", help="architecture arguments")
     p.add_argument("--vs", metavar="timm:NAME",
@@ -41,19 +42,20 @@ def run(args) -> int:
     out = bench_registered(
         args.model, mode=args.mode, batch_size=args.batch_size, img_size=args.img_size, device=args.device,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-        fast_depthwise=args.fast_depthwise == "on", fused_gelu_bn=args.fused_gelu_bn == "on", num_classes=args.num_classes,
+        fast_depthwise=args.fast_depthwise == "on", fast_gelu=args.fast_gelu == "on", num_classes=args.num_classes,
         model_kwargs=parse_kv(args.model_kwargs), vs=args.vs, vs_kwargs=parse_kv(args.vs_kwargs) if args.vs else None,
         warmup=args.warmup, windows=args.windows, window_seconds=args.window_seconds, count_flops=not args.no_flops,
         memory_check=not args.no_memory_check)
     hw, fast_dw, other = out["config"]["img_size"], out["fast_depthwise_convs"], out.get("other")
-    fused = out["fused_gelu_bn_pairs"]
+    pairs, alone = out["fast_gelu"]
     if print_json(out, args.json):
         return 0
     r = out["result"]
     print(f"{args.model}: {args.mode}, batch {args.batch_size}, {hw[0]}x{hw[1]}, {args.device}, "
           f"{args.precision}{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}"
           f"{f', fast depthwise conv ({fast_dw} layers)' if fast_dw else ''}"
-          f"{f', fused GELU + BatchNorm ({fused} pairs)' if fused else ''}"
+          f"{f', fused GELU + BatchNorm ({pairs} pairs)' if pairs else ''}"
+          f"{f', mixlab GELU ({alone})' if alone else ''}"
           f"  (torch {out['torch']}, {out['threads']} threads, malloc tuning {'on' if out['malloc_tuned'] else 'off'}, "
           f"subnormals {'flushed' if out['denormals_flushed'] else 'kept'}; "
           f"{out['cpu']})")

@@ -1,6 +1,6 @@
 """Build (once per machine) and load mixlab's small C++ CPU kernels.
 
-Each kernel file beside this one (``depthwise_kernels.cpp``, ``gelu_bn_kernels.cpp``) includes
+Each kernel file beside this one (``depthwise_kernels.cpp``, ``gelu_kernels.cpp``) includes
 no torch headers, so the machine's C++ compiler builds it in about a second, where a
 ``torch.utils.cpp_extension`` build takes a minute; it is called through ``ctypes`` on the
 tensors' data pointers. The shared library is cached under ``$MIXLAB_KERNEL_CACHE`` (default

@@ -33,9 +33,10 @@ def run_settings(log_every: int, omit: tuple = (), **changes) -> dict:
         # mixlab's depthwise convolution with a fast CPU backward (mixlab.ops.depthwise): auto
         # (measured on the CPU) | true | false; CUDA keeps cuDNN's
         "fast_depthwise": "auto",
-        # GELU followed by BatchNorm in one CPU kernel (mixlab.ops.gelu_bn): auto (on the CPU; the
-        # op times itself against aten per shape and keeps the faster) | true | false
-        "fused_gelu_bn": "auto",
+        # mixlab's GELU kernels on the CPU (mixlab.ops.gelu: GELU + BatchNorm pairs fused, other
+        # GELUs alone): auto (on the CPU; each op times itself against aten per shape and keeps the
+        # faster) | true | false
+        "fast_gelu": "auto",
         # measure the CPU settings left on auto (precision, channels_last, fast_depthwise) with a
         # few training steps of each combination; false: bf16 where supported, channels_last for
         # convolutional models, the fast depthwise op

@@ -44,7 +44,7 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
     from ..ops.depthwise import use_fast_depthwise
     from .cpu_defaults import resolve_cpu_settings
 
-    fuse = _fuse_gelu_bn(cfg, model, device, say)
+    fast_gelu = _fast_gelu(cfg, model, device, say)
     if device.type == "cpu":
         p = resolve_cpu_settings(cfg, model, batch, loss_fn, total_steps, say, measure=not dist.enabled)
     else:  # CUDA keeps cuDNN's depthwise convolution
@@ -52,30 +52,30 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
                                       channels_last=pick_channels_last(cfg["channels_last"], model),
                                       fast_depthwise=False, compile=cfg.get("compile") is True,
                                       how="device defaults", figures={})
-    p["fused_gelu_bn"] = fuse
+    p["fast_gelu"] = fast_gelu
     cfg["picked"] = p
     if p["fast_depthwise"] and device.type == "cpu":
         use_fast_depthwise(model)
     return p
 
 
-def _fuse_gelu_bn(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
-    """Whether this run fuses GELU + BatchNorm pairs (:mod:`mixlab.ops.gelu_bn`), switching them
-    in ``model`` when it does, before the CPU settings are timed (so the timings include it). A
-    resumed run follows its record (runs recorded before the option existed did not fuse)."""
-    from ..ops.gelu_bn import fused_gelu_bn_available, use_fused_gelu_bn
+def _fast_gelu(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
+    """Whether this run uses mixlab's GELU kernels (:mod:`mixlab.ops.gelu`), switching ``model``'s
+    GELUs when it does, before the CPU settings are timed (so the timings include them). A
+    resumed run follows its record (runs recorded before the option existed did not use them)."""
+    from ..ops.gelu import fast_gelu_available, use_fast_gelu
     from .cpu_defaults import _as_bool
 
     if cfg.get("picked"):
-        fuse = bool(cfg["picked"].get("fused_gelu_bn", False))
+        use = bool(cfg["picked"].get("fast_gelu", False))
     else:
-        wanted = _as_bool(cfg.get("fused_gelu_bn", "auto"), "fused_gelu_bn")
+        wanted = _as_bool(cfg.get("fast_gelu", "auto"), "fast_gelu")
         if wanted is False or device.type != "cpu":
             return False
-        if not fused_gelu_bn_available():
+        if not fast_gelu_available():
             if wanted is True:
-                say("fused_gelu_bn=true was asked for, but the kernel is not available here (see the message above): "
-                    "GELU and BatchNorm run as two aten operations")
+                say("fast_gelu=true was asked for, but the kernel is not available here (see the message above): "
+                    "GELU and BatchNorm run as aten's operations")
             return False
-        fuse = True
-    return fuse and use_fused_gelu_bn(model) > 0
+        use = True
+    return use and sum(use_fast_gelu(model)) > 0

@@ -1,6 +1,6 @@
-"""The fused GELU + BatchNorm equals F.gelu then F.batch_norm: forward, running statistics and
-all three gradients against an fp64 reference; the module swap keeps a model's state and its
-training; the fallbacks are aten's own operations."""
+"""mixlab's GELU kernels: the fused GELU + BatchNorm equals F.gelu then F.batch_norm (forward,
+running statistics and all three gradients against an fp64 reference), GELU alone equals F.gelu;
+the module swap keeps a model's state and its training; the fallbacks are aten's own operations."""
 import copy
 import json
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixlab.ops import gelu_bn as gb
-from mixlab.ops.gelu_bn import GeluBatchNorm2d, gelu_batch_norm, restore_gelu_bn, use_fused_gelu_bn
+from mixlab.ops import gelu as gb
+from mixlab.ops.gelu import FastGELU, GeluBatchNorm2d, gelu, gelu_batch_norm, restore_gelu, use_fast_gelu
 
 
 @pytest.fixture
@@ -18,11 +18,11 @@ def kernel(monkeypatch, tmp_path):
     """The compiled kernel for every call (also where aten would be timed faster)."""
     monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(tmp_path / "kernels"))
     gb.LIBRARY.reset()
-    if not gb.fused_gelu_bn_available():
+    if not gb.fast_gelu_available():
         pytest.skip(f"kernel not built here: {gb.LIBRARY.unavailable_reason()}")
-    gb.set_gelu_bn_method("kernel")
+    gb.set_gelu_method("kernel")
     yield
-    gb.set_gelu_bn_method(None)
+    gb.set_gelu_method(None)
     gb.LIBRARY.reset()
 
 
@@ -106,16 +106,21 @@ def test_outside_the_scope_it_is_aten_exactly(kernel):
 
 
 def test_without_the_kernel_it_is_aten(monkeypatch, capsys):
-    monkeypatch.setenv("MIXLAB_FUSED_GELU_BN_BUILD", "0")
+    monkeypatch.setenv("MIXLAB_FAST_GELU_BUILD", "0")
     gb.LIBRARY.reset()
     try:
-        assert not gb.fused_gelu_bn_available()
-        assert "MIXLAB_FUSED_GELU_BN_BUILD=0" in capsys.readouterr().err
+        assert not gb.fast_gelu_available()
+        assert "MIXLAB_FAST_GELU_BUILD=0" in capsys.readouterr().err
         x, w, b, dy = _inputs(2, 8, 4, 4, torch.float32)
         for got, want in zip(_run(gelu_batch_norm, x, w, b, dy), _run(_aten, x, w, b, dy)):
             assert torch.equal(got, want)
+        assert torch.equal(gelu(x), F.gelu(x))
     finally:
         gb.LIBRARY.reset()
+
+
+def _count_gelus(model: nn.Module) -> int:
+    return sum(type(m) is nn.GELU for m in model.modules())
 
 
 def _count_pairs(model: nn.Module) -> int:
@@ -146,14 +151,15 @@ def test_swap_keeps_state_and_restores(build, pairs):
     model = build()
     want = _count_pairs(model)
     assert want == pairs
+    gelus = _count_gelus(model)
     before = copy.deepcopy(model.state_dict())
-    assert use_fused_gelu_bn(model) == want
-    assert _count_pairs(model) == 0
+    assert use_fast_gelu(model) == (want, gelus - want)
+    assert _count_pairs(model) == 0 and _count_gelus(model) == 0
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert sum(isinstance(m, GeluBatchNorm2d) for m in model.modules()) == want
-    assert restore_gelu_bn(model) == want and _count_pairs(model) == want
-    assert not any(isinstance(m, GeluBatchNorm2d) for m in model.modules())
+    assert restore_gelu(model) == gelus and _count_pairs(model) == want and _count_gelus(model) == gelus
+    assert not any(isinstance(m, (GeluBatchNorm2d, FastGELU)) for m in model.modules())
 
 
 def test_swapped_model_trains_as_the_original(kernel):
@@ -162,7 +168,7 @@ def test_swapped_model_trains_as_the_original(kernel):
     torch.manual_seed(0)
     plain = mixlab.create_model("convmixer_256_8", num_classes=10).to(memory_format=torch.channels_last)
     fused = copy.deepcopy(plain)
-    assert use_fused_gelu_bn(fused) == 17
+    assert use_fast_gelu(fused) == (17, 0)
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,))
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, fused)]
@@ -182,7 +188,7 @@ def test_swapped_model_trains_as_the_original(kernel):
 def test_method_is_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(tmp_path))
     gb.LIBRARY.reset()
-    if not gb.fused_gelu_bn_available():
+    if not gb.fast_gelu_available():
         pytest.skip(f"kernel not built here: {gb.LIBRARY.unavailable_reason()}")
     monkeypatch.setattr(gb, "_plan", None)
     calls = []
@@ -193,12 +199,12 @@ def test_method_is_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
     assert len(calls) == 1  # timed on the first call only
     assert torch.equal(y, _aten(x, None, None, w, b, True, 0.1, 1e-5))  # aten was timed faster: aten runs
     plan = json.loads(gb._plan_path().read_text())
-    assert list(plan.values()) == ["aten"] and "(2, 8, 4, 4)" in list(plan)[0]
+    assert list(plan.values()) == ["aten"] and list(plan)[0].startswith("gelu_bn|(2, 8, 4, 4)|")
     monkeypatch.setattr(gb, "_plan", None)  # a new process reads the verdict instead of timing again
     gelu_batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
     assert len(calls) == 1
     with pytest.raises(ValueError, match="'kernel', 'aten' or None"):
-        gb.set_gelu_bn_method("fast")
+        gb.set_gelu_method("fast")
     gb.LIBRARY.reset()
 
 
@@ -207,7 +213,7 @@ def test_compiled_model_uses_the_op(kernel):
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.BatchNorm2d(8)).to(
         memory_format=torch.channels_last)
     ref = copy.deepcopy(m)
-    use_fused_gelu_bn(m)
+    use_fast_gelu(m)
     x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     r = torch.randn(4, 8, 8, 8)  # (the plain sum of a BatchNorm's output has no gradient)
     out = torch.compile(m)(x)
@@ -216,3 +222,53 @@ def test_compiled_model_uses_the_op(kernel):
     (want * r).sum().backward()
     torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(m[0].weight.grad, ref[0].weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make", [
+    lambda t: t.contiguous(memory_format=torch.channels_last),  # a conv's output here
+    lambda t: t.contiguous(),
+    lambda t: t.reshape(-1, t.shape[1] * t.shape[2], t.shape[3]),  # (B, N, C) tokens of an MLP
+])
+def test_gelu_alone_equals_f_gelu(kernel, dtype, make):
+    g = torch.Generator().manual_seed(2)
+    x = make((torch.randn(3, 7, 5, 9, generator=g) * 3).to(dtype)).requires_grad_()
+    dy = make(torch.randn(3, 7, 5, 9, generator=g).to(dtype))
+    y = gelu(x)
+    y.backward(dy)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    xr = x.detach().double().requires_grad_()
+    ref = F.gelu(xr)
+    ref.backward(dy.double())
+    if dtype == torch.float32:
+        assert _rel(y, ref) < 1e-6 and _rel(x.grad, xr.grad) < 1e-6, (_rel(y, ref), _rel(x.grad, xr.grad))
+    else:  # no worse than aten's bf16 GELU against the same reference
+        xa = x.detach().clone().requires_grad_()
+        ya = F.gelu(xa)
+        ya.backward(dy)
+        assert _rel(y, ref) <= max(2 * _rel(ya, ref), 1e-5) and _rel(x.grad, xr.grad) <= max(2 * _rel(xa.grad, xr.grad), 1e-5)
+    # a gradient in another layout than the input is laid out in the input's before the kernel reads it
+    x.grad = None
+    other = dy.transpose(-1, -2).contiguous().transpose(-1, -2)  # the same values, other strides
+    assert other.stride() != x.stride()
+    gelu(x).backward(other)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=0.02 if dtype == torch.bfloat16 else 1e-6,
+                               atol=0.02 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_tanh_gelu_and_conv2former_keep_their_semantics(kernel):
+    import mixlab
+
+    m = nn.GELU(approximate="tanh")
+    assert use_fast_gelu(nn.Sequential(m)) == (0, 0) and type(m) is nn.GELU  # only the exact form is switched
+    torch.manual_seed(0)
+    plain = mixlab.create_model("conv2former_n_cifar", num_classes=10).train()
+    fast = copy.deepcopy(plain)
+    pairs, alone = use_fast_gelu(fast)
+    assert alone == _count_gelus(plain) - pairs > 0
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)
+    a = plain(x)
+    torch.manual_seed(1)  # the same drop-path draws
+    b = fast(x)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

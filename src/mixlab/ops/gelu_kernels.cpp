@@ -1,4 +1,6 @@
-// GELU followed by training-mode BatchNorm, fused, on channels-last CPU tensors:
+// GELU on the CPU: fused with the training-mode BatchNorm that follows it, and alone.
+//
+// The pair, on channels-last tensors:
 //
 //   g = gelu(x) = x * Phi(x)      y = (g - mean_c) * rstd_c * gamma_c + beta_c
 //
@@ -23,8 +25,12 @@
 // arithmetic. exp's argument is clamped at -87, so no subnormal number is ever produced (they
 // are slow on x86).
 //
-// Built with the depthwise kernels' builder (mixlab/ops/depthwise_build.py), called through
-// ctypes on data pointers, threads from torch's own OpenMP pool.
+// GELU alone (y = gelu(x), dx = dy * gelu'(x)) runs element by element with the same arithmetic:
+// aten's bf16 GELU took 2.0 ms and its backward 3.1 ms on a 256x128x16x16 tensor where these
+// take 1.4 and 1.5 ms (2 EPYC cores).
+//
+// Built by mixlab/ops/kernel_build.py, called through ctypes on data pointers, threads from
+// torch's own OpenMP pool.
 #include <omp.h>
 #include <cmath>
 #include <cstdint>
@@ -231,11 +237,33 @@ int bwd_apply(const T* x, const T* g, const T* dy, T* dx, long M, long C, const 
     return 0;
 }
 
+// GELU alone (where no BatchNorm follows): y = gelu(x), dx = dy * gelu'(x), element by element
+// over a tensor of any layout that is dense in memory
+template <typename T>
+int gelu_fwd(const T* x, T* y, long n, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for simd num_threads(nthreads) schedule(static)
+    for (long i = 0; i < n; ++i) store(y + i, gelu<T>(widen(x[i])));
+    return 0;
+}
+
+template <typename T>
+int gelu_bwd(const T* x, const T* dy, T* dx, long n, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for simd num_threads(nthreads) schedule(static)
+    for (long i = 0; i < n; ++i) {
+        const float v = widen(x[i]);
+        const Phi f = phi_pair<lite<T>()>(v);
+        store(dx + i, widen(dy[i]) * (f.cdf + v * f.pdf));
+    }
+    return 0;
+}
+
 }  // namespace
 
 extern "C" {
 
-int mixlab_gelu_bn_abi_version(void) { return 2; }
+int mixlab_gelu_bn_abi_version(void) { return 3; }
 
 int mixlab_gelu_bn_fwd_stats_f32(const void* x, void* g, long M, long C, double* s, double* ss, int nt) {
     return fwd_stats(static_cast<const float*>(x), static_cast<float*>(g), M, C, s, ss, nt);
@@ -264,6 +292,20 @@ int mixlab_gelu_bn_bwd_apply_bf16(const void* x, const void* g, const void* dy, 
                                   const float* k1, const float* k2, const float* k3, int nt) {
     return bwd_apply(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(g),
                      static_cast<const uint16_t*>(dy), static_cast<uint16_t*>(dx), M, C, k1, k2, k3, nt);
+}
+
+int mixlab_gelu_fwd_f32(const void* x, void* y, long n, int nt) {
+    return gelu_fwd(static_cast<const float*>(x), static_cast<float*>(y), n, nt);
+}
+int mixlab_gelu_fwd_bf16(const void* x, void* y, long n, int nt) {
+    return gelu_fwd(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), n, nt);
+}
+int mixlab_gelu_bwd_f32(const void* x, const void* dy, void* dx, long n, int nt) {
+    return gelu_bwd(static_cast<const float*>(x), static_cast<const float*>(dy), static_cast<float*>(dx), n, nt);
+}
+int mixlab_gelu_bwd_bf16(const void* x, const void* dy, void* dx, long n, int nt) {
+    return gelu_bwd(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(dy), static_cast<uint16_t*>(dx), n,
+                    nt);
 }
 
 }  // extern "C"

@@ -1,23 +1,25 @@
-"""GELU followed by training-mode BatchNorm in one CPU kernel (``gelu_bn_kernels.cpp``).
+"""mixlab's GELU kernels for the CPU (``gelu_kernels.cpp``): GELU fused with the BatchNorm that
+follows it, and GELU alone.
 
 ConvMixer (and timm's) applies ``GELU`` then ``BatchNorm2d`` to every convolution's output: 17
 pairs in a ConvMixer-256/8 step. In aten each pair is five passes over a 16.8 MB activation
 (GELU; BatchNorm's statistics and normalisation; BatchNorm's two backward passes) plus GELU's
 backward, about 10 ms a pair on 2 EPYC cores in bf16; the fused kernel does the forward in two
 passes and the backward in two, and evaluates GELU twice instead of three times
-(benchmarks/bench_gelu_bn.py).
+(benchmarks/bench_gelu_bn.py). GELU alone (Conv2Former's and the MLP blocks') is one pass each
+way, with the same vectorised arithmetic, where aten's bf16 GELU and its backward are slower.
 
-Scope: a 4-D channels-last tensor (what ``mixlab train`` uses on the CPU for convolutional
-models) in fp32 or bf16, on the CPU, in training mode (batch statistics; the running statistics
-are updated as ``nn.BatchNorm2d`` updates them). Anything else (evaluation, NCHW, other
-dtypes, CUDA) runs ``F.gelu`` then ``F.batch_norm`` unchanged. As for the depthwise op, the first
-call of each new shape times the kernel against aten (forward and backward) and keeps the faster,
-stored per CPU, torch version and thread count in the kernel cache folder.
+Scope: fp32 or bf16 on the CPU; the pair on a 4-D channels-last tensor in training mode (batch
+statistics; the running statistics are updated as ``nn.BatchNorm2d`` updates them), GELU alone
+on any tensor dense in memory. Anything else (evaluation of the pair, NCHW pairs, other dtypes,
+CUDA, the tanh approximation) runs aten's operations unchanged. The first call of each new shape
+times the kernel against aten (forward and backward) and keeps the faster, stored per CPU, torch
+version and thread count in the kernel cache folder.
 
-:func:`use_fused_gelu_bn` switches every ``nn.GELU`` (exact) directly followed by an
-``nn.BatchNorm2d`` in an ``nn.Sequential`` to the fused module, in place: the GELU becomes an
-``nn.Identity`` and the BatchNorm a :class:`GeluBatchNorm2d` (same parameters, buffers and
-state_dict keys). :func:`restore_gelu_bn` undoes it.
+:func:`use_fast_gelu` switches a model in place: every exact ``nn.GELU`` directly followed by an
+``nn.BatchNorm2d`` in an ``nn.Sequential`` becomes an ``nn.Identity`` and the BatchNorm a
+:class:`GeluBatchNorm2d` (same parameters, buffers and state_dict keys); every other exact
+``nn.GELU`` becomes a :class:`FastGELU`. :func:`restore_gelu` undoes both.
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ from torch import nn
 
 from .kernel_build import KernelLibrary, cache_dir, cpu_identity
 
-__all__ = ["gelu_batch_norm", "GeluBatchNorm2d", "use_fused_gelu_bn", "restore_gelu_bn",
-           "fused_gelu_bn_available"]
+__all__ = ["gelu", "gelu_batch_norm", "FastGELU", "GeluBatchNorm2d", "use_fast_gelu", "restore_gelu",
+           "fast_gelu_available"]
 
 _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p
 _SIGS = {}
@@ -43,16 +45,18 @@ for _t in ("f32", "bf16"):
     _SIGS[f"mixlab_gelu_bn_fwd_apply_{_t}"] = (_I, [_P, _P, _L, _L, _P, _P, _I])
     _SIGS[f"mixlab_gelu_bn_bwd_stats_{_t}"] = (_I, [_P, _P, _L, _L, _D, _D, _I])
     _SIGS[f"mixlab_gelu_bn_bwd_apply_{_t}"] = (_I, [_P, _P, _P, _P, _L, _L, _P, _P, _P, _I])
+    _SIGS[f"mixlab_gelu_fwd_{_t}"] = (_I, [_P, _P, _L, _I])
+    _SIGS[f"mixlab_gelu_bwd_{_t}"] = (_I, [_P, _P, _P, _L, _I])
 
 LIBRARY = KernelLibrary(
-    Path(__file__).with_name("gelu_bn_kernels.cpp"), "mixlab_gelu_bn", "fused GELU + BatchNorm",
-    ("mixlab_gelu_bn_abi_version", 2), _SIGS, "MIXLAB_FUSED_GELU_BN_BUILD",
-    "GELU and BatchNorm run as two aten operations (correct, slower)",
+    Path(__file__).with_name("gelu_kernels.cpp"), "mixlab_gelu", "GELU (and GELU + BatchNorm)",
+    ("mixlab_gelu_bn_abi_version", 3), _SIGS, "MIXLAB_FAST_GELU_BUILD",
+    "GELU and BatchNorm run as aten's operations (correct, slower)",
     # the loops are bound by GELU's arithmetic: full-width AVX-512 where the CPU has it
     extra_flags=("-mprefer-vector-width=512",))
 
 
-def fused_gelu_bn_available() -> bool:
+def fast_gelu_available() -> bool:
     """Whether the compiled kernel is loaded (building it on first call)."""
     return LIBRARY.load() is not None
 
@@ -67,7 +71,7 @@ def _sfx(x: torch.Tensor) -> str:
 
 def _check(rc: int) -> None:
     if rc != 0:
-        raise MemoryError("the fused GELU + BatchNorm kernel could not allocate its per-thread sums")
+        raise MemoryError("the GELU + BatchNorm kernel could not allocate its per-thread sums")
 
 
 # ----------------------------------------------------------------------------- the two ops
@@ -157,6 +161,47 @@ class _GeluBatchNormFn(torch.autograd.Function):
                 db.to(weight.dtype) if ctx.needs_input_grad[2] else None, None)
 
 
+@torch.library.custom_op("mixlab::gelu_forward", mutates_args=())
+def _gelu_forward_op(x: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(x)  # the same strides: the kernel runs over the dense memory of both
+    _check(getattr(LIBRARY.load(), f"mixlab_gelu_fwd_{_sfx(x)}")(x.data_ptr(), y.data_ptr(), x.numel(),
+                                                                   torch.get_num_threads()))
+    return y
+
+
+@_gelu_forward_op.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mixlab::gelu_backward", mutates_args=())
+def _gelu_backward_op(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    dy = grad_out.to(x.dtype)
+    if dy.stride() != x.stride():
+        dy = torch.empty_like(x).copy_(dy)
+    dx = torch.empty_like(x)
+    _check(getattr(LIBRARY.load(), f"mixlab_gelu_bwd_{_sfx(x)}")(x.data_ptr(), dy.data_ptr(), dx.data_ptr(),
+                                                                   x.numel(), torch.get_num_threads()))
+    return dx
+
+
+@_gelu_backward_op.register_fake
+def _(x, grad_out):
+    return torch.empty_like(x)
+
+
+class _GeluFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _gelu_forward_op(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return _gelu_backward_op(x, grad_y)
+
+
 # ----------------------------------------------------------------------------- kernel or aten, per shape
 #
 # Timed once per (shape, dtype, threads) on first use, as the depthwise op's weight gradient is;
@@ -166,11 +211,12 @@ _method_override: str | None = None
 _plan: dict[str, str] | None = None
 
 
-def set_gelu_bn_method(method: str | None) -> None:
-    """Force 'kernel' or 'aten' for every call; None (default) times both per shape."""
+def set_gelu_method(method: str | None) -> None:
+    """Force 'kernel' or 'aten' for every GELU and GELU + BatchNorm call; None (default)
+    times both per shape."""
     global _method_override
     if method not in (None, "kernel", "aten"):
-        raise ValueError(f"GELU + BatchNorm method must be 'kernel', 'aten' or None, got {method!r}")
+        raise ValueError(f"GELU method must be 'kernel', 'aten' or None, got {method!r}")
     _method_override = method
 
 
@@ -193,12 +239,21 @@ def _aten(x, weight, bias, eps):
     return F.batch_norm(F.gelu(x), None, None, weight, bias, True, 0.0, eps)
 
 
-def _time_methods(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> dict[str, float]:
+def _pair_runs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> dict:
     xs = x.detach().requires_grad_()
     ws, bs = weight.detach().requires_grad_(), bias.detach().requires_grad_()
     dy = torch.randn_like(xs, memory_format=torch.channels_last)
-    runs = {"kernel": lambda: _GeluBatchNormFn.apply(xs, ws, bs, eps)[0].backward(dy),
+    return {"kernel": lambda: _GeluBatchNormFn.apply(xs, ws, bs, eps)[0].backward(dy),
             "aten": lambda: _aten(xs, ws, bs, eps).backward(dy)}
+
+
+def _gelu_runs(x: torch.Tensor) -> dict:
+    xs = x.detach().requires_grad_()
+    dy = torch.randn_like(xs)
+    return {"kernel": lambda: _GeluFn.apply(xs).backward(dy), "aten": lambda: F.gelu(xs).backward(dy)}
+
+
+def _time_methods(runs: dict) -> dict[str, float]:
     times = {}
     with torch.enable_grad(), torch.autocast("cpu", enabled=False):
         for run in runs.values():  # one untimed call each (first-call set-up)
@@ -213,15 +268,17 @@ def _time_methods(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
     return times
 
 
-def _method(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> str:
+def _method(kind: str, x: torch.Tensor, make_runs) -> str:
+    """'kernel' or 'aten' for ``kind`` ('gelu_bn' or 'gelu') on ``x``'s shape; ``make_runs()``
+    gives the two forward + backward calls to time on first use."""
     if _method_override is not None:
         return _method_override
-    key = f"{tuple(x.shape)}|{str(x.dtype)[6:]}|t{torch.get_num_threads()}"
+    key = f"{kind}|{tuple(x.shape)}|{list(x.stride())}|{str(x.dtype)[6:]}|t{torch.get_num_threads()}"
     plan = _load_plan()
     if torch.compiler.is_compiling():  # nothing can be timed while tracing: the kernel unless timed slower
         return plan.get(key, "kernel")
     if plan.get(key) not in ("kernel", "aten"):
-        times = _time_methods(x, weight, bias, eps)
+        times = _time_methods(make_runs())
         plan[key] = min(times, key=times.get)
         from ..io import atomic_write_json
 
@@ -239,17 +296,30 @@ def _fusable(x: torch.Tensor) -> bool:
             and x.shape[0] * x.shape[2] * x.shape[3] > 1 and LIBRARY.load() is not None)
 
 
+def _dense(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(x)`` (exact), by the kernel on the CPU where :mod:`this module <mixlab.ops.gelu>`
+    says it can be."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not _dense(x)
+            or x.numel() == 0 or LIBRARY.load() is None or _method("gelu", x, lambda: _gelu_runs(x)) != "kernel"):
+        return F.gelu(x)
+    return _GeluFn.apply(x)
+
+
 def gelu_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                     weight: torch.Tensor | None, bias: torch.Tensor | None, training: bool, momentum: float,
                     eps: float) -> torch.Tensor:
     """``F.batch_norm(F.gelu(x), running_mean, running_var, weight, bias, training, momentum, eps)``,
-    fused on the CPU where :mod:`this module <mixlab.ops.gelu_bn>` says it can be."""
+    fused on the CPU where :mod:`this module <mixlab.ops.gelu>` says it can be."""
     if not training or not _fusable(x):
         return F.batch_norm(F.gelu(x), running_mean, running_var, weight, bias, training, momentum, eps)
     c = x.shape[1]
     w = weight if weight is not None else x.new_ones(c, dtype=torch.float32)
     b = bias if bias is not None else x.new_zeros(c, dtype=torch.float32)
-    if _method(x, w, b, eps) != "kernel":
+    if _method("gelu_bn", x, lambda: _pair_runs(x, w, b, eps)) != "kernel":
         return F.batch_norm(F.gelu(x), running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = _GeluBatchNormFn.apply(x, w, b, eps)
     if running_mean is not None:
@@ -280,15 +350,27 @@ class GeluBatchNorm2d(nn.BatchNorm2d):
                                self.weight, self.bias, batch_stats, factor, self.eps)
 
 
+class FastGELU(nn.GELU):
+    """``nn.GELU`` (exact) computed by :func:`gelu`; ``isinstance(m, nn.GELU)`` holds."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu(x) if self.approximate == "none" else F.gelu(x, approximate=self.approximate)
+
+
 def _is_exact_gelu(m: nn.Module) -> bool:
     return type(m) is nn.GELU and m.approximate == "none"
 
 
-def use_fused_gelu_bn(model: nn.Module) -> int:
-    """Fuse every exact ``nn.GELU`` directly followed by an ``nn.BatchNorm2d`` in an
-    ``nn.Sequential`` of ``model``, in place (the GELU becomes ``nn.Identity``, the BatchNorm a
-    :class:`GeluBatchNorm2d`; parameters and state_dict keys stay). Returns how many pairs."""
-    n = 0
+class _FusedAway(nn.Identity):
+    """Where a GELU was before :func:`use_fast_gelu` moved it into the next BatchNorm."""
+
+
+def use_fast_gelu(model: nn.Module) -> tuple[int, int]:
+    """Switch ``model``'s exact GELUs to mixlab's kernels, in place: each ``nn.GELU`` directly
+    followed by an ``nn.BatchNorm2d`` in an ``nn.Sequential`` is fused into it (the GELU becomes
+    ``nn.Identity``, the BatchNorm a :class:`GeluBatchNorm2d`), every other one becomes a
+    :class:`FastGELU`. Parameters and state_dict keys stay. Returns (pairs fused, GELUs alone)."""
+    pairs = 0
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
@@ -298,16 +380,18 @@ def use_fused_gelu_bn(model: nn.Module) -> int:
             if _is_exact_gelu(act) and type(bn) is nn.BatchNorm2d:
                 seq._modules[a] = _FusedAway()
                 bn.__class__ = GeluBatchNorm2d
-                n += 1
-    return n
+                pairs += 1
+    alone = 0
+    for m in model.modules():
+        if _is_exact_gelu(m):
+            m.__class__ = FastGELU
+            alone += 1
+    return pairs, alone
 
 
-class _FusedAway(nn.Identity):
-    """Where a GELU was before :func:`use_fused_gelu_bn` moved it into the next BatchNorm."""
-
-
-def restore_gelu_bn(model: nn.Module) -> int:
-    """Undo :func:`use_fused_gelu_bn` (e.g. before exporting to a format that wants aten ops)."""
+def restore_gelu(model: nn.Module) -> int:
+    """Undo :func:`use_fast_gelu` (e.g. before exporting to a format that wants aten ops);
+    returns how many modules were switched back."""
     n = 0
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
@@ -318,4 +402,8 @@ def restore_gelu_bn(model: nn.Module) -> int:
                 seq._modules[a] = nn.GELU()
                 seq._modules[b].__class__ = nn.BatchNorm2d
                 n += 1
+    for m in model.modules():
+        if type(m) is FastGELU:
+            m.__class__ = nn.GELU
+            n += 1
     return n
