@@ -41,7 +41,7 @@ def main() -> None:
         ax.plot(epochs, [r["val_acc"] for r in rows], marker="o",
                 label=f"mixlab {name or run.name}: val (test {summary['test_acc']:.2f}%)")
         longest = max(longest, len(rows))
-    ax.plot(range(1, len(KERAS_IO_VAL) + 1), KERAS_IO_VAL, marker="s",
+    ax.plot(range(1, len(KERAS_IO_VAL) + 1), KERAS_IO_VAL, marker="s", color="black",  # one colour however many runs
             label=f"keras.io ConvMixer example (Keras 3 AdamW): val (test {KERAS_IO_TEST:.2f}%)")
     ax.axhline(SEED_TEST, color="grey", ls="--", lw=1, label=f"the seed's test accuracy ({SEED_TEST}%)")
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="ConvMixer-256/8 on CIFAR-10, 10 epochs",
