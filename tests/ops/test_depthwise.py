@@ -76,7 +76,8 @@ def _reference(x, weight, bias, pad, dil):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_equals_conv2d_fp64_reference(path, k, dil, padding, channels_last, dtype):
-    # 67 channels: one full 64-channel block and a 3-channel tail in the channels_last kernel
+    # 67 channels: in the channels_last kernel two whole 32-channel blocks of the register-blocked form
+    # (rows of up to 7 taps) and a 3-channel tail in the general form
     n, c, h, w = (1, 67, 23, 19) if k <= 7 else (2, 5, 25, 24)
     if (h - dil * (k - 1) <= 0 or w - dil * (k - 1) <= 0) and padding == "valid":
         pytest.skip("kernel larger than the image with valid padding")
