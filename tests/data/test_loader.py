@@ -63,3 +63,18 @@ def test_loader_with_buffer_shuffles_one_fixed_stream_anew_each_epoch():
 def test_loader_rejects_an_empty_buffer():
     with pytest.raises(ValueError, match="shuffle_buffer must be 1 or more"):
         DeviceLoader(torch.arange(4), batch_size=2, shuffle=True, shuffle_buffer=0)
+
+
+def test_buffered_order_is_the_same_on_every_rank_and_split_between_them():
+    x = torch.arange(101)
+    shards = []
+    for rank in range(3):
+        loader = DeviceLoader(x, batch_size=10, shuffle=True, seed=2, shuffle_buffer=16, rank=rank, world_size=3)
+        loader.set_epoch(4)
+        shards.append(torch.cat([b for (b,) in loader]))
+    whole = DeviceLoader(x, batch_size=10, shuffle=True, seed=2, shuffle_buffer=16)
+    whole.set_epoch(4)
+    order = whole.indices()
+    for rank, shard in enumerate(shards):
+        assert torch.equal(shard, order[rank::3])
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())

@@ -13,10 +13,15 @@ from mixlab.ops import gelu as gb
 from mixlab.ops.gelu import FastGELU, GeluBatchNorm2d, gelu, gelu_batch_norm, restore_gelu, use_fast_gelu
 
 
+@pytest.fixture(scope="session")
+def kernel_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels")  # built once for the whole session
+
+
 @pytest.fixture
-def kernel(monkeypatch, tmp_path):
+def kernel(monkeypatch, kernel_cache):
     """The compiled kernel for every call (also where aten would be timed faster)."""
-    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
     gb.LIBRARY.reset()
     if not gb.fast_gelu_available():
         pytest.skip(f"kernel not built here: {gb.LIBRARY.unavailable_reason()}")
@@ -272,3 +277,70 @@ def test_tanh_gelu_and_conv2former_keep_their_semantics(kernel):
     torch.manual_seed(1)  # the same drop-path draws
     b = fast(x)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_a_channel_whose_mean_dwarfs_its_spread_keeps_its_precision(kernel):
+    # mean/std = 1000 after GELU: sums about 0 in fp32 would lose the variance to cancellation
+    g = torch.Generator().manual_seed(3)
+    x = (1000 + torch.randn(4, 8, 6, 6, generator=g)).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    dy = torch.randn(4, 8, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    fused = _run(gelu_batch_norm, x, w, b, dy)
+    ref = _run(_aten, x.double(), w.double(), b.double(), dy.double())
+    aten = _run(_aten, x, w, b, dy)
+    for name, got, want, theirs in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), fused, ref, aten):
+        assert _rel(got, want) <= max(10 * _rel(theirs, want), 1e-5), (name, _rel(got, want), _rel(theirs, want))
+
+
+def test_first_call_timing_leaves_the_random_stream_alone(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(tmp_path))
+    gb.LIBRARY.reset()
+    if not gb.fast_gelu_available():
+        pytest.skip(f"kernel not built here: {gb.LIBRARY.unavailable_reason()}")
+    monkeypatch.setattr(gb, "_plan", {})
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    w, b = torch.ones(8), torch.zeros(8)
+    torch.manual_seed(5)
+    gelu_batch_norm(x, None, None, w, b, True, 0.1, 1e-5)  # times kernel against aten (a new shape)
+    gelu(x)
+    after_timing = torch.rand(3)
+    assert gb._plan  # it did time
+    torch.manual_seed(5)
+    gelu_batch_norm(x, None, None, w, b, True, 0.1, 1e-5)  # reads the stored choice
+    gelu(x)
+    assert torch.equal(torch.rand(3), after_timing)
+    gb.LIBRARY.reset()
+
+
+def test_inference_mode_on_a_new_shape(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(gb, "_plan", {})
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.BatchNorm2d(8), nn.GELU())
+    ref = copy.deepcopy(m).eval()
+    use_fast_gelu(m)
+    m.eval()
+    x = torch.randn(2, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+class _OwnForward(nn.Sequential):
+    def forward(self, x):  # uses the GELU's output twice: fusing it into the BatchNorm would change this
+        h = self[0](x)
+        return self[1](h) + h
+
+
+def test_swap_leaves_what_it_cannot_fuse_safely():
+    shared = nn.BatchNorm2d(4)
+    model = nn.Sequential(
+        _OwnForward(nn.GELU(), nn.BatchNorm2d(4)),  # a Sequential subclass with its own forward
+        nn.Sequential(nn.GELU(), shared),           # a BatchNorm used twice
+        shared,
+        nn.Sequential(nn.GELU(), nn.BatchNorm2d(4)),  # the one safe pair
+    )
+    hooked = nn.Sequential(nn.GELU(), nn.BatchNorm2d(4))
+    hooked[0].register_forward_hook(lambda *a: None)
+    assert use_fast_gelu(model) == (1, 2)  # one pair fused; the other two GELUs run alone
+    assert type(model[0][1]) is nn.BatchNorm2d and type(shared) is nn.BatchNorm2d
+    assert type(model[3][1]) is GeluBatchNorm2d
+    assert use_fast_gelu(hooked) == (0, 1)

@@ -253,19 +253,17 @@ def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dila
                                                    [0, 0], x.shape[1], [True, False, False])[0]
 
     def via_forward():
-        return F.conv2d(g, w.flip(2, 3), None, 1, flipped, dilation, x.shape[1])
+        with torch.autocast(g.device.type, enabled=False):  # in g's dtype, as aten's own path computes
+            return F.conv2d(g, w.flip(2, 3), None, 1, flipped, dilation, x.shape[1])
 
-    if flipped is None or g.device.type != "cpu":
-        return aten()
+    if flipped is None or g.device.type != "cpu" or torch.compiler.is_compiling():
+        return aten()  # (nothing is timed or looked up while tracing)
     key = (f"dgrad|{tuple(x.shape)}|k{kernel[0]}x{kernel[1]}|p{padding[0]},{padding[1]}|d{dilation[0]},{dilation[1]}|"
            f"{str(x.dtype)[6:]}|{'nhwc' if _is_nhwc(x) else 'nchw'}|t{torch.get_num_threads()}")
     runs = {"aten": aten, "flipped_forward": via_forward}
-    if torch.compiler.is_compiling():  # nothing is timed while tracing
-        method = _load_plan().get(key, "aten")
-    else:
-        method = _load_plan().get(key)
-        if method not in runs:
-            method = _choose(key, list(runs), lambda m: runs[m]())
+    method = _load_plan().get(key)
+    if method not in runs:
+        method = _choose(key, list(runs), lambda m: runs[m]())
     return runs[method]()
 
 

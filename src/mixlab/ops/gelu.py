@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import platform
 import json
 import time
 from pathlib import Path
@@ -41,19 +42,19 @@ __all__ = ["gelu", "gelu_batch_norm", "FastGELU", "GeluBatchNorm2d", "use_fast_g
 _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p
 _SIGS = {}
 for _t in ("f32", "bf16"):
-    _SIGS[f"mixlab_gelu_bn_fwd_stats_{_t}"] = (_I, [_P, _P, _L, _L, _D, _D, _I])
-    _SIGS[f"mixlab_gelu_bn_fwd_apply_{_t}"] = (_I, [_P, _P, _L, _L, _P, _P, _I])
-    _SIGS[f"mixlab_gelu_bn_bwd_stats_{_t}"] = (_I, [_P, _P, _L, _L, _D, _D, _I])
-    _SIGS[f"mixlab_gelu_bn_bwd_apply_{_t}"] = (_I, [_P, _P, _P, _P, _L, _L, _P, _P, _P, _I])
+    _SIGS[f"mixlab_gelu_bn_fwd_stats_{_t}"] = (_I, [_P, _P, _P, _L, _L, _D, _D, _I])
+    _SIGS[f"mixlab_gelu_bn_fwd_apply_{_t}"] = (_I, [_P, _P, _P, _L, _L, _P, _P, _I])
+    _SIGS[f"mixlab_gelu_bn_bwd_stats_{_t}"] = (_I, [_P, _P, _P, _L, _L, _D, _D, _I])
+    _SIGS[f"mixlab_gelu_bn_bwd_apply_{_t}"] = (_I, [_P, _P, _P, _P, _P, _L, _L, _P, _P, _P, _I])
     _SIGS[f"mixlab_gelu_fwd_{_t}"] = (_I, [_P, _P, _L, _I])
     _SIGS[f"mixlab_gelu_bwd_{_t}"] = (_I, [_P, _P, _P, _L, _I])
 
 LIBRARY = KernelLibrary(
     Path(__file__).with_name("gelu_kernels.cpp"), "mixlab_gelu", "GELU (and GELU + BatchNorm)",
-    ("mixlab_gelu_bn_abi_version", 3), _SIGS, "MIXLAB_FAST_GELU_BUILD",
+    ("mixlab_gelu_bn_abi_version", 4), _SIGS, "MIXLAB_FAST_GELU_BUILD",
     "GELU and BatchNorm run as aten's operations (correct, slower)",
     # the loops are bound by GELU's arithmetic: full-width AVX-512 where the CPU has it
-    extra_flags=("-mprefer-vector-width=512",))
+    extra_flags=("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())
 
 
 def fast_gelu_available() -> bool:
@@ -89,17 +90,20 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     s = torch.empty(c, dtype=torch.float64)
     ss = torch.empty(c, dtype=torch.float64)
     g = torch.empty_like(x, memory_format=torch.channels_last)
-    _check(getattr(lib, f"mixlab_gelu_bn_fwd_stats_{_sfx(x)}")(x.data_ptr(), g.data_ptr(), m, c, s.data_ptr(),
-                                                                 ss.data_ptr(), threads))
-    mean = s / m
-    var = (ss / m - mean * mean).clamp_min(0.0)
+    # sums about a pivot near each channel's mean (its first value), not about 0: a channel whose
+    # mean is large next to its spread keeps its variance in fp32
+    pivot = F.gelu(x[0, :, 0, 0].float()).contiguous()
+    _check(getattr(lib, f"mixlab_gelu_bn_fwd_stats_{_sfx(x)}")(x.data_ptr(), g.data_ptr(), pivot.data_ptr(), m, c,
+                                                                 s.data_ptr(), ss.data_ptr(), threads))
+    shift_mean = s / m
+    mean = pivot.double() + shift_mean
+    var = (ss / m - shift_mean * shift_mean).clamp_min(0.0)
     rstd = (var + eps).rsqrt()
-    scale = rstd * weight.double()
-    shift = (bias.double() - mean * scale).float().contiguous()
-    scale = scale.float().contiguous()
+    scale = (rstd * weight.double()).float().contiguous()
+    center, beta = mean.float().contiguous(), bias.float().contiguous()
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    _check(getattr(lib, f"mixlab_gelu_bn_fwd_apply_{_sfx(x)}")(g.data_ptr(), y.data_ptr(), m, c, scale.data_ptr(),
-                                                                 shift.data_ptr(), threads))
+    _check(getattr(lib, f"mixlab_gelu_bn_fwd_apply_{_sfx(x)}")(g.data_ptr(), y.data_ptr(), center.data_ptr(), m, c,
+                                                                 scale.data_ptr(), beta.data_ptr(), threads))
     return y, g, mean, var
 
 
@@ -120,18 +124,20 @@ def _backward_op(x: torch.Tensor, g: torch.Tensor, grad_out: torch.Tensor, weigh
     dy = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last)
     sd = torch.empty(c, dtype=torch.float64)
     sdg = torch.empty(c, dtype=torch.float64)
-    _check(getattr(lib, f"mixlab_gelu_bn_bwd_stats_{_sfx(x)}")(g.data_ptr(), dy.data_ptr(), m, c, sd.data_ptr(),
-                                                                 sdg.data_ptr(), threads))
+    center = mean.float().contiguous()  # sums and the map about the mean (as rounded to fp32)
+    off = mean - center.double()  # what that rounding left: xhat = ((g - center) - off) * rstd
+    _check(getattr(lib, f"mixlab_gelu_bn_bwd_stats_{_sfx(x)}")(g.data_ptr(), dy.data_ptr(), center.data_ptr(), m, c,
+                                                                 sd.data_ptr(), sdg.data_ptr(), threads))
     rstd = (var + eps).rsqrt()
-    sum_dy_xhat = rstd * (sdg - mean * sd)  # sum of dy * (g - mean) * rstd
+    sum_dy_xhat = rstd * (sdg - off * sd)  # sum of dy * (g - mean) * rstd
     a = weight.double() * rstd
-    # dg = a * (dy - sum_dy / m - xhat * sum_dy_xhat / m), xhat = (g - mean) * rstd, as k1*dy + k2*g + k3
+    # dg = a * (dy - sum_dy / m - xhat * sum_dy_xhat / m) as k1*dy + k2*(g - center) + k3
     k1 = a.float().contiguous()
     k2 = (-a * rstd * sum_dy_xhat / m).float().contiguous()
-    k3 = (-a * sd / m + a * rstd * mean * sum_dy_xhat / m).float().contiguous()
+    k3 = (-a * sd / m + a * rstd * off * sum_dy_xhat / m).float().contiguous()
     dx = torch.empty_like(x, memory_format=torch.channels_last)
     _check(getattr(lib, f"mixlab_gelu_bn_bwd_apply_{_sfx(x)}")(x.data_ptr(), g.data_ptr(), dy.data_ptr(),
-                                                                 dx.data_ptr(), m, c,
+                                                                 dx.data_ptr(), center.data_ptr(), m, c,
                                                                  k1.data_ptr(), k2.data_ptr(), k3.data_ptr(),
                                                                  threads))
     return dx, sum_dy_xhat.float(), sd.float()
@@ -221,7 +227,8 @@ def set_gelu_method(method: str | None) -> None:
 
 
 def _plan_path() -> Path:
-    key = hashlib.sha256(f"{cpu_identity()}|{torch.__version__}".encode()).hexdigest()[:12]
+    # per CPU, torch version and kernel source: a changed kernel is timed again
+    key = hashlib.sha256(f"{cpu_identity()}|{torch.__version__}|{LIBRARY.source.read_text()}".encode()).hexdigest()[:12]
     return cache_dir() / f"gelu_bn_plan_{key}.json"
 
 
@@ -253,9 +260,13 @@ def _gelu_runs(x: torch.Tensor) -> dict:
     return {"kernel": lambda: _GeluFn.apply(xs).backward(dy), "aten": lambda: F.gelu(xs).backward(dy)}
 
 
-def _time_methods(runs: dict) -> dict[str, float]:
+def _time_methods(make_runs) -> dict[str, float]:
     times = {}
-    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+    # the timing draws its own random gradient: the run's random stream must not see it, or a
+    # run that times would draw other dropout masks than one that reads the stored choice
+    with torch.random.fork_rng(devices=[]), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        torch.manual_seed(0)
+        runs = make_runs()
         for run in runs.values():  # one untimed call each (first-call set-up)
             run()
         for name, run in runs.items():
@@ -273,12 +284,14 @@ def _method(kind: str, x: torch.Tensor, make_runs) -> str:
     gives the two forward + backward calls to time on first use."""
     if _method_override is not None:
         return _method_override
+    if torch.compiler.is_compiling():  # nothing is timed (or looked up) while tracing: the kernel
+        return "kernel"
     key = f"{kind}|{tuple(x.shape)}|{list(x.stride())}|{str(x.dtype)[6:]}|t{torch.get_num_threads()}"
     plan = _load_plan()
-    if torch.compiler.is_compiling():  # nothing can be timed while tracing: the kernel unless timed slower
-        return plan.get(key, "kernel")
     if plan.get(key) not in ("kernel", "aten"):
-        times = _time_methods(make_runs())
+        if torch.is_inference_mode_enabled():  # no backward to time here: the kernel until a training call times it
+            return "kernel"
+        times = _time_methods(make_runs)
         plan[key] = min(times, key=times.get)
         from ..io import atomic_write_json
 
@@ -368,16 +381,23 @@ class _FusedAway(nn.Identity):
 def use_fast_gelu(model: nn.Module) -> tuple[int, int]:
     """Switch ``model``'s exact GELUs to mixlab's kernels, in place: each ``nn.GELU`` directly
     followed by an ``nn.BatchNorm2d`` in an ``nn.Sequential`` is fused into it (the GELU becomes
-    ``nn.Identity``, the BatchNorm a :class:`GeluBatchNorm2d`), every other one becomes a
-    :class:`FastGELU`. Parameters and state_dict keys stay. Returns (pairs fused, GELUs alone)."""
+    ``nn.Identity``, the BatchNorm a :class:`GeluBatchNorm2d`; not where either module is used
+    elsewhere too, the GELU has hooks, or the Sequential has its own forward), every other one
+    becomes a :class:`FastGELU`. Parameters and state_dict keys stay. Returns (pairs fused, GELUs alone)."""
+    uses = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
     pairs = 0
     for seq in model.modules():
-        if not isinstance(seq, nn.Sequential):
+        # only a Sequential that runs its children in order (not a subclass with its own forward)
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
             act, bn = seq._modules[a], seq._modules[b]
-            if _is_exact_gelu(act) and type(bn) is nn.BatchNorm2d:
+            # a module used elsewhere too, or a GELU whose output a hook watches, is left as it is
+            if (_is_exact_gelu(act) and type(bn) is nn.BatchNorm2d and uses[id(act)] == 1 and uses[id(bn)] == 1
+                    and not (act._forward_hooks or act._forward_pre_hooks)):
                 seq._modules[a] = _FusedAway()
                 bn.__class__ = GeluBatchNorm2d
                 pairs += 1

@@ -21,9 +21,10 @@
 // GELU is the exact (erf) form. erf comes from Abramowitz & Stegun 7.1.26 (absolute error
 // below 1.5e-7) and exp from a range reduction to [-ln2/2, ln2/2] and a degree-7 Taylor
 // polynomial, both branch-free so the channel loops vectorise; for bf16 tensors shorter forms
-// (7.1.25, degree 5: errors below 2.5e-5, under bf16's resolution) save a fifth of the
-// arithmetic. exp's argument is clamped at -87, so no subnormal number is ever produced (they
-// are slow on x86).
+// (7.1.25, degree 5: absolute errors below 2.5e-5) save a fifth of the
+// arithmetic (relative errors up to about 1% in the far negative tail, x < -3, where GELU is
+// below 1e-3 in size). exp's argument is clamped at -80, so no subnormal number is produced
+// (they are slow on x86).
 //
 // GELU alone (y = gelu(x), dx = dy * gelu'(x)) runs element by element with the same arithmetic:
 // aten's bf16 GELU took 2.0 ms and its backward 3.1 ms on a 256x128x16x16 tensor where these
@@ -44,17 +45,26 @@ inline float widen(float v) { return v; }
 // bit casts through __builtin_bit_cast, not memcpy: a memcpy to a local keeps GCC from vectorising
 inline float widen(uint16_t v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
 inline void store(float* p, float v) { *p = v; }
-inline void store(uint16_t* p, float v) {
+inline uint16_t to_bf16(float v) {
     const uint32_t u = __builtin_bit_cast(uint32_t, v);
-    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest, ties to even
-    *p = static_cast<uint16_t>(v != v ? 0x7FC0u : r);      // NaN stays NaN
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest, ties to even
+    return static_cast<uint16_t>(v != v ? 0x7FC0u : r);          // NaN stays NaN
+}
+inline void store(uint16_t* p, float v) { *p = to_bf16(v); }
+
+// v as a T stores it (bf16: rounded), so that sums see the values later passes read back
+template <typename T>
+inline float stored_value(float v) {
+    if constexpr (std::is_same<T, uint16_t>::value) return widen(to_bf16(v));
+    return v;
 }
 
-// exp(w) for w <= 0 (clamped to -87: exp(-87) is still a normal float). Lite: a degree-5
+// exp(w) for w <= 0 (clamped to -80: exp(-80) times the erf polynomial and the density's
+// constant are still normal floats). Lite: a degree-5
 // polynomial (relative error below 3e-6), enough for bf16 results, which keep 8 bits.
 template <bool Lite>
 inline float exp_nonpos(float w) {
-    w = w > -87.0f ? w : -87.0f;  // a select, not std::fmax (which GCC 12 leaves scalar)
+    w = w > -80.0f ? w : -80.0f;  // a select, not std::fmax (which GCC 12 leaves scalar)
     // n = round(w / ln 2) by the 1.5 * 2^23 trick (std::floor keeps GCC 12 from vectorising)
     const float n = (w * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const float r = (w - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
@@ -166,33 +176,40 @@ int channel_sums(const Terms& terms, long M, long C, double* out1, double* out2,
 // forward pass 1 terms: gelu(x) and gelu(x)^2; g = gelu(x) is also written out, so that pass 2
 // is an affine map of it instead of a second GELU, and the backward's sums read it
 template <typename T>
+//
+// Every sum and affine map is taken about a per-channel centre (`center`: a pivot near the mean
+// for the statistics, then the mean itself), so that a channel whose mean is large next to its
+// spread does not lose its variance to cancellation in fp32.
 struct GeluMoments {
     const T* x;
     T* g;
+    const float* center;
     long C;
     void add(long r, long c, float& a, float& b) const {
-        const float v = gelu<T>(widen(x[r * C + c]));
+        const float v = stored_value<T>(gelu<T>(widen(x[r * C + c])));
         store(g + r * C + c, v);
-        a += v;
-        b += v * v;
+        const float d = v - center[c];
+        a += d;
+        b += d * d;
     }
 };
 
 template <typename T>
-int fwd_stats(const T* x, T* g, long M, long C, double* sum, double* sumsq, int nthreads) {
-    return channel_sums(GeluMoments<T>{x, g, C}, M, C, sum, sumsq, nthreads);
+int fwd_stats(const T* x, T* g, const float* center, long M, long C, double* sum, double* sumsq, int nthreads) {
+    return channel_sums(GeluMoments<T>{x, g, center, C}, M, C, sum, sumsq, nthreads);
 }
 
-// forward pass 2: y = g * scale + shift
+// forward pass 2: y = (g - center) * scale + shift
 template <typename T>
-int fwd_apply(const T* g, T* y, long M, long C, const float* scale, const float* shift, int nthreads) {
+int fwd_apply(const T* g, T* y, const float* center, long M, long C, const float* scale, const float* shift,
+              int nthreads) {
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long r = 0; r < M; ++r) {
         const T* gr = g + r * C;
         T* yr = y + r * C;
 #pragma omp simd
-        for (long c = 0; c < C; ++c) store(yr + c, widen(gr[c]) * scale[c] + shift[c]);
+        for (long c = 0; c < C; ++c) store(yr + c, (widen(gr[c]) - center[c]) * scale[c] + shift[c]);
     }
     return 0;
 }
@@ -202,23 +219,25 @@ template <typename T>
 struct GradMoments {
     const T* g;
     const T* dy;
+    const float* center;
     long C;
     void add(long r, long c, float& a, float& b) const {
         const float d = widen(dy[r * C + c]);
         a += d;
-        b += d * widen(g[r * C + c]);
+        b += d * (widen(g[r * C + c]) - center[c]);
     }
 };
 
 template <typename T>
-int bwd_stats(const T* g, const T* dy, long M, long C, double* sum_dy, double* sum_dy_g, int nthreads) {
-    return channel_sums(GradMoments<T>{g, dy, C}, M, C, sum_dy, sum_dy_g, nthreads);
+int bwd_stats(const T* g, const T* dy, const float* center, long M, long C, double* sum_dy, double* sum_dy_g,
+              int nthreads) {
+    return channel_sums(GradMoments<T>{g, dy, center, C}, M, C, sum_dy, sum_dy_g, nthreads);
 }
 
-// backward pass 2: dx = (k1 * dy + k2 * g + k3) * gelu'(x)
+// backward pass 2: dx = (k1 * dy + k2 * (g - center) + k3) * gelu'(x)
 template <typename T>
-int bwd_apply(const T* x, const T* g, const T* dy, T* dx, long M, long C, const float* k1, const float* k2,
-              const float* k3, int nthreads) {
+int bwd_apply(const T* x, const T* g, const T* dy, T* dx, const float* center, long M, long C, const float* k1,
+              const float* k2, const float* k3, int nthreads) {
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long r = 0; r < M; ++r) {
@@ -230,7 +249,7 @@ int bwd_apply(const T* x, const T* g, const T* dy, T* dx, long M, long C, const 
         for (long c = 0; c < C; ++c) {
             const float v = widen(xr[c]);
             const Phi f = phi_pair<lite<T>()>(v);
-            const float dg = k1[c] * widen(dr[c]) + k2[c] * widen(gr[c]) + k3[c];
+            const float dg = k1[c] * widen(dr[c]) + k2[c] * (widen(gr[c]) - center[c]) + k3[c];
             store(out + c, dg * (f.cdf + v * f.pdf));
         }
     }
@@ -263,36 +282,30 @@ int gelu_bwd(const T* x, const T* dy, T* dx, long n, int nthreads) {
 
 extern "C" {
 
-int mixlab_gelu_bn_abi_version(void) { return 3; }
+int mixlab_gelu_bn_abi_version(void) { return 4; }
 
-int mixlab_gelu_bn_fwd_stats_f32(const void* x, void* g, long M, long C, double* s, double* ss, int nt) {
-    return fwd_stats(static_cast<const float*>(x), static_cast<float*>(g), M, C, s, ss, nt);
-}
-int mixlab_gelu_bn_fwd_stats_bf16(const void* x, void* g, long M, long C, double* s, double* ss, int nt) {
-    return fwd_stats(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(g), M, C, s, ss, nt);
-}
-int mixlab_gelu_bn_fwd_apply_f32(const void* g, void* y, long M, long C, const float* a, const float* b, int nt) {
-    return fwd_apply(static_cast<const float*>(g), static_cast<float*>(y), M, C, a, b, nt);
-}
-int mixlab_gelu_bn_fwd_apply_bf16(const void* g, void* y, long M, long C, const float* a, const float* b, int nt) {
-    return fwd_apply(static_cast<const uint16_t*>(g), static_cast<uint16_t*>(y), M, C, a, b, nt);
-}
-int mixlab_gelu_bn_bwd_stats_f32(const void* g, const void* dy, long M, long C, double* s, double* sg, int nt) {
-    return bwd_stats(static_cast<const float*>(g), static_cast<const float*>(dy), M, C, s, sg, nt);
-}
-int mixlab_gelu_bn_bwd_stats_bf16(const void* g, const void* dy, long M, long C, double* s, double* sg, int nt) {
-    return bwd_stats(static_cast<const uint16_t*>(g), static_cast<const uint16_t*>(dy), M, C, s, sg, nt);
-}
-int mixlab_gelu_bn_bwd_apply_f32(const void* x, const void* g, const void* dy, void* dx, long M, long C,
-                                 const float* k1, const float* k2, const float* k3, int nt) {
-    return bwd_apply(static_cast<const float*>(x), static_cast<const float*>(g), static_cast<const float*>(dy),
-                     static_cast<float*>(dx), M, C, k1, k2, k3, nt);
-}
-int mixlab_gelu_bn_bwd_apply_bf16(const void* x, const void* g, const void* dy, void* dx, long M, long C,
-                                  const float* k1, const float* k2, const float* k3, int nt) {
-    return bwd_apply(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(g),
-                     static_cast<const uint16_t*>(dy), static_cast<uint16_t*>(dx), M, C, k1, k2, k3, nt);
-}
+// the pair: `center` is a per-channel float array (see GeluMoments)
+#define MIXLAB_PAIR(SFX, T)                                                                                          \
+    int mixlab_gelu_bn_fwd_stats_##SFX(const void* x, void* g, const float* center, long M, long C, double* s,     \
+                                       double* ss, int nt) {                                                       \
+        return fwd_stats(static_cast<const T*>(x), static_cast<T*>(g), center, M, C, s, ss, nt);                   \
+    }                                                                                                              \
+    int mixlab_gelu_bn_fwd_apply_##SFX(const void* g, void* y, const float* center, long M, long C,                \
+                                       const float* a, const float* b, int nt) {                                   \
+        return fwd_apply(static_cast<const T*>(g), static_cast<T*>(y), center, M, C, a, b, nt);                    \
+    }                                                                                                              \
+    int mixlab_gelu_bn_bwd_stats_##SFX(const void* g, const void* dy, const float* center, long M, long C,         \
+                                       double* s, double* sg, int nt) {                                            \
+        return bwd_stats(static_cast<const T*>(g), static_cast<const T*>(dy), center, M, C, s, sg, nt);            \
+    }                                                                                                              \
+    int mixlab_gelu_bn_bwd_apply_##SFX(const void* x, const void* g, const void* dy, void* dx, const float* center, \
+                                       long M, long C, const float* k1, const float* k2, const float* k3, int nt) { \
+        return bwd_apply(static_cast<const T*>(x), static_cast<const T*>(g), static_cast<const T*>(dy),            \
+                         static_cast<T*>(dx), center, M, C, k1, k2, k3, nt);                                       \
+    }
+MIXLAB_PAIR(f32, float)
+MIXLAB_PAIR(bf16, uint16_t)
+#undef MIXLAB_PAIR
 
 int mixlab_gelu_fwd_f32(const void* x, void* y, long n, int nt) {
     return gelu_fwd(static_cast<const float*>(x), static_cast<float*>(y), n, nt);

@@ -116,8 +116,8 @@ class KernelLibrary:
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = restype, argtypes
                 self._lib = lib
-            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-                self._status = f"building it failed ({e})"
+            except Exception as e:  # any failure leaves the aten fallback, said once
+                self._status = f"building it failed ({type(e).__name__}: {e})"
         if self._status:
             say(f"{self.what} kernel unavailable: {self._status}; {self.fallback}")
         return self._lib
