@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mixlab.ops.depthwise import (_aten_weight_grad, depthwise_weight_grad, fast_depthwise_available,
-                                  _load_plan, set_weight_grad_method)
+                                  PLAN, set_weight_grad_method)
 from mixlab.train.cpu_defaults import cpu_model_name
 
 # (name, N, C, H, W, kernel)
@@ -82,7 +82,7 @@ def main() -> None:
                                                           args.repeats),
                            kernel_weight_grad_ms=forced("kernel", lambda: depthwise_weight_grad(x, gy, k, p), args.repeats),
                            mixlab_weight_grad_ms=timed(lambda: depthwise_weight_grad(x, gy, k, p), args.repeats))
-                row["mixlab_method"] = [v for key, v in _load_plan().items()
+                row["mixlab_method"] = [v for key, v in PLAN.choices().items()
                                         if key.startswith(f"{(n, c, h, w)}|k{k}x{k}") and ("nhwc" if cl else "nchw") in key
                                         and str(dtype)[6:] in key][-1]
                 ref = torch.ops.aten.convolution_backward(gy.double(), x.double(), wt.double(), None, [1, 1], [p, p],

@@ -220,7 +220,7 @@ def test_input_gradient_by_either_method_equals_the_reference(k, dil, pad, dtype
                                               [dil, dil], False, [0, 0], c, [True, False, False])[0]
     assert (dwmod._flipped_padding((pad, pad), (k, k), (dil, dil)) is None) == (pad > dil * (k - 1))
     for method in ("aten", "flipped_forward"):
-        monkeypatch.setattr(dwmod, "_plan", {})
+        monkeypatch.setattr(dwmod.PLAN, "_choices", {})
         monkeypatch.setattr(dwmod, "_choose", lambda key, cands, run, m=method: m if m in cands else cands[0])
         gx = dwmod._input_grad(up, x, w, (pad, pad), (dil, dil))
         assert gx.shape == x.shape

@@ -195,7 +195,7 @@ def test_method_is_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
     gb.LIBRARY.reset()
     if not gb.fast_gelu_available():
         pytest.skip(f"kernel not built here: {gb.LIBRARY.unavailable_reason()}")
-    monkeypatch.setattr(gb, "_plan", None)
+    monkeypatch.setattr(gb.PLAN, "_choices", None)
     calls = []
     monkeypatch.setattr(gb, "_time_methods", lambda *a: calls.append(1) or {"kernel": 2.0, "aten": 1.0})
     x, w, b, dy = _inputs(2, 8, 4, 4, torch.float32)
@@ -203,9 +203,9 @@ def test_method_is_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
         y = gelu_batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
     assert len(calls) == 1  # timed on the first call only
     assert torch.equal(y, _aten(x, None, None, w, b, True, 0.1, 1e-5))  # aten was timed faster: aten runs
-    plan = json.loads(gb._plan_path().read_text())
+    plan = json.loads(gb.PLAN.path().read_text())
     assert list(plan.values()) == ["aten"] and list(plan)[0].startswith("gelu_bn|(2, 8, 4, 4)|")
-    monkeypatch.setattr(gb, "_plan", None)  # a new process reads the verdict instead of timing again
+    monkeypatch.setattr(gb.PLAN, "_choices", None)  # a new process reads the verdict instead of timing again
     gelu_batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
     assert len(calls) == 1
     with pytest.raises(ValueError, match="'kernel', 'aten' or None"):
@@ -297,14 +297,14 @@ def test_first_call_timing_leaves_the_random_stream_alone(monkeypatch, tmp_path)
     gb.LIBRARY.reset()
     if not gb.fast_gelu_available():
         pytest.skip(f"kernel not built here: {gb.LIBRARY.unavailable_reason()}")
-    monkeypatch.setattr(gb, "_plan", {})
+    monkeypatch.setattr(gb.PLAN, "_choices", {})
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     w, b = torch.ones(8), torch.zeros(8)
     torch.manual_seed(5)
     gelu_batch_norm(x, None, None, w, b, True, 0.1, 1e-5)  # times kernel against aten (a new shape)
     gelu(x)
     after_timing = torch.rand(3)
-    assert gb._plan  # it did time
+    assert gb.PLAN._choices  # it did time
     torch.manual_seed(5)
     gelu_batch_norm(x, None, None, w, b, True, 0.1, 1e-5)  # reads the stored choice
     gelu(x)
@@ -314,7 +314,7 @@ def test_first_call_timing_leaves_the_random_stream_alone(monkeypatch, tmp_path)
 
 def test_inference_mode_on_a_new_shape(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(gb, "_plan", {})
+    monkeypatch.setattr(gb.PLAN, "_choices", {})
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.BatchNorm2d(8), nn.GELU())
     ref = copy.deepcopy(m).eval()
     use_fast_gelu(m)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .depthwise_build import load_kernel
+from .kernel_build import Plan, time_each
 
 __all__ = ["depthwise_conv2d", "depthwise_weight_grad", "DepthwiseConv2d", "use_fast_depthwise",
            "restore_depthwise", "fast_depthwise_available", "ineligible_reason"]
@@ -62,15 +63,13 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 #
 # Which computation is fastest depends on the CPU, the shape, the dtype and the layout: the
 # kernel wins by 5-10x on ConvMixer's 5x5 and Conv2Former's 11x11 layers in channels_last, but
-# oneDNN has a fast 3x3 path that beats it on small maps (benchmarks/bench_depthwise.py). So,
-# as cuDNN's benchmark mode does, the first backward of each new shape times every candidate
-# and keeps the fastest. The choice is stored (per CPU, torch version and thread count) in
-# the kernel cache folder, so later processes on the machine, a resumed run among them, make
-# the same choice without timing again and compute the same numbers.
+# oneDNN has a fast 3x3 path that beats it on small maps (benchmarks/bench_depthwise.py). So the
+# first backward of each new shape times every candidate and keeps the fastest in PLAN
+# (:class:`mixlab.ops.kernel_build.Plan`, per CPU, torch version and thread count).
 
 METHODS = ("kernel", "kernel_nhwc", "aten", "aten_fp32")
 _method_override: str | None = None  # set_weight_grad_method(); None = time and choose
-_plan: dict[str, str] | None = None
+PLAN = Plan("depthwise_plan")
 
 
 def set_weight_grad_method(method: str | None) -> None:
@@ -82,36 +81,6 @@ def set_weight_grad_method(method: str | None) -> None:
     if method is not None and method not in METHODS:
         raise ValueError(f"weight-gradient method must be one of {', '.join(METHODS)} or None, got {method!r}")
     _method_override = method
-
-
-def _plan_path():
-    import hashlib
-
-    from .depthwise_build import _cpu_identity, cache_dir
-
-    key = hashlib.sha256(f"{_cpu_identity()}|{torch.__version__}".encode()).hexdigest()[:12]
-    return cache_dir() / f"depthwise_plan_{key}.json"
-
-
-def _load_plan() -> dict[str, str]:
-    global _plan
-    if _plan is None:
-        import json
-
-        try:
-            _plan = json.loads(_plan_path().read_text())
-        except (OSError, ValueError):
-            _plan = {}
-    return _plan
-
-
-def _save_plan() -> None:
-    from ..io import atomic_write_json
-
-    try:
-        atomic_write_json(_plan_path(), _plan)
-    except OSError:
-        pass  # a read-only home folder: the choice is kept for this process only
 
 
 def _aten_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel, padding, dilation,
@@ -167,21 +136,9 @@ def _run_method(method, lib, x, grad_out, kernel, padding, dilation, with_bias):
 
 
 def _choose(key: str, cands: list[str], run) -> str:
-    import time
-
-    times = {}
-    for m in cands:  # one untimed call each (first-call set-up), then the best of two
-        run(m)
-    for m in cands:
-        best = float("inf")
-        for _ in range(2):
-            t0 = time.perf_counter()
-            run(m)
-            best = min(best, time.perf_counter() - t0)
-        times[m] = best
+    times = time_each({m: (lambda m=m: run(m)) for m in cands})
     choice = min(times, key=times.get)
-    _load_plan()[key] = choice
-    _save_plan()
+    PLAN.set(key, choice)
     return choice
 
 
@@ -199,7 +156,7 @@ def _weight_grad_op(x: torch.Tensor, grad_out: torch.Tensor, kh: int, kw: int, p
     else:
         key = (f"{tuple(x.shape)}|k{kh}x{kw}|p{ph},{pw}|d{dh},{dw}|{str(x.dtype)[6:]}|"
                f"{'nhwc' if _is_nhwc(x) else 'nchw'}|bias{int(with_bias)}|t{torch.get_num_threads()}")
-        method = _load_plan().get(key)
+        method = PLAN.get(key)
         if method not in cands:
             method = _choose(key, cands, lambda m: _run_method(m, lib, x, grad_out, kernel, padding, dilation,
                                                                with_bias))
@@ -237,7 +194,7 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, 
 # output gradient with the spatially flipped kernel and padding d*(k-1) - p. aten's forward path
 # for that was faster than its own input-gradient path on every shape measured here (ConvMixer's
 # 5x5 layer, bf16: 2.0 against 3.5 ms, 2 EPYC cores), but that is one machine's measurement: the
-# first backward of each new shape times both and keeps the faster, in the same plan file.
+# first backward of each new shape times both and keeps the faster, in the same plan.
 
 def _flipped_padding(padding, kernel, dilation) -> tuple[int, int] | None:
     pad = tuple(d * (k - 1) - p for p, k, d in zip(padding, kernel, dilation))
@@ -261,7 +218,7 @@ def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dila
     key = (f"dgrad|{tuple(x.shape)}|k{kernel[0]}x{kernel[1]}|p{padding[0]},{padding[1]}|d{dilation[0]},{dilation[1]}|"
            f"{str(x.dtype)[6:]}|{'nhwc' if _is_nhwc(x) else 'nchw'}|t{torch.get_num_threads()}")
     runs = {"aten": aten, "flipped_forward": via_forward}
-    method = _load_plan().get(key)
+    method = PLAN.get(key)
     if method not in runs:
         method = _choose(key, list(runs), lambda m: runs[m]())
     return runs[method]()

@@ -24,17 +24,14 @@ version and thread count in the kernel cache folder.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import platform
-import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernel_build import KernelLibrary, cache_dir, cpu_identity
+from .kernel_build import KernelLibrary, Plan, time_each
 
 __all__ = ["gelu", "gelu_batch_norm", "FastGELU", "GeluBatchNorm2d", "use_fast_gelu", "restore_gelu",
            "fast_gelu_available"]
@@ -210,11 +207,11 @@ class _GeluFn(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- kernel or aten, per shape
 #
-# Timed once per (shape, dtype, threads) on first use, as the depthwise op's weight gradient is;
-# the verdict is kept per CPU and torch version in the kernel cache folder.
+# Timed once per (shape, strides, dtype, threads) on first use, as the depthwise op's weight
+# gradient is; the verdict is kept in PLAN (per CPU, torch version and kernel source).
 
 _method_override: str | None = None
-_plan: dict[str, str] | None = None
+PLAN = Plan("gelu_bn_plan", identity=lambda: LIBRARY.source.read_text())
 
 
 def set_gelu_method(method: str | None) -> None:
@@ -224,22 +221,6 @@ def set_gelu_method(method: str | None) -> None:
     if method not in (None, "kernel", "aten"):
         raise ValueError(f"GELU method must be 'kernel', 'aten' or None, got {method!r}")
     _method_override = method
-
-
-def _plan_path() -> Path:
-    # per CPU, torch version and kernel source: a changed kernel is timed again
-    key = hashlib.sha256(f"{cpu_identity()}|{torch.__version__}|{LIBRARY.source.read_text()}".encode()).hexdigest()[:12]
-    return cache_dir() / f"gelu_bn_plan_{key}.json"
-
-
-def _load_plan() -> dict[str, str]:
-    global _plan
-    if _plan is None:
-        try:
-            _plan = json.loads(_plan_path().read_text())
-        except (OSError, ValueError):
-            _plan = {}
-    return _plan
 
 
 def _aten(x, weight, bias, eps):
@@ -261,22 +242,11 @@ def _gelu_runs(x: torch.Tensor) -> dict:
 
 
 def _time_methods(make_runs) -> dict[str, float]:
-    times = {}
     # the timing draws its own random gradient: the run's random stream must not see it, or a
     # run that times would draw other dropout masks than one that reads the stored choice
     with torch.random.fork_rng(devices=[]), torch.enable_grad(), torch.autocast("cpu", enabled=False):
         torch.manual_seed(0)
-        runs = make_runs()
-        for run in runs.values():  # one untimed call each (first-call set-up)
-            run()
-        for name, run in runs.items():
-            best = float("inf")
-            for _ in range(2):
-                t0 = time.perf_counter()
-                run()
-                best = min(best, time.perf_counter() - t0)
-            times[name] = best
-    return times
+        return time_each(make_runs())
 
 
 def _method(kind: str, x: torch.Tensor, make_runs) -> str:
@@ -287,19 +257,14 @@ def _method(kind: str, x: torch.Tensor, make_runs) -> str:
     if torch.compiler.is_compiling():  # nothing is timed (or looked up) while tracing: the kernel
         return "kernel"
     key = f"{kind}|{tuple(x.shape)}|{list(x.stride())}|{str(x.dtype)[6:]}|t{torch.get_num_threads()}"
-    plan = _load_plan()
-    if plan.get(key) not in ("kernel", "aten"):
+    method = PLAN.get(key)
+    if method not in ("kernel", "aten"):
         if torch.is_inference_mode_enabled():  # no backward to time here: the kernel until a training call times it
             return "kernel"
         times = _time_methods(make_runs)
-        plan[key] = min(times, key=times.get)
-        from ..io import atomic_write_json
-
-        try:
-            atomic_write_json(_plan_path(), plan)
-        except OSError:
-            pass  # a read-only home folder: the choice is kept for this process only
-    return plan[key]
+        method = min(times, key=times.get)
+        PLAN.set(key, method)
+    return method
 
 
 # ----------------------------------------------------------------------------- function and module

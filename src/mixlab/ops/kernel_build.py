@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -130,3 +131,63 @@ class KernelLibrary:
     def reset(self) -> None:
         """Forget the loaded library (tests rebuild it under other settings)."""
         self._lib, self._status = None, None
+
+
+# ----------------------------------------------------------------------------- which computation, per shape
+#
+# Which computation is fastest (a kernel or aten's, and which of aten's) depends on the CPU, the
+# shape, the dtype and the layout. As cuDNN's benchmark mode does, the ops time the candidates on
+# the first call of each new shape and keep the fastest; the choice is stored in the kernel cache
+# folder, so later processes on the machine, a resumed run among them, make the same choice
+# without timing again and compute the same numbers.
+
+def time_each(runs: dict) -> dict[str, float]:
+    """Seconds of each of ``runs`` ({name: callable}): one untimed call each (first-call set-up),
+    then the best of two."""
+    for run in runs.values():
+        run()
+    times = {}
+    for name, run in runs.items():
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t0)
+        times[name] = best
+    return times
+
+
+class Plan:
+    """Choices by key (shape, dtype, layout, threads...), kept per CPU and torch version (and
+    ``identity()``, e.g. a kernel's source, so that a changed kernel is timed again) in
+    ``<kernel cache>/<stem>_<hash>.json``. A read-only cache folder keeps them for this process."""
+
+    def __init__(self, stem: str, identity=None):
+        self.stem, self.identity = stem, identity
+        self._choices: dict[str, str] | None = None
+
+    def path(self) -> Path:
+        import torch
+
+        parts = [cpu_identity(), torch.__version__] + ([self.identity()] if self.identity else [])
+        return cache_dir() / f"{self.stem}_{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:12]}.json"
+
+    def choices(self) -> dict[str, str]:
+        if self._choices is None:
+            try:
+                self._choices = json.loads(self.path().read_text())
+            except (OSError, ValueError):
+                self._choices = {}
+        return self._choices
+
+    def get(self, key: str) -> str | None:
+        return self.choices().get(key)
+
+    def set(self, key: str, choice: str) -> None:
+        from ..io import atomic_write_json
+
+        self.choices()[key] = choice
+        try:
+            atomic_write_json(self.path(), self._choices)
+        except OSError:
+            pass  # a read-only home folder: the choice is kept for this process only
