@@ -12,19 +12,16 @@ Run it alone on the machine (other processes' threads distort every figure).
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mixlab.ops import gelu as gelu_ops
 from mixlab.runtime import flush_denormals, tune_malloc
-from mixlab.train.cpu_defaults import cpu_model_name
+from text_report import emit, provenance  # benchmarks/text_report.py (run as python benchmarks/...)
 
 SHAPES = [("convmixer_256_8 (batch 128)", (128, 256, 16, 16)), ("convmixer_768_32 (batch 8, 224 px)", (8, 768, 32, 32))]
 
@@ -39,10 +36,7 @@ def main() -> None:
     if not gelu_ops.fast_gelu_available():
         sys.exit(f"the fused kernel is not available here: {gelu_ops.LIBRARY.unavailable_reason()}")
     gelu_ops.set_gelu_method("kernel")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [f"python {' '.join(sys.argv)}",
-             f"commit {commit}, {cpu_model_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"{datetime.date.today().isoformat()}",
+    lines = [*provenance(),
              f"{'shape':<36} {'dtype':<9} {'aten fwd':>9} {'fused fwd':>10} {'aten f+b':>9} {'fused f+b':>10} "
              f"{'f+b ratio':>9} {'max |fused - aten| / max |aten| (y, dx)':>40}"]
     torch.manual_seed(0)
@@ -82,11 +76,7 @@ def main() -> None:
             lines.append(f"{name:<36} {str(dtype)[6:]:<9} {med['aten0']:8.2f}ms {med['fused0']:9.2f}ms "
                          f"{med['aten1']:8.2f}ms {med['fused1']:9.2f}ms {med['aten1'] / med['fused1']:8.2f}x "
                          f"{err[0]:19.1e} {err[1]:9.1e}")
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,6 @@ alone on the machine.
 from __future__ import annotations
 
 import argparse
-import datetime
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -26,7 +22,7 @@ from mixlab.ops.depthwise import use_fast_depthwise
 from mixlab.analysis.profile import input_hw_of
 from mixlab.ops.gelu import use_fast_gelu
 from mixlab.runtime import flush_denormals, tune_malloc
-from mixlab.train.cpu_defaults import cpu_model_name
+from text_report import emit, provenance  # benchmarks/text_report.py (run as python benchmarks/...)
 
 
 def main() -> None:
@@ -59,10 +55,7 @@ def main() -> None:
     seconds = runner.run(args.steps) / args.steps
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         runner.run(3)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [f"python {' '.join(sys.argv)}",
-             f"commit {commit}, {cpu_model_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"{datetime.date.today().isoformat()}",
+    lines = [*provenance(),
              f"{args.model}: batch {args.batch_size}, {hw[0]}x{hw[1]}, {args.precision}, "
              f"{'NCHW' if args.nchw else 'channels_last'}, {'aten' if args.aten_depthwise else 'fast'} depthwise conv, "
              f"{'aten' if args.aten_gelu else 'mixlab'} GELU, "
@@ -70,11 +63,7 @@ def main() -> None:
              f"{args.batch_size / seconds:.1f} images/s",
              "operators over 3 profiled steps (divide by 3 for one step):",
              prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
