@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from .kernel_build import cache_dir, compiler as _compiler, cpu_identity as _cpu_identity, KernelLibrary  # noqa: F401
+from .kernel_build import KernelLibrary
 
 SOURCE = Path(__file__).with_name("depthwise_kernels.cpp")
 ABI_VERSION = 2
