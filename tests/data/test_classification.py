@@ -38,6 +38,22 @@ def test_pickle_release(make_cifar_pickle, kind, classes):
     assert d.train.images.shape[1:] == (3, 32, 32)
 
 
+def test_first_or_random_holds_out_the_release_order_first_and_a_folder_tree_at_random(make_cifar_pickle,
+                                                                                        make_folder_dataset, tmp_path):
+    root = make_cifar_pickle("cifar10", n_train=100, n_test=20)
+    whole = load_dataset("cifar10", root, val_split=0.0, verbose=False)
+    d = load_dataset("cifar10", root, val_split=0.1, val_holdout="first_or_random", verbose=False)
+    assert d.release_order and d.val_holdout == "first"
+    assert torch.equal(d.val.images, whole.train.images[:10]) and torch.equal(d.train.images, whole.train.images[10:])
+    tree = make_folder_dataset(n_classes=4, per_class=(10, 2), size=8, root=tmp_path / "tree")
+    f = load_dataset("folder", tree, val_split=0.25, val_holdout="first_or_random", verbose=False)
+    seeded = load_dataset("folder", tree, val_split=0.25, val_holdout="random", verbose=False)
+    assert not f.release_order and f.val_holdout == "random"
+    assert torch.equal(f.val.labels, seeded.val.labels) and len(set(f.val.labels.tolist())) > 1
+    with pytest.raises(DataError, match="sorted by class"):  # "first" on a class-sorted tree: one class
+        load_dataset("folder", tree, val_split=0.25, val_holdout="first", verbose=False)
+
+
 def test_pickle_with_code_is_refused(tmp_path):
     import pickle
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixlab.data.loader import DeviceLoader, buffered_shuffle
+from mixlab.data.loader import DeviceLoader, buffered_shuffle, epoch_seed
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -58,6 +58,22 @@ def test_loader_with_buffer_shuffles_one_fixed_stream_anew_each_epoch():
     full.set_epoch(0)
     full_pos = torch.empty(500, dtype=torch.long).scatter_(0, torch.cat([b for (b,) in full]), torch.arange(500))
     assert abs(torch.corrcoef(torch.stack([full_pos.double(), pos[0].double()]))[0, 1]) < 0.2
+
+
+def test_loader_with_buffer_over_the_stored_order_equals_buffered_shuffle_of_arange():
+    x = torch.arange(300)
+    loader = DeviceLoader(x, batch_size=32, shuffle=True, seed=3, shuffle_buffer=20, stored_order=True)
+    loader.set_epoch(2)
+    got = torch.cat([b for (b,) in loader])
+    # the stream is the tensors' own order: tf.data's buffer over 0..299, the epoch's own draws
+    want = buffered_shuffle(torch.arange(300), 20, torch.Generator().manual_seed(epoch_seed(3, 2, 0)))
+    assert torch.equal(got, want)
+    # so no element leaves more than buffer-1 places before its stored position
+    pos = torch.empty(300, dtype=torch.long).scatter_(0, got, torch.arange(300))
+    assert (torch.arange(300) - pos).max() <= 19
+    seeded = DeviceLoader(x, batch_size=32, shuffle=True, seed=3, shuffle_buffer=20)
+    seeded.set_epoch(2)
+    assert not torch.equal(torch.cat([b for (b,) in seeded]), got)
 
 
 def test_loader_rejects_an_empty_buffer():

@@ -21,6 +21,7 @@ from mixlab.tasks import get_task
 #   layers.Rescaling(scale=1.0 / 255); layers.BatchNormalization()   (momentum 0.99, epsilon 1e-3)
 #   RandomCrop(32, 32) + RandomFlip("horizontal") on 32x32 images; ModelCheckpoint(monitor="val_accuracy")
 #   dataset.shuffle(batch_size * 10) over the stored arrays, then dataset.batch(batch_size) (no drop_remainder)
+#   x_val = x_train[:val_indices]: the first 10% of keras.datasets' arrays (the python release's order)
 KERAS_SEED = {
     "model": "convmixer_256_8", "epochs": 10, "batch_size": 128,
     "optimizer.name": "adamw_tfa", "optimizer.lr": 0.001, "optimizer.weight_decay": 0.0001,
@@ -30,7 +31,7 @@ KERAS_SEED = {
     "model_kwargs": {"bn_momentum": 0.01, "bn_eps": 1e-3, "init": "keras"},
     "augment.crop_padding": 0, "augment.hflip": 0.5, "augment.mixup_alpha": 0.0, "augment.random_erasing": 0.0,
     "augment.color_jitter": 0.0, "loss.label_smoothing": 0.0, "select": "best_val", "drop_last": False,
-    "shuffle_buffer": 1280,
+    "shuffle_buffer": 1280, "data.val_holdout": "first_or_random",
 }
 # The Conv2Former Paddle seed: Adam(lr 1e-3, weight_decay 1e-5), CosineAnnealing over 50 epochs, batch 256,
 # CrossEntropyLoss(label_smoothing=0.1), drop_path 0.1; ColorJitter(0.2, 0.2, 0.2), MixupImage (a no-op on

@@ -35,6 +35,7 @@ log = logging.getLogger("mixlab.data")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 CIFAR_LAYOUTS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 KNOWN_DATASETS = ("cifar10", "cifar100", "folder")
+VAL_HOLDOUTS = ("random", "first", "first_or_random", "test")
 
 
 class DataError(UsageError):
@@ -59,6 +60,12 @@ class ClassificationData:
     test: Split
     source: str
     skipped: list[str] = field(default_factory=list)
+    # True where train keeps the release's own stored order (the python-pickle release), False
+    # for an image-folder tree (listed by class): what "the first 10%" or a tf.data shuffle
+    # buffer over the stored order can mean
+    release_order: bool = False
+    # the holdout used ("first", "random", "test"; "first_or_random" resolved to one of the two)
+    val_holdout: str = "random"
 
     @property
     def num_classes(self) -> int:
@@ -335,7 +342,8 @@ def holdout(split: Split, fraction: float, seed: int, mode: str = "random") -> t
         raise DataError(f"val_holdout must be 'random' or 'first' to hold out part of train, got {mode!r}")
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
     missing = set(split.labels[train_idx].tolist()) - set(split.labels[val_idx].tolist())
-    if mode == "first" and missing:
+    sorted_by_class = bool((split.labels[1:] >= split.labels[:-1]).all())
+    if mode == "first" and missing and sorted_by_class:
         raise DataError(
             f"val_holdout 'first' would hold out the first {n_val} images, which miss class(es) "
             f"{sorted(missing)[:5]}: the source is sorted by class (an image-folder tree). "
@@ -351,14 +359,17 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
     """Load a classification data set as uint8 tensors (decoding once, then from the cache).
 
     ``val_holdout``: ``random`` (a seeded ``val_split`` of train), ``first`` (its first
-    ``val_split``), or ``test``: nothing held out, the validation set *is* the test set (the
-    Conv2Former seed's protocol; weights selected on it are selected on the test set).
+    ``val_split``), ``first_or_random`` (``first`` where the source keeps the release's stored
+    order, the python-pickle release, as Keras' ``x_train[:5000]`` does; ``random`` for an
+    image-folder tree, which is listed by class), or ``test``: nothing held out, the validation
+    set *is* the test set (the Conv2Former seed's protocol; weights selected on it are selected
+    on the test set).
     """
     if on_bad_image not in ("error", "skip"):
         raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-    if val_holdout not in ("random", "first", "test"):
-        raise DataError(f"val_holdout must be 'random', 'first' or 'test' (validate on the test set), "
-                        f"got {val_holdout!r}")
+    if val_holdout not in VAL_HOLDOUTS:
+        raise DataError(f"val_holdout must be 'random', 'first', 'first_or_random' or 'test' (validate on the "
+                        f"test set), got {val_holdout!r}")
     t0 = time.perf_counter()
     try:
         kind, path = locate(dataset, data)
@@ -411,6 +422,9 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
         how = "decoded"
     for problem in skipped:
         log.warning("skipped %s", problem)
+    release_order = kind == "pickle"
+    if val_holdout == "first_or_random":
+        val_holdout = "first" if release_order else "random"
     if val_holdout == "test":  # asked for explicitly: all of train is trained on, the test set validates
         val = test
     elif extra_val is not None:  # the tree ships its own val/ folder: use it as is
@@ -422,8 +436,12 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
               f"{len(train)} train, "
               + ("val = the test set (val_holdout: test)" if val is test else f"{len(val) if val else 0} val")
               + f", {len(test)} test, {len(classes)} classes, "
-              f"{tuple(train.images.shape[-2:])} px" + (f"; {len(skipped)} bad files skipped" if skipped else ""))
-    return ClassificationData(dataset, classes, train, val, test, source, skipped)
+              f"{tuple(train.images.shape[-2:])} px" + (f"; {len(skipped)} bad files skipped" if skipped else "")
+              + ("" if val is test or val is extra_val or not val else
+                 f"; val = {'the first' if val_holdout == 'first' else 'a seeded'} {val_split:.0%} of train"
+                 + (" (release order)" if release_order else "")))
+    return ClassificationData(dataset, classes, train, val, test, source, skipped, release_order=release_order,
+                              val_holdout=val_holdout)
 
 
 def load_classification_data(config: dict, verbose: bool = False) -> ClassificationData:

@@ -64,8 +64,9 @@ class DeviceLoader:
     a rank runs through its whole shard.
 
     ``shuffle_buffer``: shuffle as tf.data does with a buffer of this many elements
-    (:func:`buffered_shuffle`) instead of a full permutation. The stream it shuffles is one
-    fixed seeded order of the data, the same every epoch: the stand-in for a release's stored
+    (:func:`buffered_shuffle`) instead of a full permutation. The stream it shuffles is the
+    same every epoch: the tensors' own order where ``stored_order`` (they are in a release's
+    stored order, as Keras' arrays are), else one fixed seeded order, the stand-in for such an
     order (an image-folder tree is sorted by class, which no small buffer could mix).
 
     ``prepare``: a factory called at :meth:`set_epoch` with the epoch's seed (rank-specific),
@@ -76,7 +77,8 @@ class DeviceLoader:
 
     def __init__(self, *tensors: torch.Tensor, batch_size: int, shuffle: bool = False, drop_last: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1,
-                 prepare: Callable[[int], Callable] | None = None, shuffle_buffer: int | None = None):
+                 prepare: Callable[[int], Callable] | None = None, shuffle_buffer: int | None = None,
+                 stored_order: bool = False):
         if not tensors:
             raise ValueError("DeviceLoader needs at least one tensor")
         n = len(tensors[0])
@@ -89,6 +91,7 @@ class DeviceLoader:
             raise ValueError(f"shuffle_buffer must be 1 or more (or None for a full shuffle), got {shuffle_buffer}")
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
         self.shuffle_buffer = None if shuffle_buffer is None else int(shuffle_buffer)
+        self.stored_order = bool(stored_order)
         self.rank, self.world_size = rank, world_size
         self.prepare_factory = prepare
         self.epoch = 0
@@ -114,8 +117,9 @@ class DeviceLoader:
         """This rank's indices for the current epoch, in order."""
         n = len(self.tensors[0])
         if self.shuffle and self.shuffle_buffer is not None:
-            # the stream's order is drawn from the run's seed alone (epoch -1 is no real epoch)
-            stream = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, -1, 0)))
+            # a seeded stream is drawn from the run's seed alone (epoch -1 is no real epoch)
+            stream = torch.arange(n) if self.stored_order else torch.randperm(
+                n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, -1, 0)))
             order = buffered_shuffle(stream, self.shuffle_buffer,
                                      torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 0)))
         elif self.shuffle:

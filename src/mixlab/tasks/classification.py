@@ -27,6 +27,9 @@ class ClassificationTask(Task):
 
         self.ctx = ctx
         data = load_classification_data(cfg, verbose=ctx.dist.is_main)
+        # the run's config says which holdout was used ("first_or_random" becomes one of the two)
+        if cfg["data"].get("val_holdout") == "first_or_random":
+            cfg["data"]["val_holdout"] = data.val_holdout
         cfg["num_classes"] = cfg["num_classes"] or data.num_classes
         if cfg["num_classes"] != data.num_classes:
             raise UsageError(f"num_classes is {cfg['num_classes']} but the data set has {data.num_classes} classes")
@@ -52,7 +55,11 @@ class ClassificationTask(Task):
                                          batch_size=int(cfg["batch_size"]), shuffle=True,
                                          drop_last=bool(cfg["drop_last"]), seed=int(cfg["seed"]),
                                          rank=ctx.dist.rank, world_size=ctx.dist.world_size, prepare=train_prepare,
-                                         shuffle_buffer=cfg.get("shuffle_buffer"))
+                                         shuffle_buffer=cfg.get("shuffle_buffer"), stored_order=data.release_order)
+        if cfg.get("shuffle_buffer") and ctx.dist.is_main:
+            ctx.say(f"data: shuffled through a {cfg['shuffle_buffer']}-image buffer over "
+                    + ("the release's stored order" if data.release_order else
+                       "one fixed seeded order (an image-folder tree is listed by class)"))
         self.eval_batch_size, self.mean, self.std = int(cfg["eval_batch_size"]), mean, std
         if cfg["loss"]["label_smoothing"] and not cfg["augment"].get("mixup_alpha") \
                 and not cfg["augment"].get("cutmix_alpha"):

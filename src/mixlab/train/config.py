@@ -418,7 +418,8 @@ def _protocol(cfg: dict) -> dict:
         return dict(protocol="val = the test set (monitored each epoch); all of train is trained on and the last "
                              "weights are tested", selected_on_test=False)
     if data.get("val_split"):
-        how = {"first": "the first", "random": "a seeded"}.get(data.get("val_holdout"), "a")
+        how = {"first": "the first", "random": "a seeded",
+               "first_or_random": "the first (for an image-folder tree a seeded)"}.get(data.get("val_holdout"), "a")
         return dict(protocol=f"{how} {float(data['val_split']):.0%} of train held out as val; "
                              f"{'best-val' if best else 'last'} weights tested once on the test set",
                     selected_on_test=False)

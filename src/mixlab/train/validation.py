@@ -273,7 +273,7 @@ CLASSIFICATION: dict[str, Callable] = {
     "eval_batch_size": whole(lo=1),
     "shuffle_buffer": whole(lo=1, null=True, hint="images in tf.data's shuffle buffer, or null for a full shuffle"),
     "data.dataset": choice("cifar10", "cifar100", "folder"), "data.root": path, "data.val_split": RATE,
-    "data.val_seed": whole(lo=0), "data.val_holdout": choice("random", "first", "test"),
+    "data.val_seed": whole(lo=0), "data.val_holdout": choice("random", "first", "first_or_random", "test"),
     "data.resize": whole(lo=1, null=True, hint="the side, in pixels, every image is resized to"),
     "data.on_bad_image": choice("error", "skip"), "data.mean": numbers(3, number(), null=True),
     "data.std": numbers(3, number(0, lo_open=True), null=True), "data.download": boolean,
