@@ -54,6 +54,25 @@ def test_first_or_random_holds_out_the_release_order_first_and_a_folder_tree_at_
         load_dataset("folder", tree, val_split=0.25, val_holdout="first", verbose=False)
 
 
+def test_pickle_release_written_by_python3_with_protocol_2_loads(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    data = {name: rng.integers(0, 256, (10, 3072), dtype=np.uint8) for name in
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
+    for name, x in data.items():
+        with open(folder / name, "wb") as f:  # bytes keys and values: _codecs.encode in protocol 2
+            pickle.dump({b"batch_label": name.encode(), b"data": x, b"labels": list(range(10))}, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f, protocol=2)
+    d = load_dataset("cifar10", tmp_path, val_split=0.0, verbose=False)
+    assert d.classes == [f"c{i}" for i in range(10)]
+    assert torch.equal(d.test.images, torch.from_numpy(data["test_batch"].reshape(10, 3, 32, 32)))
+    assert torch.equal(d.train.images[10:20], torch.from_numpy(data["data_batch_2"].reshape(10, 3, 32, 32)))
+
+
 def test_pickle_with_code_is_refused(tmp_path):
     import pickle
 

@@ -239,7 +239,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     release holds (numpy arrays, built-in containers) and refuse everything else."""
 
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytes")}
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytes"),
+                # Python 3 writes bytes into a protocol-2 pickle (the release's protocol) as
+                # _codecs.encode(text, "latin1"): a pure function, safe to allow
+                ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
