@@ -171,7 +171,8 @@ def _compile_verdict(times: tuple[float, float, float], total_steps: int, bs: in
     t_compile, t_step, t_eager = times
     saved = (t_eager - t_step) * total_steps
     note = (f"compile {t_compile:.0f} s, {bs / t_step:.0f} vs {bs / t_eager:.0f} images/s eager, "
-            f"saves ~{saved:.0f} s over {total_steps} steps")
+            + (f"saves ~{saved:.0f} s over {total_steps} steps" if saved >= 0 else
+               f"eager is faster: compiled, {total_steps} steps would take ~{-saved:.0f} s longer"))
     return dict(compile=saved > COMPILE_PAYBACK * t_compile, compile_note=note)
 
 
