@@ -64,13 +64,29 @@ def test_pickle_release_written_by_python3_with_protocol_2_loads(tmp_path):
             [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
     for name, x in data.items():
         with open(folder / name, "wb") as f:  # bytes keys and values: _codecs.encode in protocol 2
-            pickle.dump({b"batch_label": name.encode(), b"data": x, b"labels": list(range(10))}, f, protocol=2)
+            pickle.dump({b"batch_label": name.encode(), b"data": x, b"labels": list(range(10)),
+                         b"empty": b""}, f, protocol=2)  # an empty bytes object: __builtin__.bytes
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f, protocol=2)
     d = load_dataset("cifar10", tmp_path, val_split=0.0, verbose=False)
     assert d.classes == [f"c{i}" for i in range(10)]
     assert torch.equal(d.test.images, torch.from_numpy(data["test_batch"].reshape(10, 3, 32, 32)))
     assert torch.equal(d.train.images[10:20], torch.from_numpy(data["data_batch_2"].reshape(10, 3, 32, 32)))
+
+
+def test_pickle_with_another_codec_is_refused(tmp_path):
+    import pickle
+
+    from mixlab.data.classification import _read_pickle
+
+    # _codecs.encode(text, "hex") doubles its input: nested, a few hundred bytes ask for gigabytes
+    bomb = (b"\x80\x02c_codecs\nencode\nq\x00X\x02\x00\x00\x00abq\x01X\x03\x00\x00\x00hexq\x02\x86q\x03"
+            b"Rq\x04.")
+    (tmp_path / "f").write_bytes(bomb)
+    with pytest.raises(pickle.UnpicklingError, match="latin1"):
+        _read_pickle(tmp_path / "f")
+    (tmp_path / "g").write_bytes(pickle.dumps(b"\x00\xffok", protocol=2))  # the form Python 3 writes
+    assert _read_pickle(tmp_path / "g") == b"\x00\xffok"
 
 
 def test_pickle_with_code_is_refused(tmp_path):

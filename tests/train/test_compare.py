@@ -180,6 +180,10 @@ def test_config_differences_ignore_what_the_trainer_fills_in():
     a = dict(model="m", epochs=3, img_size=32, data=dict(root="/a", mean=[0.5]), optimizer=dict(lr=0.1))
     b = dict(model="m", epochs=5, img_size=None, data=dict(root="/b", mean=None), optimizer=dict(lr=0.2))
     assert config_differences(a, b) == ["optimizer.lr: 0.1 -> 0.2"]
+    # a recipe's first_or_random against the holdout a run resolved it to, and the order it recorded
+    stored = dict(data=dict(val_holdout="first", release_order=True))
+    assert config_differences(stored, dict(data=dict(val_holdout="first_or_random", release_order=None))) == []
+    assert config_differences(stored, dict(data=dict(val_holdout="test"))) == ["data.val_holdout: 'first' -> 'test'"]
 
 
 def test_compare_command(tmp_path, recipe_file, fake, capsys):

@@ -122,6 +122,22 @@ def test_resume_with_another_architecture_is_refused(make_folder_dataset, tmp_pa
     assert "does not match" in capsys.readouterr().err
 
 
+def test_resume_on_data_of_the_other_order_is_refused(make_cifar_pickle, make_folder_dataset, tmp_path, capsys):
+    release = make_cifar_pickle("cifar10", n_train=40, n_test=10)
+    tree = make_folder_dataset(n_classes=10, per_class=(4, 1), size=32, root=tmp_path / "tree")
+    out = tmp_path / "run"
+    argv = ["cifar10" if a == "folder" else a for a in TINY]
+    train(*argv, "--data", str(release), "--epochs", "1", "--set", "data.val_holdout=first_or_random",
+          "--out", str(out))
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    # the run's config says what the recipe's first_or_random became on this source
+    assert cfg["data"]["val_holdout"] == "first" and cfg["data"]["release_order"] is True
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--data", str(tree)]) == 2
+    err = capsys.readouterr().err
+    assert "trained on the python release" in err and "image-folder tree" in err
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--data", str(release)]) == 0
+
+
 def test_eval_of_a_checkpoint_with_other_weights_names_the_mismatch(make_folder_dataset, tmp_path, capsys):
     data = make_folder_dataset(n_classes=2, per_class=(4, 2), size=8)
     a, b = tmp_path / "a", tmp_path / "b"

@@ -240,14 +240,24 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytes"),
-                # Python 3 writes bytes into a protocol-2 pickle (the release's protocol) as
-                # _codecs.encode(text, "latin1"): a pure function, safe to allow
-                ("_codecs", "encode")}
+                # an empty bytes object in a protocol-2 pickle written by Python 3
+                ("__builtin__", "bytes")}
 
     def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            # Python 3 writes bytes into a protocol-2 pickle (the release's protocol) as
+            # _codecs.encode(text, "latin1"): only that form is taken (other codecs can grow
+            # their input many times over, a memory bomb a few hundred bytes long)
+            return _latin1_bytes
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _latin1_bytes(text, encoding="latin1", errors="strict"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError("refusing _codecs.encode other than text.encode('latin1') in a data file")
+    return text.encode("latin1")
 
 
 def _read_pickle(path: Path) -> dict:
@@ -350,7 +360,10 @@ def holdout(split: Split, fraction: float, seed: int, mode: str = "random") -> t
         raise DataError(
             f"val_holdout 'first' would hold out the first {n_val} images, which miss class(es) "
             f"{sorted(missing)[:5]}: the source is sorted by class (an image-folder tree). "
-            "Use val_holdout: random (a fixed, seeded holdout)")
+            "Use val_holdout: random (a fixed, seeded holdout) or first_or_random")
+    if mode == "first" and missing:
+        log.warning("the first %d images held out as val miss %d class(es) of train (e.g. %s): their "
+                    "validation accuracy is not measured", n_val, len(missing), sorted(missing)[:5])
     return (Split(split.images[train_idx], split.labels[train_idx]),
             Split(split.images[val_idx], split.labels[val_idx]))
 
@@ -442,7 +455,7 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
               f"{tuple(train.images.shape[-2:])} px" + (f"; {len(skipped)} bad files skipped" if skipped else "")
               + ("" if val is test or val is extra_val or not val else
                  f"; val = {'the first' if val_holdout == 'first' else 'a seeded'} {val_split:.0%} of train"
-                 + (" (release order)" if release_order else "")))
+                 + (" (release order)" if release_order and val_holdout == "first" else "")))
     return ClassificationData(dataset, classes, train, val, test, source, skipped, release_order=release_order,
                               val_holdout=val_holdout)
 

@@ -32,7 +32,8 @@ MANIFEST = "compare.json"
 
 # config keys `run_training` fills in from the data, or that may differ between a rerun and
 # the first run without changing what is trained
-_FILLED_AT_RUN = {"num_classes", "img_size", "data.mean", "data.std", "data.root", "progress", "epochs", "picked"}
+_FILLED_AT_RUN = {"num_classes", "img_size", "data.mean", "data.std", "data.root", "progress", "epochs", "picked",
+                  "data.release_order"}
 
 
 @dataclass
@@ -117,6 +118,8 @@ def config_differences(stored: dict, fresh: dict) -> list[str]:
     for key in sorted(set(a) | set(b)):
         if key in _FILLED_AT_RUN or b.get(key) is None and key in a:
             continue  # filled in by the trainer, or not set this time
+        if key == "data.val_holdout" and b.get(key) == "first_or_random" and a.get(key) in ("first", "random"):
+            continue  # the stored config says which of the two the run resolved it to
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return diffs

@@ -86,7 +86,10 @@ DEFAULTS: dict = {
     "shuffle_buffer": None,
     "data": {"dataset": "cifar10", "root": None, "val_split": 0.1, "val_seed": 0, "val_holdout": "random",
              "resize": None, "on_bad_image": "error", "mean": None, "std": None,
-             "download": False},
+             "download": False,
+             # recorded by the run: whether the training data kept the release's stored order (the
+             # python release) or came from an image-folder tree; a resume on the other kind is refused
+             "release_order": None},
     "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": False,
                   "betas": [0.9, 0.999], "eps": 1e-8},
     # min_lr: the learning rate the cosine schedule ends at (absolute, like torch's eta_min);

@@ -155,6 +155,7 @@ def _of_type(kind: type, what: str) -> Callable:
 
 text = _of_type(str, "a text")
 mapping = _of_type(dict, "a mapping (key: value)")
+maybe_bool = _of_type(bool, "true or false")
 
 
 def path(value, key):
@@ -277,6 +278,7 @@ CLASSIFICATION: dict[str, Callable] = {
     "data.resize": whole(lo=1, null=True, hint="the side, in pixels, every image is resized to"),
     "data.on_bad_image": choice("error", "skip"), "data.mean": numbers(3, number(), null=True),
     "data.std": numbers(3, number(0, lo_open=True), null=True), "data.download": boolean,
+    "data.release_order": maybe_bool(),
     "loss.label_smoothing": RATE,
     "augment.crop_padding": whole(lo=0), "augment.crop_pad_mode": choice("constant", "reflect"),
     "augment.hflip": PROBABILITY, "augment.vflip": PROBABILITY,
