@@ -355,13 +355,12 @@ def holdout(split: Split, fraction: float, seed: int, mode: str = "random") -> t
         raise DataError(f"val_holdout must be 'random' or 'first' to hold out part of train, got {mode!r}")
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
     missing = set(split.labels[train_idx].tolist()) - set(split.labels[val_idx].tolist())
-    sorted_by_class = bool((split.labels[1:] >= split.labels[:-1]).all())
-    if mode == "first" and missing and sorted_by_class:
-        raise DataError(
-            f"val_holdout 'first' would hold out the first {n_val} images, which miss class(es) "
-            f"{sorted(missing)[:5]}: the source is sorted by class (an image-folder tree). "
-            "Use val_holdout: random (a fixed, seeded holdout) or first_or_random")
     if mode == "first" and missing:
+        if bool((split.labels[1:] >= split.labels[:-1]).all()):  # sorted by class
+            raise DataError(
+                f"val_holdout 'first' would hold out the first {n_val} images, which miss class(es) "
+                f"{sorted(missing)[:5]}: the source is sorted by class (an image-folder tree). "
+                "Use val_holdout: random (a fixed, seeded holdout) or first_or_random")
         log.warning("the first %d images held out as val miss %d class(es) of train (e.g. %s): their "
                     "validation accuracy is not measured", n_val, len(missing), sorted(missing)[:5])
     return (Split(split.images[train_idx], split.labels[train_idx]),
@@ -371,7 +370,7 @@ def holdout(split: Split, fraction: float, seed: int, mode: str = "random") -> t
 def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None, *, val_split: float = 0.1,
                  val_seed: int = 0, val_holdout: str = "random", resize: int | None = None,
                  on_bad_image: str = "error", rebuild_cache: bool = False, download_ok: bool = False,
-                 verbose: bool = True) -> ClassificationData:
+                 verbose: bool = True, release_order: bool | None = None) -> ClassificationData:
     """Load a classification data set as uint8 tensors (decoding once, then from the cache).
 
     ``val_holdout``: ``random`` (a seeded ``val_split`` of train), ``first`` (its first
@@ -379,7 +378,9 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
     order, the python-pickle release, as Keras' ``x_train[:5000]`` does; ``random`` for an
     image-folder tree, which is listed by class), or ``test``: nothing held out, the validation
     set *is* the test set (the Conv2Former seed's protocol; weights selected on it are selected
-    on the test set).
+    on the test set). ``release_order``: what a run recorded of its source (True: the python
+    release, in its stored order; False: an image-folder tree); a source of the other kind is
+    refused, since the holdout and the shuffle stream depend on the order.
     """
     if on_bad_image not in ("error", "skip"):
         raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
@@ -393,6 +394,12 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
         if not download_ok:
             raise
         kind, path = "pickle", download(dataset, candidate_roots(data)[0])
+    if release_order is not None and (kind == "pickle") != bool(release_order):
+        was, now = (("the python release (in its stored order)", "an image-folder tree") if release_order
+                    else ("an image-folder tree", "the python release"))
+        raise DataError(f"this run was trained on {was}, but the data found now ({path}) is {now}: its holdout "
+                        "and shuffle order would change. Resume with the run's own data (--data), or start a "
+                        "new run")
     key = _fingerprint_folder(path) if kind == "folder" else hashlib.sha256(
         "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(path.iterdir())).encode()
         + str(path.resolve()).encode()).hexdigest()[:16]
@@ -438,7 +445,7 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
         how = "decoded"
     for problem in skipped:
         log.warning("skipped %s", problem)
-    release_order = kind == "pickle"
+    release_order = kind == "pickle"  # (the recorded value, if any, was checked against it above)
     if val_holdout == "first_or_random":
         val_holdout = "first" if release_order else "random"
     if val_holdout == "test":  # asked for explicitly: all of train is trained on, the test set validates
@@ -460,10 +467,13 @@ def load_dataset(dataset: str = "cifar10", data: str | os.PathLike | None = None
                               val_holdout=val_holdout)
 
 
-def load_classification_data(config: dict, verbose: bool = False) -> ClassificationData:
-    """The data set of a run's resolved config (see ``mixlab.train.config``)."""
+def load_classification_data(config: dict, verbose: bool = False, same_order: bool = False) -> ClassificationData:
+    """The data set of a run's resolved config (see ``mixlab.train.config``). ``same_order``
+    (training, where the holdout and the shuffle stream must stay the run's): refuse a source
+    of another kind than the one the config records (``data.release_order``)."""
     d = config["data"]
     return load_dataset(d["dataset"], d.get("root"), val_split=d.get("val_split", 0.1),
                         val_seed=d.get("val_seed", 0), val_holdout=d.get("val_holdout", "random"),
                         resize=d.get("resize"), on_bad_image=d.get("on_bad_image", "error"),
-                        download_ok=bool(d.get("download")), verbose=verbose)
+                        download_ok=bool(d.get("download")), verbose=verbose,
+                        release_order=d.get("release_order") if same_order else None)

@@ -10,27 +10,6 @@ from .base import RunContext, Task
 from ..train.config import DEFAULTS
 
 
-def _check_source_order(d: dict) -> None:
-    """The holdout and the shuffle stream depend on the source's order: a run recorded on the
-    python release (its stored order) and resumed on an image-folder tree (sorted by class), or
-    the other way round, would validate on images it trained on or draw another stream."""
-    from ..data.classification import DataError, locate
-
-    recorded = d.get("release_order")
-    if recorded is None:
-        return
-    try:
-        kind, path = locate(d["dataset"], d.get("root"))
-    except DataError:
-        return  # not found (or to be downloaded): loading says what is wrong
-    if (kind == "pickle") != bool(recorded):
-        was, now = (("the python release (in its stored order)", "an image-folder tree") if recorded
-                    else ("an image-folder tree", "the python release"))
-        raise UsageError(f"this run was trained on {was}, but the data found now ({path}) is {now}: its holdout "
-                         "and shuffle order would change. Resume with the run's own data (--data), or start a "
-                         "new run")
-
-
 class ClassificationTask(Task):
     name, command = "classification", "mixlab train"
     best_key, best_summary_key = "val_acc", "best_val_acc"
@@ -47,8 +26,7 @@ class ClassificationTask(Task):
         from ..data.loader import DeviceLoader
 
         self.ctx = ctx
-        _check_source_order(cfg["data"])
-        data = load_classification_data(cfg, verbose=ctx.dist.is_main)
+        data = load_classification_data(cfg, verbose=ctx.dist.is_main, same_order=True)
         cfg["data"]["release_order"] = data.release_order
         # the run's config says which holdout was used ("first_or_random" becomes one of the two)
         if cfg["data"].get("val_holdout") == "first_or_random":
