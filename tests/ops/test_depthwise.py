@@ -219,9 +219,167 @@ def test_input_gradient_by_either_method_equals_the_reference(k, dil, pad, dtype
     ref = torch.ops.aten.convolution_backward(up.double(), x.double(), w.double(), None, [1, 1], [pad, pad],
                                               [dil, dil], False, [0, 0], c, [True, False, False])[0]
     assert (dwmod._flipped_padding((pad, pad), (k, k), (dil, dil)) is None) == (pad > dil * (k - 1))
-    for method in ("aten", "flipped_forward"):
+    lib = depthwise_build.load_kernel()
+    methods = ["aten", "flipped_forward"]
+    if lib is not None and lib.mixlab_dw_fwd_max_kw() > 0 and dil == 1:
+        methods.append("flipped_kernel")  # the C++ forward with the flipped kernel
+    for method in methods:
         monkeypatch.setattr(dwmod.PLAN, "_choices", {})
         monkeypatch.setattr(dwmod, "_choose", lambda key, cands, run, m=method: m if m in cands else cands[0])
         gx = dwmod._input_grad(up, x, w, (pad, pad), (dil, dil))
         assert gx.shape == x.shape
         assert _rel_err(gx, ref) < TOL[dtype], (method, _rel_err(gx, ref))
+
+
+# ----------------------------------------------------------------------------- the C++ forward
+
+def _forward_kernel_lib():
+    depthwise_build._reset_for_tests()
+    lib = depthwise_build.load_kernel()
+    if lib is None or lib.mixlab_dw_fwd_max_kw() == 0:
+        pytest.skip("the forward kernel is not built on this CPU (it needs AVX-512)")
+    return lib
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7, 9, 11, 13])
+@pytest.mark.parametrize("dh", [1, 2])
+@pytest.mark.parametrize("padding", ["same", "valid", "int"])
+@pytest.mark.parametrize("shape", [(1, 67, 23, 19), (2, 5, 9, 7), (3, 33, 4, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_kernel_equals_fp64_reference(k, dh, padding, shape, dtype, with_bias):
+    # 67 / 33 / 5 channels: two 16-channel blocks a tile (kernels of up to 5 taps) or one, with a
+    # partial last block; widths 19 / 7 / 3: 16-, 8- and 4-pixel tiles with a partial last tile;
+    # rows dilated (the kernel's columns are not: dilation (dh, 1))
+    lib = _forward_kernel_lib()
+    n, c, h, w = shape
+    pad = {"same": ((dh * (k - 1)) // 2, (k - 1) // 2), "valid": (0, 0), "int": (dh * (k - 1) // 2 + 1, k // 2 + 1)}[padding]
+    if padding == "same" and (dh * (k - 1)) % 2:
+        pad = (dh * (k - 1) // 2 + 1, pad[1])
+    if h + 2 * pad[0] - dh * (k - 1) <= 0 or w + 2 * pad[1] - (k - 1) <= 0:
+        pytest.skip("kernel larger than the padded image")
+    g = torch.Generator().manual_seed(k * 7 + dh)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c, 1, k, k, generator=g) * 0.2).to(dtype)
+    bias = torch.randn(c, generator=g).to(dtype) if with_bias else None
+    got = dwmod._kernel_forward(lib, x, weight, bias, pad, (dh, 1))
+    ref = F.conv2d(x.double(), weight.double(), bias.double() if with_bias else None, 1, pad, (dh, 1), c)
+    assert got.dtype == dtype and got.shape == ref.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.float32:
+        assert _rel_err(got, ref) < 1e-6
+    else:
+        # fp32 sums rounded once: within half a bf16 unit of the exact result, plus what summing
+        # up to 169 fp32 products can lose where they cancel (bounded by the sum of their sizes)
+        size = F.conv2d(x.double().abs(), weight.double().abs(), bias.double().abs() if with_bias else None, 1,
+                        pad, (dh, 1), c)
+        assert ((got.double() - ref).abs() <= ref.abs() * 2.0 ** -8 + size * 2.0 ** -16).all()
+
+
+def test_forward_kernel_propagates_nan_and_inf():
+    lib = _forward_kernel_lib()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.ones(1, 16, 5, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        x[0, 3, 2, 2] = float("nan")
+        x[0, 4, 2, 2] = float("inf")
+        w = torch.ones(16, 1, 3, 3, dtype=dtype)
+        got = dwmod._kernel_forward(lib, x, w, None, (1, 1), (1, 1))
+        ref = F.conv2d(x.float(), w.float(), None, 1, 1, 1, 16)
+        assert torch.equal(got.float().isnan(), ref.isnan()) and torch.equal(got.float().isinf(), ref.isinf())
+        assert got[0, 3].isnan().sum() == 9 and got[0, 4].isinf().sum() == 9
+
+
+def test_forward_kernel_refuses_what_it_does_not_compute():
+    # column dilation and kernel rows wider than it was built for: a clear error, never a wrong result
+    lib = _forward_kernel_lib()
+    x = torch.randn(1, 16, 20, 20).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="refused kernel"):
+        dwmod._kernel_forward(lib, x, torch.randn(16, 1, 3, 3), None, (2, 2), (2, 2))
+    wide = lib.mixlab_dw_fwd_max_kw() + 2
+    with pytest.raises(RuntimeError, match="refused kernel"):
+        dwmod._kernel_forward(lib, torch.randn(1, 16, 40, 40).contiguous(memory_format=torch.channels_last),
+                              torch.randn(16, 1, 1, wide), None, (0, 0), (1, 1))
+    # and the op never offers it there: column dilation, an NCHW input, fp16, a CPU without the kernel
+    assert not dwmod._kernel_forward_ok(lib, x, (3, 3), (1, 2))
+    assert not dwmod._kernel_forward_ok(lib, x.contiguous(), (3, 3), (1, 1))
+    assert not dwmod._kernel_forward_ok(lib, x.half(), (3, 3), (1, 1))
+    assert not dwmod._kernel_forward_ok(lib, x, (1, wide), (1, 1))
+
+    class NoForward:
+        @staticmethod
+        def mixlab_dw_fwd_max_kw():
+            return 0
+
+    assert not dwmod._kernel_forward_ok(NoForward(), x, (3, 3), (1, 1))
+    assert dwmod._kernel_forward_ok(lib, x, (3, 3), (1, 1))
+
+
+@pytest.mark.parametrize("method", ["aten", "kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_forward_and_gradients_by_either_forward(method, dtype, monkeypatch):
+    """The op end to end with its forward and input gradient forced to aten or the kernel."""
+    _forward_kernel_lib()
+    monkeypatch.setattr(dwmod.PLAN, "_choices", {})
+    picks = {"kernel": ("kernel", "flipped_kernel"), "aten": ("aten",)}[method]
+    chosen = []
+
+    def choose(key, cands, run):
+        m = next(c for c in cands if c in picks) if any(c in picks for c in cands) else cands[0]
+        chosen.append((key.split("|")[0], m))
+        return m
+
+    monkeypatch.setattr(dwmod, "_choose", choose)
+    dwmod.set_weight_grad_method("kernel")
+    try:
+        x, weight, bias, pad = _case(2, 37, 12, 10, 11, 1, "same", dtype, True)
+        (ref_out, ref_gx, ref_gw, ref_gb), upstream = _reference(x, weight, bias, pad, 1)
+        out, gx, gw, gb = _grads(depthwise_conv2d, x, weight, bias, pad, 1, lambda o: upstream.to(o.dtype))
+    finally:
+        dwmod.set_weight_grad_method(None)
+    kinds = {kind: m for kind, m in chosen}
+    assert kinds.get("fwd") == ("kernel" if method == "kernel" else "aten")
+    assert kinds.get("dgrad") == ("flipped_kernel" if method == "kernel" else "aten")
+    for got, want in ((out, ref_out), (gx, ref_gx), (gw, ref_gw), (gb, ref_gb)):
+        assert _rel_err(got, want) < TOL[dtype]
+
+
+def test_forward_choice_is_timed_once_and_reused(monkeypatch):
+    _forward_kernel_lib()
+    monkeypatch.setattr(dwmod.PLAN, "_choices", {})
+    monkeypatch.setattr(dwmod.PLAN, "set", lambda key, choice: dwmod.PLAN._choices.__setitem__(key, choice))
+    timed = []
+    real = dwmod.time_each
+    monkeypatch.setattr(dwmod, "time_each", lambda runs: timed.append(sorted(runs)) or real(runs))
+    x = torch.randn(2, 32, 9, 9).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(32, 1, 7, 7)
+    for _ in range(3):
+        y = dwmod._forward(x, w, None, (3, 3), (1, 1))
+    assert timed == [["aten", "kernel"]]
+    (key, choice), = dwmod.PLAN._choices.items()
+    assert key.startswith("fwd|(2, 32, 9, 9)|k7x7") and key.endswith("|aten,kernel") and choice in ("aten", "kernel")
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 3, 1, 32), rtol=1e-5, atol=1e-5)
+    # column dilation: aten only, nothing timed
+    dwmod._forward(x, w[:, :, :3, :3], None, (2, 2), (2, 2))
+    assert len(timed) == 1
+
+
+def test_a_choice_made_without_the_kernel_is_not_kept_once_it_builds(monkeypatch):
+    """A weight-gradient choice recorded while the kernel could not be built (no compiler yet, a
+    stale build) is keyed by its candidates, so the kernel is timed once it is available."""
+    monkeypatch.setattr(dwmod.PLAN, "_choices", {})
+    monkeypatch.setattr(dwmod.PLAN, "set", lambda key, choice: dwmod.PLAN._choices.__setitem__(key, choice))
+    x = torch.randn(2, 16, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 16, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
+    depthwise_build._reset_for_tests()
+    monkeypatch.setenv("MIXLAB_FAST_DEPTHWISE_BUILD", "0")
+    depthwise_weight_grad(x, g, 3, 1)
+    without = [k for k in dwmod.PLAN._choices if k.startswith("(2, 16, 8, 8)")]
+    assert len(without) == 1 and without[0].endswith("|aten,aten_fp32")
+    monkeypatch.delenv("MIXLAB_FAST_DEPTHWISE_BUILD")
+    depthwise_build._reset_for_tests()
+    if not dwmod.fast_depthwise_available():
+        pytest.skip(f"kernel not built here: {depthwise_build.unavailable_reason()}")
+    depthwise_weight_grad(x, g, 3, 1)
+    keys = [k for k in dwmod.PLAN._choices if k.startswith("(2, 16, 8, 8)")]
+    assert len(keys) == 2 and any(k.endswith("|kernel,aten,aten_fp32") for k in keys)
+    depthwise_build._reset_for_tests()

@@ -3,12 +3,14 @@
 aten computes a depthwise convolution's forward and input gradient quickly on the CPU, but its
 weight gradient is slow: for one ConvMixer-256/8 layer (128x256x16x16, 5x5, bf16, channels_last)
 it took 179 ms on a 2-core Intel Xeon and 54 ms on a 2-core AMD EPYC, where the forward takes
-2-3.5 ms (benchmarks/bench_depthwise.py), and it was half or more of a ConvMixer training step. :func:`depthwise_conv2d` keeps aten for the forward and the input
-gradient (aten's input-gradient path, or its forward with the flipped kernel where that is timed
-faster) and computes the weight gradient with a small C++ kernel built at first use
-(:mod:`mixlab.ops.depthwise_build`), summing bf16 products in fp32. Where no compiler is
-found, it falls back to aten's weight gradient in fp32 (the faster of aten's two on bf16
-inputs), and says so once.
+2-3.5 ms (benchmarks/bench_depthwise.py), and it was half or more of a ConvMixer training step.
+:func:`depthwise_conv2d` computes the weight gradient with a small C++ kernel built at first use
+(:mod:`mixlab.ops.depthwise_build`), summing bf16 products in fp32. The forward and the input
+gradient (a forward with the flipped kernel) run through aten or through the same library's
+channels-last forward kernel (AVX-512 CPUs; about twice aten's speed on Conv2Former's 11x11
+layers, slower than aten on small kernels over large maps), whichever the first call of each
+shape times faster. Where no compiler is found, it falls back to aten's weight gradient in fp32
+(the faster of aten's two on bf16 inputs) and aten's forward, and says so once.
 
 Scope: stride 1, one output channel per input channel (``groups == in_channels ==
 out_channels``), zero padding (any symmetric amount, ``'same'`` for an odd dilated extent,
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .depthwise_build import load_kernel
+from .depthwise_build import LIBRARY, load_kernel
 from .kernel_build import Plan, time_each
 
 __all__ = ["depthwise_conv2d", "depthwise_weight_grad", "DepthwiseConv2d", "use_fast_depthwise",
@@ -69,7 +71,8 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 METHODS = ("kernel", "kernel_nhwc", "aten", "aten_fp32")
 _method_override: str | None = None  # set_weight_grad_method(); None = time and choose
-PLAN = Plan("depthwise_plan")
+# keyed by the kernel source too: a changed kernel is timed again
+PLAN = Plan("depthwise_plan", identity=lambda: LIBRARY.source.read_text())
 
 
 def set_weight_grad_method(method: str | None) -> None:
@@ -155,7 +158,10 @@ def _weight_grad_op(x: torch.Tensor, grad_out: torch.Tensor, kh: int, kw: int, p
         method = cands[0]
     else:
         key = (f"{tuple(x.shape)}|k{kh}x{kw}|p{ph},{pw}|d{dh},{dw}|{str(x.dtype)[6:]}|"
-               f"{'nhwc' if _is_nhwc(x) else 'nchw'}|bias{int(with_bias)}|t{torch.get_num_threads()}")
+               f"{'nhwc' if _is_nhwc(x) else 'nchw'}|bias{int(with_bias)}|t{torch.get_num_threads()}|"
+               # the candidates in the key: a choice made while the kernel could not be built (no
+               # compiler yet, a stale build) is not kept once it can
+               f"{','.join(cands)}")
         method = PLAN.get(key)
         if method not in cands:
             method = _choose(key, cands, lambda m: _run_method(m, lib, x, grad_out, kernel, padding, dilation,
@@ -188,6 +194,61 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, 
     return _weight_grad_op(x, grad_out, *kernel, *pad, *dil, False)[0]
 
 
+# ----------------------------------------------------------------------------- forward
+#
+# aten's channels-last depthwise forward is fast for small kernels but ran at about half the
+# kernel's speed on Conv2Former's 11x11 layers (benchmarks/bench_depthwise.py), so where the
+# kernel can run (a CPU with AVX-512, channels_last, column dilation 1) the first call of each
+# shape times both and keeps the faster, in the same plan.
+
+def _kernel_forward_ok(lib, x: torch.Tensor, kernel, dilation) -> bool:
+    return (lib is not None and x.device.type == "cpu" and x.dtype in _FAST_DTYPES and _is_nhwc(x)
+            and dilation[1] == 1 and 1 <= kernel[1] <= lib.mixlab_dw_fwd_max_kw())
+
+
+def _kernel_forward(lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding, dilation) -> torch.Tensor:
+    """The C++ forward: x (N, C, H, W) channels_last, w (C, 1, KH, KW) in x's dtype, b fp32 or None."""
+    n, c, h, wd = x.shape
+    kh, kw = w.shape[2], w.shape[3]
+    ho, wo = h + 2 * padding[0] - dilation[0] * (kh - 1), wd + 2 * padding[1] - (kw - 1)
+    y = torch.empty((n, ho, wo, c), dtype=x.dtype).permute(0, 3, 1, 2)  # channels_last
+    wt = w.detach().float()[:, 0].permute(1, 2, 0).contiguous()  # (KH, KW, C)
+    bt = b.detach().float().contiguous() if b is not None else None
+    name = f"mixlab_dw_fwd_nhwc_{'bf16' if x.dtype == torch.bfloat16 else 'f32'}"
+    rc = getattr(lib, name)(x.data_ptr(), wt.data_ptr(), bt.data_ptr() if bt is not None else None, y.data_ptr(),
+                            n, c, h, wd, ho, wo, kh, kw, *padding, *dilation, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"the depthwise forward kernel refused kernel {(kh, kw)}, dilation {dilation} (code {rc})")
+    return y
+
+
+def _choose_forward(kind: str, x: torch.Tensor, runs: dict) -> str:
+    """'aten' or 'kernel' for ``kind`` (the call and its shape) on ``x``."""
+    if len(runs) == 1:
+        return "aten"
+    key = f"{kind}|{str(x.dtype)[6:]}|{'nhwc' if _is_nhwc(x) else 'nchw'}|t{torch.get_num_threads()}|{','.join(runs)}"
+    method = PLAN.get(key)
+    if method not in runs:
+        method = _choose(key, list(runs), lambda m: runs[m]())
+    return method
+
+
+def _forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding, dilation) -> torch.Tensor:
+    """The depthwise convolution of x by w (stride 1, symmetric zero padding), aten's or the
+    kernel's, whichever this machine runs faster for the shape."""
+    def aten():
+        return F.conv2d(x, w, b, 1, padding, dilation, x.shape[1])
+
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return aten()  # (nothing is timed or looked up while tracing)
+    lib = load_kernel()
+    runs = {"aten": aten}
+    if _kernel_forward_ok(lib, x, (w.shape[2], w.shape[3]), dilation):
+        runs["kernel"] = lambda: _kernel_forward(lib, x, w, b, padding, dilation)
+    key_shape = f"{tuple(x.shape)}|k{w.shape[2]}x{w.shape[3]}|p{padding[0]},{padding[1]}|d{dilation[0]},{dilation[1]}"
+    return runs[_choose_forward(f"fwd|{key_shape}|bias{int(b is not None)}", x, runs)]()
+
+
 # ----------------------------------------------------------------------------- input gradient
 #
 # The input gradient of a stride-1 depthwise convolution is itself a depthwise convolution of the
@@ -218,6 +279,11 @@ def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dila
     key = (f"dgrad|{tuple(x.shape)}|k{kernel[0]}x{kernel[1]}|p{padding[0]},{padding[1]}|d{dilation[0]},{dilation[1]}|"
            f"{str(x.dtype)[6:]}|{'nhwc' if _is_nhwc(x) else 'nchw'}|t{torch.get_num_threads()}")
     runs = {"aten": aten, "flipped_forward": via_forward}
+    lib = load_kernel()
+    if _kernel_forward_ok(lib, x, kernel, dilation) and g.dtype == w.dtype == x.dtype:
+        runs["flipped_kernel"] = lambda: _kernel_forward(lib, g.contiguous(memory_format=torch.channels_last),
+                                                         w.flip(2, 3), None, flipped, dilation)
+    key += f"|{','.join(runs)}"
     method = PLAN.get(key)
     if method not in runs:
         method = _choose(key, list(runs), lambda m: runs[m]())
@@ -227,9 +293,9 @@ def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dila
 # ----------------------------------------------------------------------------- autograd
 
 class _DepthwiseConv2dFn(torch.autograd.Function):
-    """forward: aten; input gradient: aten's, or aten's forward with the flipped kernel, the
-    faster on this machine (:func:`_input_grad`); weight gradient: :func:`_weight_grad_op`
-    (fp32 sums).
+    """forward: aten's or the C++ kernel's (:func:`_forward`); input gradient: aten's, or the
+    forward with the flipped kernel, aten's or the kernel's (:func:`_input_grad`); weight gradient:
+    :func:`_weight_grad_op` (fp32 sums). Each the faster on this machine for the shape.
 
     Under autocast the casts happen here, so the weight gradient is returned in the weight's
     own dtype straight from the fp32 sums instead of being rounded to bf16 first."""
@@ -239,7 +305,7 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
             bc = bias.to(compute_dtype) if bias is not None else None
-            out = F.conv2d(xc, wc, bc, 1, padding, dilation, x.shape[1])
+            out = _forward(xc, wc, bc, padding, dilation)
         ctx.save_for_backward(xc, wc)
         ctx.conf = (padding, dilation, x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return out

@@ -1,4 +1,5 @@
-"""The C++ depthwise weight-gradient kernel (``depthwise_kernels.cpp``), built and loaded by
+"""The C++ depthwise-convolution kernels (``depthwise_kernels.cpp``: the weight gradient, and the
+channels-last forward that also serves the input gradient), built and loaded by
 :mod:`mixlab.ops.kernel_build`.
 
 ``MIXLAB_FAST_DEPTHWISE_BUILD=0`` skips the build (the op then uses its pure-aten fallback).
@@ -11,15 +12,19 @@ from pathlib import Path
 from .kernel_build import KernelLibrary
 
 SOURCE = Path(__file__).with_name("depthwise_kernels.cpp")
-ABI_VERSION = 2
-_FUNCS = ("mixlab_dw_wgrad_nhwc_f32", "mixlab_dw_wgrad_nhwc_bf16", "mixlab_dw_wgrad_nchw_f32",
+ABI_VERSION = 3
+_WGRAD = ("mixlab_dw_wgrad_nhwc_f32", "mixlab_dw_wgrad_nhwc_bf16", "mixlab_dw_wgrad_nchw_f32",
           "mixlab_dw_wgrad_nchw_bf16")
+_FWD = ("mixlab_dw_fwd_nhwc_f32", "mixlab_dw_fwd_nhwc_bf16")
+# (x, g or weights, out, bias, N, C, H, W, Ho, Wo, KH, KW, ph, pw, dh, dw, threads)
+_SIGNATURES = {name: (ctypes.c_int, [ctypes.c_void_p] * 4 + [ctypes.c_long] * 12 + [ctypes.c_int])
+               for name in _WGRAD + _FWD}
+_SIGNATURES["mixlab_dw_fwd_max_kw"] = (ctypes.c_long, [])
 
 LIBRARY = KernelLibrary(
-    SOURCE, "mixlab_depthwise", "fast depthwise-conv weight-gradient", ("mixlab_dw_abi_version", ABI_VERSION),
-    {name: (ctypes.c_int, [ctypes.c_void_p] * 4 + [ctypes.c_long] * 12 + [ctypes.c_int]) for name in _FUNCS},
+    SOURCE, "mixlab_depthwise", "fast depthwise-conv", ("mixlab_dw_abi_version", ABI_VERSION), _SIGNATURES,
     "MIXLAB_FAST_DEPTHWISE_BUILD",
-    "depthwise weight gradients use aten in fp32 (correct, slower in bf16)")
+    "depthwise weight gradients use aten in fp32 (correct, slower in bf16), forwards aten")
 
 
 def load_kernel() -> ctypes.CDLL | None:

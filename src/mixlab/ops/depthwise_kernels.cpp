@@ -1,4 +1,5 @@
-// Weight gradient of a stride-1 depthwise 2-D convolution on the CPU:
+// Stride-1 depthwise 2-D convolution on the CPU: the weight gradient, and (further down) a
+// channels-last forward, which also computes the input gradient. The weight gradient:
 //
 //   dW[c, kh, kw] = sum_{n, ho, wo} dY[n, c, ho, wo] * X[n, c, ho - ph + kh*dh, wo - pw + kw*dw]
 //
@@ -240,11 +241,188 @@ int wgrad_nchw(const T* x, const T* g, float* out, float* bias_out, long N, long
     return 0;
 }
 
+
+// ----------------------------------------------------------------------------- forward (NHWC)
+//
+//   Y[n, ho, wo, c] = b[c] + sum_{kh, kw} W[kh, kw, c] * X[n, ho - ph + kh*dh, wo - pw + kw, c]
+//
+// (column dilation 1; rows any dilation). The weights come in as fp32 (KH, KW, C) (for a bf16
+// convolution, its bf16 weights widened: the same products aten forms), sums are fp32, a bf16
+// output is rounded once to nearest even. The input gradient of a stride-1 depthwise convolution
+// is this forward with the flipped kernel (depthwise.py), so this kernel serves both.
+//
+// Why: aten's channels-last depthwise forward for Conv2Former's 11x11 layers ran at about half
+// this kernel's speed (bf16, 2 EPYC cores: 128x64x32x32 9.8 against 4.5 ms, 128x256x8x8 1.5
+// against 1.0 ms; benchmarks/bench_depthwise.py); for small kernels on large maps aten's is
+// faster, so the op times both per shape and keeps the faster.
+//
+// A tile is WB output pixels of one row by NCB blocks of 16 channels; its sums stay in AVX-512
+// registers over every tap. Each input pixel of a kernel row is loaded and widened once and
+// multiplied by the KW weights it meets (output j = input i - tap k, all indices compile-time
+// constants after unrolling). Columns in the zero padding are read from a zero block (no branch,
+// so the sums stay in registers); rows in the padding are skipped. Two channel blocks per tile
+// for kernels of up to 5 taps, so that the multiply-adds into one sum are not waiting on each
+// other's latency. Full blocks store plainly: masked stores are slow on AMD's AVX-512. Built
+// for AVX-512 (F, BW) only; elsewhere mixlab_dw_fwd_available() says 0 and aten runs.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MIXLAB_DW_FWD 1
+
+alignas(64) const uint16_t kZerosBf16[16] = {0};
+alignas(64) const float kZerosF32[16] = {0};
+inline const float* zero_block(const float*) { return kZerosF32; }
+inline const uint16_t* zero_block(const uint16_t*) { return kZerosBf16; }
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+inline void store16(float* p, __m512 v, __mmask16 m) {
+    if (m == 0xFFFF)
+        _mm512_storeu_ps(p, v);
+    else
+        _mm512_mask_storeu_ps(p, m, v);
+}
+inline void store16(uint16_t* p, __m512 v, __mmask16 m) {
+#ifdef __AVX512BF16__
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+#else
+    // round to nearest even; a NaN stays a quiet NaN
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+    const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+#endif
+    if (m == 0xFFFF)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+    else
+        _mm256_mask_storeu_epi16(p, m, h);
+}
+
+inline __mmask16 block_mask(long C, long c) {
+    return C - c >= 16 ? static_cast<__mmask16>(0xFFFF) : C - c <= 0 ? 0 : static_cast<__mmask16>((1u << (C - c)) - 1);
+}
+
+// one tile: output pixels [wo0, wo0 + nb) (nb <= WB) of row ho, channels [c0, c0 + 16 * NCB)
+template <typename T, int KW, int WB, int NCB>
+inline void fwd_tile(const T* xn, const float* wt, const float* bias, T* yrow, long C, long c0, long H, long W,
+                     long ho, long wo0, long nb, long KH, long ph, long pw, long dh) {
+    __mmask16 m[NCB];
+    bool full = true;
+    for (int b = 0; b < NCB; ++b) {
+        m[b] = block_mask(C, c0 + 16 * b);
+        full = full && m[b] == 0xFFFF;
+    }
+    __m512 acc[NCB][WB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NCB; ++b) {
+        const __m512 b0 = bias ? load16(bias + c0 + 16 * b, m[b]) : _mm512_setzero_ps();
+#pragma GCC unroll 32
+        for (int j = 0; j < WB; ++j) acc[b][j] = b0;
+    }
+    for (long kh = 0; kh < KH; ++kh) {
+        const long hi = ho - ph + kh * dh;
+        if (hi < 0 || hi >= H) continue;
+        const T* xrow = xn + hi * W * C + c0;
+        __m512 wv[NCB][KW];
+#pragma GCC unroll 4
+        for (int b = 0; b < NCB; ++b)
+#pragma GCC unroll 16
+            for (int k = 0; k < KW; ++k) wv[b][k] = load16(wt + (kh * KW + k) * C + c0 + 16 * b, m[b]);
+#pragma GCC unroll 64
+        for (int i = 0; i < WB + KW - 1; ++i) {
+            const long wi = wo0 - pw + i;
+            const bool inside = wi >= 0 && wi < W;
+#pragma GCC unroll 4
+            for (int b = 0; b < NCB; ++b) {
+                // a partial channel block reads through its mask; a column in the padding reads zeros
+                const __m512 xv = full ? load16(inside ? xrow + wi * C + 16 * b : zero_block(xrow))
+                                       : load16(xrow + wi * C + 16 * b, inside ? m[b] : static_cast<__mmask16>(0));
+#pragma GCC unroll 16
+                for (int k = 0; k < KW; ++k) {
+                    const int j = i - k;
+                    if (j >= 0 && j < WB) acc[b][j] = _mm512_fmadd_ps(wv[b][k], xv, acc[b][j]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < NCB; ++b)
+#pragma GCC unroll 32
+        for (int j = 0; j < WB; ++j)
+            if (j < nb) store16(yrow + (wo0 + j) * C + c0 + 16 * b, acc[b][j], m[b]);
+}
+
+template <typename T, int KW, int WB, int NCB>
+void fwd_rows(const T* x, const float* wt, const float* bias, T* y, long N, long C, long H, long W, long Ho, long Wo,
+              long KH, long ph, long pw, long dh, int nthreads) {
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (long n = 0; n < N; ++n)
+        for (long ho = 0; ho < Ho; ++ho) {
+            const T* xn = x + n * H * W * C;
+            T* yrow = y + (n * Ho + ho) * Wo * C;
+            for (long c0 = 0; c0 < C; c0 += 16 * NCB)
+                for (long wo0 = 0; wo0 < Wo; wo0 += WB)
+                    fwd_tile<T, KW, WB, NCB>(xn, wt, bias, yrow, C, c0, H, W, ho, wo0, imin(WB, Wo - wo0), KH, ph, pw,
+                                             dh);
+        }
+}
+
+template <typename T, int KW>
+void fwd_kw(const T* x, const float* wt, const float* bias, T* y, long N, long C, long H, long W, long Ho, long Wo,
+            long KH, long ph, long pw, long dh, int nthreads) {
+    if (KW <= 5)  // 2 x 8 sums + 2 x KW weights + 2 inputs <= 28 of the 32 registers
+        fwd_rows<T, KW, 8, 2>(x, wt, bias, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
+    else if (Wo > 8)  // 16 sums + KW weights + 1 input
+        fwd_rows<T, KW, 16, 1>(x, wt, bias, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
+    else if (Wo > 4)
+        fwd_rows<T, KW, 8, 1>(x, wt, bias, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
+    else
+        fwd_rows<T, KW, 4, 1>(x, wt, bias, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
+}
+#endif  // AVX-512
+
+constexpr long FWD_MAX_KW = 13;
+
+// 0: done; 2: not built for this CPU, or a kernel row wider than FWD_MAX_KW taps, or column dilation
+template <typename T>
+int fwd_nhwc(const T* x, const float* wt, const float* bias, T* y, long N, long C, long H, long W, long Ho, long Wo,
+             long KH, long KW, long ph, long pw, long dh, long dw, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (dw != 1 || KW < 1 || KW > FWD_MAX_KW) return 2;
+#ifdef MIXLAB_DW_FWD
+    switch (KW) {
+#define MIXLAB_FWD_KW(K) \
+    case K: fwd_kw<T, K>(x, wt, bias, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads); return 0;
+        MIXLAB_FWD_KW(1) MIXLAB_FWD_KW(2) MIXLAB_FWD_KW(3) MIXLAB_FWD_KW(4) MIXLAB_FWD_KW(5) MIXLAB_FWD_KW(6)
+        MIXLAB_FWD_KW(7) MIXLAB_FWD_KW(8) MIXLAB_FWD_KW(9) MIXLAB_FWD_KW(10) MIXLAB_FWD_KW(11) MIXLAB_FWD_KW(12)
+        MIXLAB_FWD_KW(13)
+#undef MIXLAB_FWD_KW
+        default: return 2;
+    }
+#else
+    (void)x, (void)wt, (void)bias, (void)y, (void)N, (void)C, (void)H, (void)W, (void)Ho, (void)Wo, (void)KH;
+    (void)ph, (void)pw, (void)dh;
+    return 2;
+#endif
+}
+
 }  // namespace
 
 #define MIXLAB_ARGS float* bias_out, long N, long C, long H, long W, long Ho, long Wo, long KH, long KW, long ph, long pw, \
                     long dh, long dw, int nthreads
 #define MIXLAB_PASS bias_out, N, C, H, W, Ho, Wo, KH, KW, ph, pw, dh, dw, nthreads
+#define MIXLAB_FWD_ARGS long N, long C, long H, long W, long Ho, long Wo, long KH, long KW, long ph, long pw, long dh, \
+                        long dw, int nthreads
+#define MIXLAB_FWD_PASS N, C, H, W, Ho, Wo, KH, KW, ph, pw, dh, dw, nthreads
 
 extern "C" {
 int mixlab_dw_wgrad_nhwc_f32(const float* x, const float* g, float* out, MIXLAB_ARGS) {
@@ -259,5 +437,19 @@ int mixlab_dw_wgrad_nchw_f32(const float* x, const float* g, float* out, MIXLAB_
 int mixlab_dw_wgrad_nchw_bf16(const uint16_t* x, const uint16_t* g, float* out, MIXLAB_ARGS) {
     return wgrad_nchw<uint16_t>(x, g, out, MIXLAB_PASS);
 }
-int mixlab_dw_abi_version(void) { return 2; }
+int mixlab_dw_fwd_nhwc_f32(const float* x, const float* wt, const float* bias, float* y, MIXLAB_FWD_ARGS) {
+    return fwd_nhwc<float>(x, wt, bias, y, MIXLAB_FWD_PASS);
+}
+int mixlab_dw_fwd_nhwc_bf16(const uint16_t* x, const float* wt, const float* bias, uint16_t* y, MIXLAB_FWD_ARGS) {
+    return fwd_nhwc<uint16_t>(x, wt, bias, y, MIXLAB_FWD_PASS);
+}
+// the forward kernel's widest kernel row; 0 where it is not built (no AVX-512)
+long mixlab_dw_fwd_max_kw(void) {
+#ifdef MIXLAB_DW_FWD
+    return FWD_MAX_KW;
+#else
+    return 0;
+#endif
+}
+int mixlab_dw_abi_version(void) { return 3; }
 }
