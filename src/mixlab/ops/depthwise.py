@@ -206,16 +206,23 @@ def _kernel_forward_ok(lib, x: torch.Tensor, kernel, dilation) -> bool:
             and dilation[1] == 1 and 1 <= kernel[1] <= lib.mixlab_dw_fwd_max_kw())
 
 
-def _kernel_forward(lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding, dilation) -> torch.Tensor:
-    """The C++ forward: x (N, C, H, W) channels_last, w (C, 1, KH, KW) in x's dtype, b fp32 or None."""
+def _kernel_forward(lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding, dilation,
+                    add: torch.Tensor | None = None) -> torch.Tensor:
+    """The C++ forward: x (N, C, H, W) channels_last, w (C, 1, KH, KW) in x's dtype, b or None;
+    ``add`` (output-shaped, x's dtype, or None) is summed in before the output is rounded."""
     n, c, h, wd = x.shape
     kh, kw = w.shape[2], w.shape[3]
     ho, wo = h + 2 * padding[0] - dilation[0] * (kh - 1), wd + 2 * padding[1] - (kw - 1)
     y = torch.empty((n, ho, wo, c), dtype=x.dtype).permute(0, 3, 1, 2)  # channels_last
     wt = w.detach().float()[:, 0].permute(1, 2, 0).contiguous()  # (KH, KW, C)
     bt = b.detach().float().contiguous() if b is not None else None
+    if add is not None:
+        if add.shape != y.shape or add.dtype != x.dtype:
+            raise ValueError(f"add must be {tuple(y.shape)} {x.dtype}, got {tuple(add.shape)} {add.dtype}")
+        add = add.contiguous(memory_format=torch.channels_last)
     name = f"mixlab_dw_fwd_nhwc_{'bf16' if x.dtype == torch.bfloat16 else 'f32'}"
-    rc = getattr(lib, name)(x.data_ptr(), wt.data_ptr(), bt.data_ptr() if bt is not None else None, y.data_ptr(),
+    rc = getattr(lib, name)(x.data_ptr(), wt.data_ptr(), bt.data_ptr() if bt is not None else None,
+                            add.data_ptr() if add is not None else None, y.data_ptr(),
                             n, c, h, wd, ho, wo, kh, kw, *padding, *dilation, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the depthwise forward kernel refused kernel {(kh, kw)}, dilation {dilation} (code {rc})")
@@ -262,7 +269,11 @@ def _flipped_padding(padding, kernel, dilation) -> tuple[int, int] | None:
     return pad if min(pad) >= 0 else None
 
 
-def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dilation) -> torch.Tensor:
+def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dilation,
+                add: torch.Tensor | None = None) -> torch.Tensor:
+    """The input gradient for output gradient ``g``, plus ``add`` (another gradient of the same
+    input, e.g. a residual's) where given: summed inside the C++ kernel when that is the method,
+    else added after."""
     kernel = (w.shape[2], w.shape[3])
     flipped = _flipped_padding(padding, kernel, dilation)
 
@@ -274,8 +285,11 @@ def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dila
         with torch.autocast(g.device.type, enabled=False):  # in g's dtype, as aten's own path computes
             return F.conv2d(g, w.flip(2, 3), None, 1, flipped, dilation, x.shape[1])
 
+    def plus(gx: torch.Tensor) -> torch.Tensor:
+        return gx if add is None else gx.add_(add)
+
     if flipped is None or g.device.type != "cpu" or torch.compiler.is_compiling():
-        return aten()  # (nothing is timed or looked up while tracing)
+        return plus(aten())  # (nothing is timed or looked up while tracing)
     key = (f"dgrad|{tuple(x.shape)}|k{kernel[0]}x{kernel[1]}|p{padding[0]},{padding[1]}|d{dilation[0]},{dilation[1]}|"
            f"{str(x.dtype)[6:]}|{'nhwc' if _is_nhwc(x) else 'nchw'}|t{torch.get_num_threads()}")
     runs = {"aten": aten, "flipped_forward": via_forward}
@@ -287,7 +301,10 @@ def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dila
     method = PLAN.get(key)
     if method not in runs:
         method = _choose(key, list(runs), lambda m: runs[m]())
-    return runs[method]()
+    if method == "flipped_kernel" and add is not None:
+        return _kernel_forward(lib, g.contiguous(memory_format=torch.channels_last), w.flip(2, 3), None, flipped,
+                               dilation, add=add.to(g.dtype))
+    return plus(runs[method]())
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -12,13 +12,14 @@ from pathlib import Path
 from .kernel_build import KernelLibrary
 
 SOURCE = Path(__file__).with_name("depthwise_kernels.cpp")
-ABI_VERSION = 3
+ABI_VERSION = 4
 _WGRAD = ("mixlab_dw_wgrad_nhwc_f32", "mixlab_dw_wgrad_nhwc_bf16", "mixlab_dw_wgrad_nchw_f32",
           "mixlab_dw_wgrad_nchw_bf16")
 _FWD = ("mixlab_dw_fwd_nhwc_f32", "mixlab_dw_fwd_nhwc_bf16")
-# (x, g or weights, out, bias, N, C, H, W, Ho, Wo, KH, KW, ph, pw, dh, dw, threads)
-_SIGNATURES = {name: (ctypes.c_int, [ctypes.c_void_p] * 4 + [ctypes.c_long] * 12 + [ctypes.c_int])
-               for name in _WGRAD + _FWD}
+# weight gradient: (x, g, out, bias_out, N, C, H, W, Ho, Wo, KH, KW, ph, pw, dh, dw, threads);
+# forward: (x, weights, bias, add, y, ...the same)
+_SIGNATURES = {name: (ctypes.c_int, [ctypes.c_void_p] * (5 if name in _FWD else 4) + [ctypes.c_long] * 12
+                      + [ctypes.c_int]) for name in _WGRAD + _FWD}
 _SIGNATURES["mixlab_dw_fwd_max_kw"] = (ctypes.c_long, [])
 
 LIBRARY = KernelLibrary(

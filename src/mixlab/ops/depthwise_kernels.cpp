@@ -313,7 +313,8 @@ inline __mmask16 block_mask(long C, long c) {
 
 // one tile: output pixels [wo0, wo0 + nb) (nb <= WB) of row ho, channels [c0, c0 + 16 * NCB)
 template <typename T, int KW, int WB, int NCB>
-inline void fwd_tile(const T* xn, const float* wt, const float* bias, T* yrow, long C, long c0, long H, long W,
+inline void fwd_tile(const T* xn, const float* wt, const float* bias, const T* arow, T* yrow, long C, long c0,
+                     long H, long W,
                      long ho, long wo0, long nb, long KH, long ph, long pw, long dh) {
     __mmask16 m[NCB];
     bool full = true;
@@ -326,7 +327,8 @@ inline void fwd_tile(const T* xn, const float* wt, const float* bias, T* yrow, l
     for (int b = 0; b < NCB; ++b) {
         const __m512 b0 = bias ? load16(bias + c0 + 16 * b, m[b]) : _mm512_setzero_ps();
 #pragma GCC unroll 32
-        for (int j = 0; j < WB; ++j) acc[b][j] = b0;
+        for (int j = 0; j < WB; ++j)
+            acc[b][j] = arow && j < nb ? _mm512_add_ps(b0, load16(arow + (wo0 + j) * C + c0 + 16 * b, m[b])) : b0;
     }
     for (long kh = 0; kh < KH; ++kh) {
         const long hi = ho - ph + kh * dh;
@@ -362,31 +364,34 @@ inline void fwd_tile(const T* xn, const float* wt, const float* bias, T* yrow, l
 }
 
 template <typename T, int KW, int WB, int NCB>
-void fwd_rows(const T* x, const float* wt, const float* bias, T* y, long N, long C, long H, long W, long Ho, long Wo,
+void fwd_rows(const T* x, const float* wt, const float* bias, const T* add, T* y, long N, long C, long H, long W,
+              long Ho, long Wo,
               long KH, long ph, long pw, long dh, int nthreads) {
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
     for (long n = 0; n < N; ++n)
         for (long ho = 0; ho < Ho; ++ho) {
             const T* xn = x + n * H * W * C;
             T* yrow = y + (n * Ho + ho) * Wo * C;
+            const T* arow = add ? add + (n * Ho + ho) * Wo * C : nullptr;
             for (long c0 = 0; c0 < C; c0 += 16 * NCB)
                 for (long wo0 = 0; wo0 < Wo; wo0 += WB)
-                    fwd_tile<T, KW, WB, NCB>(xn, wt, bias, yrow, C, c0, H, W, ho, wo0, imin(WB, Wo - wo0), KH, ph, pw,
+                    fwd_tile<T, KW, WB, NCB>(xn, wt, bias, arow, yrow, C, c0, H, W, ho, wo0, imin(WB, Wo - wo0), KH, ph, pw,
                                              dh);
         }
 }
 
 template <typename T, int KW>
-void fwd_kw(const T* x, const float* wt, const float* bias, T* y, long N, long C, long H, long W, long Ho, long Wo,
+void fwd_kw(const T* x, const float* wt, const float* bias, const T* add, T* y, long N, long C, long H, long W,
+            long Ho, long Wo,
             long KH, long ph, long pw, long dh, int nthreads) {
     if (KW <= 5)  // 2 x 8 sums + 2 x KW weights + 2 inputs <= 28 of the 32 registers
-        fwd_rows<T, KW, 8, 2>(x, wt, bias, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
+        fwd_rows<T, KW, 8, 2>(x, wt, bias, add, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
     else if (Wo > 8)  // 16 sums + KW weights + 1 input
-        fwd_rows<T, KW, 16, 1>(x, wt, bias, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
+        fwd_rows<T, KW, 16, 1>(x, wt, bias, add, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
     else if (Wo > 4)
-        fwd_rows<T, KW, 8, 1>(x, wt, bias, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
+        fwd_rows<T, KW, 8, 1>(x, wt, bias, add, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
     else
-        fwd_rows<T, KW, 4, 1>(x, wt, bias, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
+        fwd_rows<T, KW, 4, 1>(x, wt, bias, add, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads);
 }
 #endif  // AVX-512
 
@@ -394,14 +399,15 @@ constexpr long FWD_MAX_KW = 13;
 
 // 0: done; 2: not built for this CPU, or a kernel row wider than FWD_MAX_KW taps, or column dilation
 template <typename T>
-int fwd_nhwc(const T* x, const float* wt, const float* bias, T* y, long N, long C, long H, long W, long Ho, long Wo,
+int fwd_nhwc(const T* x, const float* wt, const float* bias, const T* add, T* y, long N, long C, long H, long W,
+             long Ho, long Wo,
              long KH, long KW, long ph, long pw, long dh, long dw, int nthreads) {
     if (nthreads < 1) nthreads = 1;
     if (dw != 1 || KW < 1 || KW > FWD_MAX_KW) return 2;
 #ifdef MIXLAB_DW_FWD
     switch (KW) {
 #define MIXLAB_FWD_KW(K) \
-    case K: fwd_kw<T, K>(x, wt, bias, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads); return 0;
+    case K: fwd_kw<T, K>(x, wt, bias, add, y, N, C, H, W, Ho, Wo, KH, ph, pw, dh, nthreads); return 0;
         MIXLAB_FWD_KW(1) MIXLAB_FWD_KW(2) MIXLAB_FWD_KW(3) MIXLAB_FWD_KW(4) MIXLAB_FWD_KW(5) MIXLAB_FWD_KW(6)
         MIXLAB_FWD_KW(7) MIXLAB_FWD_KW(8) MIXLAB_FWD_KW(9) MIXLAB_FWD_KW(10) MIXLAB_FWD_KW(11) MIXLAB_FWD_KW(12)
         MIXLAB_FWD_KW(13)
@@ -409,7 +415,7 @@ int fwd_nhwc(const T* x, const float* wt, const float* bias, T* y, long N, long 
         default: return 2;
     }
 #else
-    (void)x, (void)wt, (void)bias, (void)y, (void)N, (void)C, (void)H, (void)W, (void)Ho, (void)Wo, (void)KH;
+    (void)x, (void)wt, (void)bias, (void)add, (void)y, (void)N, (void)C, (void)H, (void)W, (void)Ho, (void)Wo, (void)KH;
     (void)ph, (void)pw, (void)dh;
     return 2;
 #endif
@@ -437,11 +443,15 @@ int mixlab_dw_wgrad_nchw_f32(const float* x, const float* g, float* out, MIXLAB_
 int mixlab_dw_wgrad_nchw_bf16(const uint16_t* x, const uint16_t* g, float* out, MIXLAB_ARGS) {
     return wgrad_nchw<uint16_t>(x, g, out, MIXLAB_PASS);
 }
-int mixlab_dw_fwd_nhwc_f32(const float* x, const float* wt, const float* bias, float* y, MIXLAB_FWD_ARGS) {
-    return fwd_nhwc<float>(x, wt, bias, y, MIXLAB_FWD_PASS);
+// y = conv(x) + bias + add: `bias` (C, fp32) and `add` (an output-shaped NHWC tensor summed in
+// before the rounding: a residual gradient) may each be null
+int mixlab_dw_fwd_nhwc_f32(const float* x, const float* wt, const float* bias, const float* add, float* y,
+                           MIXLAB_FWD_ARGS) {
+    return fwd_nhwc<float>(x, wt, bias, add, y, MIXLAB_FWD_PASS);
 }
-int mixlab_dw_fwd_nhwc_bf16(const uint16_t* x, const float* wt, const float* bias, uint16_t* y, MIXLAB_FWD_ARGS) {
-    return fwd_nhwc<uint16_t>(x, wt, bias, y, MIXLAB_FWD_PASS);
+int mixlab_dw_fwd_nhwc_bf16(const uint16_t* x, const float* wt, const float* bias, const uint16_t* add, uint16_t* y,
+                            MIXLAB_FWD_ARGS) {
+    return fwd_nhwc<uint16_t>(x, wt, bias, add, y, MIXLAB_FWD_PASS);
 }
 // the forward kernel's widest kernel row; 0 where it is not built (no AVX-512)
 long mixlab_dw_fwd_max_kw(void) {
@@ -451,5 +461,5 @@ long mixlab_dw_fwd_max_kw(void) {
     return 0;
 #endif
 }
-int mixlab_dw_abi_version(void) { return 3; }
+int mixlab_dw_abi_version(void) { return 4; }
 }

@@ -40,7 +40,7 @@ _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p
 _SIGS = {}
 for _t in ("f32", "bf16"):
     _SIGS[f"mixlab_gelu_bn_fwd_stats_{_t}"] = (_I, [_P, _P, _P, _L, _L, _D, _D, _I])
-    _SIGS[f"mixlab_gelu_bn_fwd_apply_{_t}"] = (_I, [_P, _P, _P, _L, _L, _P, _P, _I])
+    _SIGS[f"mixlab_gelu_bn_fwd_apply_{_t}"] = (_I, [_P, _P, _P, _P, _L, _L, _P, _P, _I])
     _SIGS[f"mixlab_gelu_bn_bwd_stats_{_t}"] = (_I, [_P, _P, _P, _L, _L, _D, _D, _I])
     _SIGS[f"mixlab_gelu_bn_bwd_apply_{_t}"] = (_I, [_P, _P, _P, _P, _P, _L, _L, _P, _P, _P, _I])
     _SIGS[f"mixlab_gelu_fwd_{_t}"] = (_I, [_P, _P, _L, _I])
@@ -48,7 +48,7 @@ for _t in ("f32", "bf16"):
 
 LIBRARY = KernelLibrary(
     Path(__file__).with_name("gelu_kernels.cpp"), "mixlab_gelu", "GELU (and GELU + BatchNorm)",
-    ("mixlab_gelu_bn_abi_version", 4), _SIGS, "MIXLAB_FAST_GELU_BUILD",
+    ("mixlab_gelu_bn_abi_version", 5), _SIGS, "MIXLAB_FAST_GELU_BUILD",
     "GELU and BatchNorm run as aten's operations (correct, slower)",
     # the loops are bound by GELU's arithmetic: full-width AVX-512 where the CPU has it
     extra_flags=("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())
@@ -76,11 +76,11 @@ def _check(rc: int) -> None:
 # Registered ops (not bare Python calls) so torch.compile treats each as one opaque node.
 
 @torch.library.custom_op("mixlab::gelu_bn_forward", mutates_args=())
-def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y = batch_norm(gelu(x)) with batch statistics; returns y, g = gelu(x) (kept for the
-    backward, as aten keeps BatchNorm's input), and the mean and biased variance of g per
-    channel (fp64)."""
+def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = batch_norm(gelu(x)) (+ residual, summed in the same pass) with batch statistics;
+    returns y, g = gelu(x) (kept for the backward, as aten keeps BatchNorm's input), and the mean
+    and biased variance of g per channel (fp64). ``residual``: x's shape and dtype, channels_last."""
     lib = LIBRARY.load()
     n, c, h, w = x.shape
     m, threads = n * h * w, torch.get_num_threads()
@@ -99,13 +99,17 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     scale = (rstd * weight.double()).float().contiguous()
     center, beta = mean.float().contiguous(), bias.float().contiguous()
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    _check(getattr(lib, f"mixlab_gelu_bn_fwd_apply_{_sfx(x)}")(g.data_ptr(), y.data_ptr(), center.data_ptr(), m, c,
+    if residual is not None:
+        residual = residual.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    _check(getattr(lib, f"mixlab_gelu_bn_fwd_apply_{_sfx(x)}")(g.data_ptr(),
+                                                                 residual.data_ptr() if residual is not None else None,
+                                                                 y.data_ptr(), center.data_ptr(), m, c,
                                                                  scale.data_ptr(), beta.data_ptr(), threads))
     return y, g, mean, var
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, residual=None):
     c = x.shape[1]
     return (torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(x, memory_format=torch.channels_last),
             x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64))
@@ -300,12 +304,18 @@ def gelu_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_
     if _method("gelu_bn", x, lambda: _pair_runs(x, w, b, eps)) != "kernel":
         return F.batch_norm(F.gelu(x), running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = _GeluBatchNormFn.apply(x, w, b, eps)
-    if running_mean is not None:
-        m = x.numel() // c
-        with torch.no_grad():  # as aten does: the unbiased variance goes into the running estimate
-            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1.0 - momentum).add_((var * (m / (m - 1))).to(running_var.dtype), alpha=momentum)
+    update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum)
     return y
+
+
+def update_running_stats(running_mean, running_var, mean, var, m: int, momentum: float) -> None:
+    """Move the running statistics (if any) toward a batch's mean and biased variance over m values
+    per channel, as aten does: the unbiased variance goes into the running estimate."""
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_((var * (m / (m - 1))).to(running_var.dtype), alpha=momentum)
 
 
 class GeluBatchNorm2d(nn.BatchNorm2d):
@@ -315,17 +325,21 @@ class GeluBatchNorm2d(nn.BatchNorm2d):
     nn.BatchNorm2d)`` holds.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        # momentum and the use of batch statistics exactly as nn.BatchNorm2d decides them
+    def norm_args(self) -> tuple:
+        """(running_mean, running_var, batch_stats, momentum) for this call, exactly as
+        nn.BatchNorm2d decides them (counting the batch in ``num_batches_tracked``: once a call)."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        return gelu_batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
-                               self.weight, self.bias, batch_stats, factor, self.eps)
+        return (self.running_mean if track else None, self.running_var if track else None, batch_stats, factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        running_mean, running_var, batch_stats, factor = self.norm_args()
+        return gelu_batch_norm(x, running_mean, running_var, self.weight, self.bias, batch_stats, factor, self.eps)
 
 
 class FastGELU(nn.GELU):
@@ -366,6 +380,9 @@ def use_fast_gelu(model: nn.Module) -> tuple[int, int]:
                 seq._modules[a] = _FusedAway()
                 bn.__class__ = GeluBatchNorm2d
                 pairs += 1
+    from .residual import fuse_residual_blocks
+
+    fuse_residual_blocks(model)  # a pair that ends a ConvMixer residual branch also adds the residual
     alone = 0
     for m in model.modules():
         if _is_exact_gelu(m):
@@ -377,6 +394,9 @@ def use_fast_gelu(model: nn.Module) -> tuple[int, int]:
 def restore_gelu(model: nn.Module) -> int:
     """Undo :func:`use_fast_gelu` (e.g. before exporting to a format that wants aten ops);
     returns how many modules were switched back."""
+    from .residual import unfuse_residual_blocks
+
+    unfuse_residual_blocks(model)
     n = 0
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):

@@ -200,17 +200,25 @@ int fwd_stats(const T* x, T* g, const float* center, long M, long C, double* sum
     return channel_sums(GeluMoments<T>{x, g, center, C}, M, C, sum, sumsq, nthreads);
 }
 
-// forward pass 2: y = (g - center) * scale + shift
+// forward pass 2: y = (g - center) * scale + shift (+ res, a residual summed in before the
+// rounding, where the pair ends a residual branch: mixlab/ops/residual.py)
 template <typename T>
-int fwd_apply(const T* g, T* y, const float* center, long M, long C, const float* scale, const float* shift,
-              int nthreads) {
+int fwd_apply(const T* g, const T* res, T* y, const float* center, long M, long C, const float* scale,
+              const float* shift, int nthreads) {
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long r = 0; r < M; ++r) {
         const T* gr = g + r * C;
         T* yr = y + r * C;
+        if (res) {
+            const T* rr = res + r * C;
 #pragma omp simd
-        for (long c = 0; c < C; ++c) store(yr + c, (widen(gr[c]) - center[c]) * scale[c] + shift[c]);
+            for (long c = 0; c < C; ++c)
+                store(yr + c, (widen(gr[c]) - center[c]) * scale[c] + shift[c] + widen(rr[c]));
+        } else {
+#pragma omp simd
+            for (long c = 0; c < C; ++c) store(yr + c, (widen(gr[c]) - center[c]) * scale[c] + shift[c]);
+        }
     }
     return 0;
 }
@@ -283,7 +291,7 @@ int gelu_bwd(const T* x, const T* dy, T* dx, long n, int nthreads) {
 
 extern "C" {
 
-int mixlab_gelu_bn_abi_version(void) { return 4; }
+int mixlab_gelu_bn_abi_version(void) { return 5; }
 
 // the pair: `center` is a per-channel float array (see GeluMoments)
 #define MIXLAB_PAIR(SFX, T)                                                                                          \
@@ -291,9 +299,10 @@ int mixlab_gelu_bn_abi_version(void) { return 4; }
                                        double* ss, int nt) {                                                       \
         return fwd_stats(static_cast<const T*>(x), static_cast<T*>(g), center, M, C, s, ss, nt);                   \
     }                                                                                                              \
-    int mixlab_gelu_bn_fwd_apply_##SFX(const void* g, void* y, const float* center, long M, long C,                \
-                                       const float* a, const float* b, int nt) {                                   \
-        return fwd_apply(static_cast<const T*>(g), static_cast<T*>(y), center, M, C, a, b, nt);                    \
+    int mixlab_gelu_bn_fwd_apply_##SFX(const void* g, const void* res, void* y, const float* center, long M,       \
+                                       long C, const float* a, const float* b, int nt) {                           \
+        return fwd_apply(static_cast<const T*>(g), static_cast<const T*>(res), static_cast<T*>(y), center, M, C, a, \
+                         b, nt);                                                                                   \
     }                                                                                                              \
     int mixlab_gelu_bn_bwd_stats_##SFX(const void* g, const void* dy, const float* center, long M, long C,         \
                                        double* s, double* sg, int nt) {                                            \
