@@ -199,7 +199,8 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
     ``vs`` model always keeps aten's); ``fast_gelu``: likewise with mixlab's GELU kernels
     (:mod:`mixlab.ops.gelu`). Returns :func:`bench_pair`'s dict with the model, the versions,
     threads and CPU, ``fast_depthwise_convs`` (layers switched) and ``fast_gelu`` ([GELU +
-    BatchNorm pairs fused, GELUs alone]). ``memory_check``:
+    BatchNorm pairs fused, GELUs alone]), ``fused_residual_blocks`` (:mod:`mixlab.ops.residual`).
+    ``memory_check``:
     refuse a batch whose step would not fit in the memory free (estimated first)."""
     from ..registry import create_model, model_info
     from ..runtime import denormals_flushed, malloc_tuned
@@ -225,6 +226,9 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
         from ..ops.gelu import use_fast_gelu
 
         gelus = use_fast_gelu(model)
+    from ..ops.residual import FusedResidual
+
+    fused_res = sum(type(m) is FusedResidual for m in model.modules())
     other = None
     if vs:
         if not vs.startswith("timm:"):
@@ -253,5 +257,6 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
     out.update(model=name, vs=vs, torch=torch.__version__, malloc_tuned=malloc_tuned(),
                denormals_flushed=denormals_flushed(),
                threads=torch.get_num_threads(), fast_depthwise_convs=fast_dw, fast_gelu=list(gelus),
+               fused_residual_blocks=fused_res,
                cpu=cpu_model_name())
     return out

@@ -55,6 +55,7 @@ def run(args) -> int:
           f"{args.precision}{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}"
           f"{f', fast depthwise conv ({fast_dw} layers)' if fast_dw else ''}"
           f"{f', fused GELU + BatchNorm ({pairs} pairs)' if pairs else ''}"
+          f"{f', {res} residual blocks fused' if (res := out.get('fused_residual_blocks')) else ''}"
           f"{f', mixlab GELU ({alone})' if alone else ''}"
           f"  (torch {out['torch']}, {out['threads']} threads, malloc tuning {'on' if out['malloc_tuned'] else 'off'}, "
           f"subnormals {'flushed' if out['denormals_flushed'] else 'kept'}; "
