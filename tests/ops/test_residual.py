@@ -68,8 +68,16 @@ def _rel(a, b):
 def test_fused_block_equals_the_unfused_one(kernels, dtype, k, bias, momentum, input_grad, monkeypatch):
     # input_grad: the depthwise input gradient (to which the residual's gradient is added) by the
     # C++ forward with the flipped kernel, the sum inside it, or by aten, the sum after
-    if input_grad == "aten":
-        monkeypatch.setattr(dw, "_choose", lambda key, cands, run: "aten" if "aten" in cands else cands[0])
+    monkeypatch.setattr(dw.PLAN, "_choices", {})  # nothing recorded by another test decides the method
+    want = "flipped_kernel" if input_grad == "kernel" else "aten"
+    monkeypatch.setattr(dw, "_choose", lambda key, cands, run: want if want in cands else cands[0])
+    lib = dw.load_kernel()
+    if input_grad == "kernel" and (lib is None or lib.mixlab_dw_fwd_max_kw() == 0):
+        pytest.skip("the depthwise forward kernel is not built on this CPU")
+    adds = []
+    real_kernel_forward = dw._kernel_forward
+    monkeypatch.setattr(dw, "_kernel_forward",
+                        lambda *a, add=None, **kw: adds.append(add is not None) or real_kernel_forward(*a, add=add, **kw))
     plain = _block(37, k, bias, momentum)
     fused = _fused(plain)
     calls = []
@@ -82,6 +90,7 @@ def test_fused_block_equals_the_unfused_one(kernels, dtype, k, bias, momentum, i
     got_y, got_g, got_b = _run(fused, x, up)
     ref_y, ref_g, ref_b = _run(copy.deepcopy(plain).double(), x.double(), up.double())
     assert calls == [1]  # it ran fused
+    assert (True in adds) == (input_grad == "kernel")  # the residual's gradient summed inside the kernel
     assert got_y.dtype == dtype and got_y.is_contiguous(memory_format=torch.channels_last)
     if dtype == torch.float32:
         assert _rel(got_y, ref_y) < 1e-5
@@ -149,15 +158,40 @@ def test_blocks_that_do_not_match_are_left_alone():
     strided = Residual(nn.Sequential(nn.Conv2d(8, 8, 3, groups=8, stride=2), nn.GELU(), nn.BatchNorm2d(8)))
     dense = Residual(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GELU(), nn.BatchNorm2d(8)))
     longer = Residual(nn.Sequential(nn.Conv2d(8, 8, 3, groups=8, padding=1), nn.GELU(), nn.BatchNorm2d(8), nn.ReLU()))
-    for m in (hooked, strided, dense, longer):
+    # padding that changes the size: the unfused sum raises (as it should), so it is not fused
+    resized = Residual(nn.Sequential(nn.Conv2d(8, 8, 3, groups=8, padding=2), nn.GELU(), nn.BatchNorm2d(8)))
+    for m in (hooked, strided, dense, longer, resized):
         use_fast_gelu(m)
         assert type(m) is Residual
+    with pytest.raises(RuntimeError):
+        resized.train()(torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last))
 
 
-@pytest.mark.parametrize("case", ["eval", "nchw", "no_grad", "fp32_input_under_bf16_autocast"])
+def test_the_residual_must_have_the_pairs_shape(kernels):
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="residual must have"):
+        gb._forward_op(x, torch.ones(8), torch.zeros(8), 1e-5, torch.randn(2, 8, 6, 6))
+
+
+def test_double_backward_is_refused(kernels):
+    fused = _fused(_block())
+    x = torch.randn(2, 37, 6, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    (gx,) = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("case", ["eval", "nchw", "no_grad", "fp32_input_under_bf16_autocast", "aten_conv",
+                                  "backward_hook_on_bn", "hook_on_the_branch", "global_hook"])
 def test_steps_aside_where_it_does_not_apply(kernels, case, monkeypatch):
     plain = _block()
-    fused = _fused(plain)
+    fused = _fused(plain, fast_depthwise=case != "aten_conv")
+    if case == "backward_hook_on_bn":
+        fused.fn[2].register_full_backward_hook(lambda *a: None)
+    if case == "hook_on_the_branch":
+        fused.fn.register_forward_hook(lambda *a: None)
+    if case == "global_hook":
+        handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
     unfused = copy.deepcopy(fused)
     unfuse_residual_blocks(unfused)  # the same modules (fast ops), only the fusion undone
     x = torch.randn(2, 37, 6, 7).contiguous(memory_format=torch.channels_last)
@@ -169,7 +203,11 @@ def test_steps_aside_where_it_does_not_apply(kernels, case, monkeypatch):
     monkeypatch.setattr(residual_mod._ResidualDepthwiseGeluBnFn, "apply", lambda *a: calls.append(1))
     ctx = torch.no_grad() if case == "no_grad" else torch.enable_grad()
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "fp32_input_under_bf16_autocast")
-    with ctx, ac:
-        a, b = fused(x), unfused(x)
+    try:
+        with ctx, ac:
+            a, b = fused(x), unfused(x)
+    finally:
+        if case == "global_hook":
+            handle.remove()
     assert calls == [] and a.dtype == b.dtype and torch.equal(a, b)
     assert torch.equal(fused.fn[2].running_mean, unfused.fn[2].running_mean)

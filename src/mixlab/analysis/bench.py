@@ -228,7 +228,9 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
         gelus = use_fast_gelu(model)
     from ..ops.residual import FusedResidual
 
-    fused_res = sum(type(m) is FusedResidual for m in model.modules())
+    # the blocks run fused only in training, eagerly, on channels-last tensors, with mixlab's depthwise conv
+    fused_res = (sum(type(m) is FusedResidual for m in model.modules())
+                 if fast_dw and channels_last and not compile and mode == "train" else 0)
     other = None
     if vs:
         if not vs.startswith("timm:"):

@@ -260,11 +260,12 @@ int wgrad_nchw(const T* x, const T* g, float* out, float* bias_out, long N, long
 // registers over every tap. Each input pixel of a kernel row is loaded and widened once and
 // multiplied by the KW weights it meets (output j = input i - tap k, all indices compile-time
 // constants after unrolling). Columns in the zero padding are read from a zero block (no branch,
-// so the sums stay in registers); rows in the padding are skipped. Two channel blocks per tile
+// so the sums stay in registers: a non-finite weight then gives NaN there, where aten gives 0;
+// such a weight makes the whole output NaN anyway); rows in the padding are skipped. Two channel blocks per tile
 // for kernels of up to 5 taps, so that the multiply-adds into one sum are not waiting on each
 // other's latency. Full blocks store plainly: masked stores are slow on AMD's AVX-512. Built
-// for AVX-512 (F, BW) only; elsewhere mixlab_dw_fwd_available() says 0 and aten runs.
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+// for AVX-512 (F, BW, VL) only; elsewhere mixlab_dw_fwd_max_kw() says 0 and aten runs.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define MIXLAB_DW_FWD 1
 
@@ -347,7 +348,8 @@ inline void fwd_tile(const T* xn, const float* wt, const float* bias, const T* a
             for (int b = 0; b < NCB; ++b) {
                 // a partial channel block reads through its mask; a column in the padding reads zeros
                 const __m512 xv = full ? load16(inside ? xrow + wi * C + 16 * b : zero_block(xrow))
-                                       : load16(xrow + wi * C + 16 * b, inside ? m[b] : static_cast<__mmask16>(0));
+                                       : load16((inside ? xrow + wi * C : xrow) + 16 * b,
+                                                inside ? m[b] : static_cast<__mmask16>(0));
 #pragma GCC unroll 16
                 for (int k = 0; k < KW; ++k) {
                     const int j = i - k;

@@ -100,6 +100,8 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     center, beta = mean.float().contiguous(), bias.float().contiguous()
     y = torch.empty_like(x, memory_format=torch.channels_last)
     if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         residual = residual.to(x.dtype).contiguous(memory_format=torch.channels_last)
     _check(getattr(lib, f"mixlab_gelu_bn_fwd_apply_{_sfx(x)}")(g.data_ptr(),
                                                                  residual.data_ptr() if residual is not None else None,

@@ -13,13 +13,16 @@ where that kernel is the method the op timed fastest for the shape; else it is a
 timm ``Residual`` whose branch is exactly (depthwise ``nn.Conv2d``, GELU fused away,
 :class:`~mixlab.ops.gelu.GeluBatchNorm2d`) to :class:`FusedResidual`: same parameters, buffers
 and state_dict keys. It runs fused only in training, on channels-last fp32/bf16 CPU tensors whose
-dtype is the computation's, where both ops would run their kernels; otherwise exactly the
-unfused ``fn(x) + x``.
+dtype is the computation's, where the conv is mixlab's (:func:`~mixlab.ops.depthwise.use_fast_depthwise`)
+and the pair would run its kernel, with no hooks on the block or its modules; otherwise exactly
+the unfused ``fn(x) + x``. (Its own hooks run either way: they wrap this forward.)
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module
 from timm.models.convmixer import Residual
 
 from . import depthwise as dw
@@ -44,6 +47,7 @@ class _ResidualDepthwiseGeluBnFn(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, wc, z, g, gamma, mean, var = ctx.saved_tensors
         eps, padding, dilation, w_dtype, b_dtype = ctx.conf
@@ -61,16 +65,30 @@ class _ResidualDepthwiseGeluBnFn(torch.autograd.Function):
                 dbeta.to(gamma.dtype) if ctx.needs_input_grad[4] else None, None, None, None)
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
+
+
+def _global_hooks() -> bool:
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
 def _branch(m: nn.Module):
-    """(conv, bn) when ``m``'s branch is (depthwise conv, fused-away GELU, GeluBatchNorm2d), else None."""
+    """(conv, bn) when ``m``'s branch is (a depthwise conv whose output has its input's size,
+    fused-away GELU, GeluBatchNorm2d) and nothing watches its modules, else None."""
     fn = getattr(m, "fn", None)
     if type(fn) is not nn.Sequential or len(fn) != 3:
         return None
     conv, act, bn = fn[0], fn[1], fn[2]
     if (type(act) is not gl._FusedAway or type(bn) is not gl.GeluBatchNorm2d or not isinstance(conv, nn.Conv2d)
-            or dw.ineligible_reason(conv) is not None or conv.kernel_size[0] % 2 == 0 or conv.kernel_size[1] % 2 == 0
-            or conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks or bn._forward_pre_hooks):
+            or dw.ineligible_reason(conv) is not None or _hooked(fn, conv, act, bn)):
         return None
+    (kh, kw), (dh, dw_) = conv.kernel_size, conv.dilation
+    if kh % 2 == 0 or kw % 2 == 0 or dw._resolve_padding(conv.padding, conv.kernel_size, conv.dilation) != (
+            dh * (kh - 1) // 2, dw_ * (kw - 1) // 2):
+        return None  # the output would not have the input's size: the unfused sum raises, as it should
     return conv, bn
 
 
@@ -96,12 +114,16 @@ class FusedResidual(Residual):
         return y
 
     def _fusable(self, x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+        # only where the conv was switched to mixlab's (use_fast_depthwise): its kernels compute the
+        # fused block's convolution, so a model that kept aten's convolution keeps it here too
         autocast = dw._autocast_dtype(x.device.type)
         compute = autocast or x.dtype
-        return (self.training and bn.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        same_dtype = autocast is not None or (conv.weight.dtype == x.dtype
+                                              and (conv.bias is None or conv.bias.dtype == x.dtype))
+        return (type(conv) is dw.DepthwiseConv2d and self.training and bn.training and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not _global_hooks()
                 and x.device.type == "cpu" and x.dtype == compute and compute in (torch.float32, torch.bfloat16)
-                and (autocast is not None or conv.weight.dtype == x.dtype)
-                and x.dim() == 4 and x.shape[1] == conv.in_channels and gl._fusable(x))
+                and same_dtype and x.dim() == 4 and x.shape[1] == conv.in_channels and gl._fusable(x))
 
 
 def fuse_residual_blocks(model: nn.Module) -> int:
