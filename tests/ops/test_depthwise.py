@@ -225,7 +225,7 @@ def test_input_gradient_by_either_method_equals_the_reference(k, dil, pad, dtype
         methods.append("flipped_kernel")  # the C++ forward with the flipped kernel
     for method in methods:
         monkeypatch.setattr(dwmod.PLAN, "_choices", {})
-        monkeypatch.setattr(dwmod, "_choose", lambda key, cands, run, m=method: m if m in cands else cands[0])
+        monkeypatch.setattr(dwmod, "_choose", lambda key, cands, run, *margin, m=method: m if m in cands else cands[0])
         gx = dwmod._input_grad(up, x, w, (pad, pad), (dil, dil))
         assert gx.shape == x.shape
         assert _rel_err(gx, ref) < TOL[dtype], (method, _rel_err(gx, ref))
@@ -323,7 +323,7 @@ def test_op_forward_and_gradients_by_either_forward(method, dtype, monkeypatch):
     picks = {"kernel": ("kernel", "flipped_kernel"), "aten": ("aten",)}[method]
     chosen = []
 
-    def choose(key, cands, run):
+    def choose(key, cands, run, *margin):
         m = next(c for c in cands if c in picks) if any(c in picks for c in cands) else cands[0]
         chosen.append((key.split("|")[0], m))
         return m
@@ -383,3 +383,17 @@ def test_a_choice_made_without_the_kernel_is_not_kept_once_it_builds(monkeypatch
     keys = [k for k in dwmod.PLAN._choices if k.startswith("(2, 16, 8, 8)")]
     assert len(keys) == 2 and any(k.endswith("|kernel,aten,aten_fp32") for k in keys)
     depthwise_build._reset_for_tests()
+
+
+@pytest.mark.parametrize("kernel_time, want", [(0.5, "flipped_kernel"), (0.9, "flipped_forward"), (1.2, "flipped_forward")])
+def test_the_forward_kernel_must_beat_aten_by_the_margin(kernel_time, want, monkeypatch):
+    # timed alone the kernel's gain overstates the step's: it is chosen only when clearly faster
+    monkeypatch.setattr(dwmod.PLAN, "_choices", {})
+    monkeypatch.setattr(dwmod.PLAN, "set", lambda key, choice: dwmod.PLAN._choices.__setitem__(key, choice))
+    times = {"aten": 1.3, "flipped_forward": 1.0, "flipped_kernel": kernel_time}
+    monkeypatch.setattr(dwmod, "time_each", lambda runs: {m: times[m] for m in runs})
+    got = dwmod._choose("k", list(times), lambda m: None, dwmod.FORWARD_KERNEL_MARGIN)
+    assert got == want and dwmod.PLAN._choices == {"k": want}
+    # the weight gradient's choice keeps no margin: the fastest wins
+    monkeypatch.setattr(dwmod, "time_each", lambda runs: {"kernel": 0.95, "aten": 1.0})
+    assert dwmod._choose("w", ["kernel", "aten"], lambda m: None) == "kernel"

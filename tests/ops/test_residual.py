@@ -70,7 +70,7 @@ def test_fused_block_equals_the_unfused_one(kernels, dtype, k, bias, momentum, i
     # C++ forward with the flipped kernel, the sum inside it, or by aten, the sum after
     monkeypatch.setattr(dw.PLAN, "_choices", {})  # nothing recorded by another test decides the method
     want = "flipped_kernel" if input_grad == "kernel" else "aten"
-    monkeypatch.setattr(dw, "_choose", lambda key, cands, run: want if want in cands else cands[0])
+    monkeypatch.setattr(dw, "_choose", lambda key, cands, run, *margin: want if want in cands else cands[0])
     lib = dw.load_kernel()
     if input_grad == "kernel" and (lib is None or lib.mixlab_dw_fwd_max_kw() == 0):
         pytest.skip("the depthwise forward kernel is not built on this CPU")
