@@ -397,3 +397,32 @@ def test_the_forward_kernel_must_beat_aten_by_the_margin(kernel_time, want, monk
     # the weight gradient's choice keeps no margin: the fastest wins
     monkeypatch.setattr(dwmod, "time_each", lambda runs: {"kernel": 0.95, "aten": 1.0})
     assert dwmod._choose("w", ["kernel", "aten"], lambda m: None) == "kernel"
+
+
+@pytest.mark.parametrize("kw", [2, 3, 4, 5, 7, 8, 11, 13])
+@pytest.mark.parametrize("w", [4, 5, 8, 12, 16, 21])
+@pytest.mark.parametrize("c", [5, 16, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_kernel_forms_equal_the_reference(kw, w, c, dtype, monkeypatch):
+    # which form the channels-last kernel uses depends on the row's taps and the map's width (the
+    # register-tiled form on AVX-512 CPUs: maps 16+ wide, or 5+ taps on maps 5-15 wide): every one
+    # against fp64, with an even row, rows taller than wide (kh != kw), and padding that is not 'same'
+    depthwise_build._reset_for_tests()
+    if not dwmod.fast_depthwise_available():
+        pytest.skip(f"kernel not built here: {depthwise_build.unavailable_reason()}")
+    dwmod.set_weight_grad_method("kernel")
+    try:
+        g = torch.Generator().manual_seed(kw * 100 + w * 10 + c)
+        kh, pad = 3, (1, kw // 2)
+        x = torch.randn(2, c, 7, w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        out_w = w + 2 * pad[1] - (kw - 1)
+        gy = torch.randn(2, c, 7, out_w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        got = depthwise_weight_grad(x, gy, (kh, kw), pad)
+        ref = torch.ops.aten.convolution_backward(gy.double(), x.double(), torch.empty(c, 1, kh, kw, dtype=torch.float64),
+                                                  None, [1, 1], list(pad), [1, 1], False, [0, 0], c,
+                                                  [False, True, False])[1]
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert _rel_err(got, ref) < 1e-5  # fp32 sums of the inputs' exact products, bf16 or not
+    finally:
+        dwmod.set_weight_grad_method(None)
+        depthwise_build._reset_for_tests()
