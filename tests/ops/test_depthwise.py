@@ -426,3 +426,30 @@ def test_weight_grad_kernel_forms_equal_the_reference(kw, w, c, dtype, monkeypat
     finally:
         dwmod.set_weight_grad_method(None)
         depthwise_build._reset_for_tests()
+
+
+@pytest.mark.parametrize("kw, w, pw", [(3, 17, 0), (5, 9, 2), (5, 9, 0), (11, 21, 5)])
+def test_weight_grad_keeps_an_inf_input_to_the_taps_that_meet_it(kw, w, pw):
+    # an Inf in the input makes only the weight taps it is really multiplied into infinite: the
+    # last, partial tile of a row must not multiply it by the zero gradient of a pixel that is not there
+    depthwise_build._reset_for_tests()
+    if not dwmod.fast_depthwise_available():
+        pytest.skip(f"kernel not built here: {depthwise_build.unavailable_reason()}")
+    dwmod.set_weight_grad_method("kernel")
+    try:
+        g = torch.Generator().manual_seed(kw + w)
+        x = torch.randn(1, 16, 1, w, generator=g)
+        x[:, :, :, -1] = float("inf")
+        x = x.contiguous(memory_format=torch.channels_last)
+        out_w = w + 2 * pw - (kw - 1)
+        gy = torch.rand(1, 16, 1, out_w, generator=g).add_(0.5).contiguous(memory_format=torch.channels_last)
+        got = depthwise_weight_grad(x, gy, (1, kw), (0, pw))
+        ref = torch.ops.aten.convolution_backward(gy.double(), x.double(), torch.empty(16, 1, 1, kw, dtype=torch.float64),
+                                                  None, [1, 1], [0, pw], [1, 1], False, [0, 0], 16,
+                                                  [False, True, False])[1]
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+        finite = ref.isfinite()
+        assert finite.any() and _rel_err(got[finite], ref[finite]) < 1e-5
+    finally:
+        dwmod.set_weight_grad_method(None)
+        depthwise_build._reset_for_tests()

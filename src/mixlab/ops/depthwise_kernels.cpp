@@ -425,13 +425,12 @@ void image_wgrad_tiled(const T* xn, const T* gn, float* acc, long C, long H, lon
                 if (hi < 0 || hi >= H) continue;
                 const T* grow = gn + ho * Wo * C + c0;
                 const T* xrow = xn + hi * W * C + c0;
-                for (long wo0 = 0; wo0 < Wo; wo0 += WB) {
-                    const long nb = imin(WB, Wo - wo0);
+                const long full_end = (Wo / WB) * WB;
+                for (long wo0 = 0; wo0 < full_end; wo0 += WB) {
                     __m512 gv[WB];
 #pragma GCC unroll 16
                     for (int j = 0; j < WB; ++j)
-                        gv[j] = j < nb ? (full ? load16(grow + (wo0 + j) * C) : load16(grow + (wo0 + j) * C, m))
-                                       : _mm512_setzero_ps();
+                        gv[j] = full ? load16(grow + (wo0 + j) * C) : load16(grow + (wo0 + j) * C, m);
 #pragma GCC unroll 32
                     for (int i = 0; i < WB + KW - 1; ++i) {
                         const long wi = wo0 - pw + i;
@@ -444,6 +443,17 @@ void image_wgrad_tiled(const T* xn, const T* gn, float* acc, long C, long H, lon
                             const int j = i - k;
                             if (j >= 0 && j < WB) s[k] = _mm512_fmadd_ps(gv[j], xv, s[k]);
                         }
+                    }
+                }
+                // the last pixels of the row, fewer than a tile: each (pixel, tap) pair that exists,
+                // and no other (a zero gradient times an Inf input would be NaN where aten's is not)
+                for (long wo = full_end; wo < Wo; ++wo) {
+                    const __m512 gv = full ? load16(grow + wo * C) : load16(grow + wo * C, m);
+#pragma GCC unroll 16
+                    for (int k = 0; k < KW; ++k) {
+                        const long wi = wo - pw + k;
+                        if (wi < 0 || wi >= W) continue;
+                        s[k] = _mm512_fmadd_ps(gv, full ? load16(xrow + wi * C) : load16(xrow + wi * C, m), s[k]);
                     }
                 }
             }
