@@ -453,3 +453,24 @@ def test_weight_grad_keeps_an_inf_input_to_the_taps_that_meet_it(kw, w, pw):
     finally:
         dwmod.set_weight_grad_method(None)
         depthwise_build._reset_for_tests()
+
+
+def test_timing_interleaves_the_candidates_so_a_slow_moment_falls_on_all():
+    # the machine is slow for the first two timed calls: timed back to back, the fast candidate would
+    # take both and look slow; interleaved, each candidate still has calls outside the slow moment
+    import time as _time
+
+    from mixlab.ops.kernel_build import time_each
+
+    calls = []
+
+    def make(name, seconds):
+        def run():
+            calls.append(name)
+            slow = 0.03 if len(calls) in (3, 4) else 0.0  # calls 1-2 are the untimed warm-ups
+            _time.sleep(seconds + slow)
+        return run
+
+    times = time_each({"fast": make("fast", 0.002), "slow": make("slow", 0.006)})
+    assert calls[:4] == ["fast", "slow", "fast", "slow"]
+    assert min(times, key=times.get) == "fast"

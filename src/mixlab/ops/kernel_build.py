@@ -141,19 +141,20 @@ class KernelLibrary:
 # folder, so later processes on the machine, a resumed run among them, make the same choice
 # without timing again and compute the same numbers.
 
-def time_each(runs: dict) -> dict[str, float]:
+def time_each(runs: dict, rounds: int = 3) -> dict[str, float]:
     """Seconds of each of ``runs`` ({name: callable}): one untimed call each (first-call set-up),
-    then the best of two."""
+    then the best of ``rounds`` calls, taken in interleaved rounds (A B A B ...) so that a moment
+    of slowness on the machine falls on every candidate alike. (Timed in two back-to-back calls
+    each, a slow moment once made aten's GELU + BatchNorm look faster than the kernel, which is
+    30% faster, and the choice was kept on disk.)"""
     for run in runs.values():
         run()
-    times = {}
-    for name, run in runs.items():
-        best = float("inf")
-        for _ in range(2):
+    times = {name: float("inf") for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
             t0 = time.perf_counter()
             run()
-            best = min(best, time.perf_counter() - t0)
-        times[name] = best
+            times[name] = min(times[name], time.perf_counter() - t0)
     return times
 
 
