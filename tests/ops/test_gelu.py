@@ -13,24 +13,6 @@ from mixlab.ops import gelu as gb
 from mixlab.ops.gelu import FastGELU, GeluBatchNorm2d, gelu, gelu_batch_norm, restore_gelu, use_fast_gelu
 
 
-@pytest.fixture(scope="session")
-def kernel_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("kernels")  # built once for the whole session
-
-
-@pytest.fixture
-def kernel(monkeypatch, kernel_cache):
-    """The compiled kernel for every call (also where aten would be timed faster)."""
-    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
-    gb.LIBRARY.reset()
-    if not gb.fast_gelu_available():
-        pytest.skip(f"kernel not built here: {gb.LIBRARY.unavailable_reason()}")
-    gb.set_gelu_method("kernel")
-    yield
-    gb.set_gelu_method(None)
-    gb.LIBRARY.reset()
-
-
 def _inputs(n, c, h, w, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, c, h, w, generator=g) * 2 + 0.3).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -62,7 +44,7 @@ SHAPES = [(4, 16, 5, 7), (2, 33, 3, 3), (1, 70, 6, 5), (8, 256, 16, 16)]
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_equals_gelu_then_batch_norm(kernel, shape, dtype):
+def test_fused_equals_gelu_then_batch_norm(gelu_kernel, shape, dtype):
     x, w, b, dy = _inputs(*shape, dtype)
     fused = _run(gelu_batch_norm, x, w, b, dy)
     # the fp64 reference of the same (rounded) inputs
@@ -80,7 +62,7 @@ def test_fused_equals_gelu_then_batch_norm(kernel, shape, dtype):
     assert fused[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_module_matches_batchnorm_including_cumulative_momentum(kernel):
+def test_module_matches_batchnorm_including_cumulative_momentum(gelu_kernel):
     x, w, b, dy = _inputs(4, 24, 6, 6, torch.float32)
     for momentum in (0.1, None):
         plain = nn.BatchNorm2d(24, momentum=momentum)
@@ -101,7 +83,7 @@ def test_module_matches_batchnorm_including_cumulative_momentum(kernel):
         assert torch.equal(fused(x), plain(F.gelu(x)))  # evaluation is aten's own path
 
 
-def test_outside_the_scope_it_is_aten_exactly(kernel):
+def test_outside_the_scope_it_is_aten_exactly(gelu_kernel):
     x, w, b, dy = _inputs(2, 8, 4, 4, torch.float32)
     nchw = x.contiguous()
     assert torch.equal(_run(gelu_batch_norm, nchw, w, b, dy)[0], _run(_aten, nchw, w, b, dy)[0])
@@ -167,7 +149,7 @@ def test_swap_keeps_state_and_restores(build, pairs):
     assert not any(isinstance(m, (GeluBatchNorm2d, FastGELU)) for m in model.modules())
 
 
-def test_swapped_model_trains_as_the_original(kernel):
+def test_swapped_model_trains_as_the_original(gelu_kernel):
     import mixlab
 
     torch.manual_seed(0)
@@ -213,7 +195,7 @@ def test_method_is_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
     gb.LIBRARY.reset()
 
 
-def test_compiled_model_uses_the_op(kernel):
+def test_compiled_model_uses_the_op(gelu_kernel):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.BatchNorm2d(8)).to(
         memory_format=torch.channels_last)
@@ -235,7 +217,7 @@ def test_compiled_model_uses_the_op(kernel):
     lambda t: t.contiguous(),
     lambda t: t.reshape(-1, t.shape[1] * t.shape[2], t.shape[3]),  # (B, N, C) tokens of an MLP
 ])
-def test_gelu_alone_equals_f_gelu(kernel, dtype, make):
+def test_gelu_alone_equals_f_gelu(gelu_kernel, dtype, make):
     g = torch.Generator().manual_seed(2)
     x = make((torch.randn(3, 7, 5, 9, generator=g) * 3).to(dtype)).requires_grad_()
     dy = make(torch.randn(3, 7, 5, 9, generator=g).to(dtype))
@@ -261,7 +243,7 @@ def test_gelu_alone_equals_f_gelu(kernel, dtype, make):
                                atol=0.02 if dtype == torch.bfloat16 else 1e-6)
 
 
-def test_tanh_gelu_and_conv2former_keep_their_semantics(kernel):
+def test_tanh_gelu_and_conv2former_keep_their_semantics(gelu_kernel):
     import mixlab
 
     m = nn.GELU(approximate="tanh")
@@ -279,7 +261,7 @@ def test_tanh_gelu_and_conv2former_keep_their_semantics(kernel):
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-def test_a_channel_whose_mean_dwarfs_its_spread_keeps_its_precision(kernel):
+def test_a_channel_whose_mean_dwarfs_its_spread_keeps_its_precision(gelu_kernel):
     # mean/std = 1000 after GELU: sums about 0 in fp32 would lose the variance to cancellation
     g = torch.Generator().manual_seed(3)
     x = (1000 + torch.randn(4, 8, 6, 6, generator=g)).contiguous(memory_format=torch.channels_last)

@@ -17,18 +17,6 @@ from mixlab.ops.gelu import restore_gelu, use_fast_gelu
 from mixlab.ops.residual import FusedResidual, fuse_residual_blocks, unfuse_residual_blocks
 
 
-@pytest.fixture
-def kernels(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(tmp_path_factory.getbasetemp() / "residual-kernels"))
-    gb.LIBRARY.reset()
-    if not gb.fast_gelu_available():
-        pytest.skip(f"GELU kernel not built here: {gb.LIBRARY.unavailable_reason()}")
-    gb.set_gelu_method("kernel")
-    yield
-    gb.set_gelu_method(None)
-    gb.LIBRARY.reset()
-
-
 def _block(c=37, k=5, bias=True, momentum=0.1, seed=0):
     torch.manual_seed(seed)
     block = Residual(nn.Sequential(nn.Conv2d(c, c, k, groups=c, padding="same", bias=bias), nn.GELU(),
@@ -65,7 +53,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k, bias, momentum", [(5, True, 0.1), (3, False, None), (11, True, 0.01)])
 @pytest.mark.parametrize("input_grad", ["kernel", "aten"])
-def test_fused_block_equals_the_unfused_one(kernels, dtype, k, bias, momentum, input_grad, monkeypatch):
+def test_fused_block_equals_the_unfused_one(gelu_kernel, dtype, k, bias, momentum, input_grad, monkeypatch):
     # input_grad: the depthwise input gradient (to which the residual's gradient is added) by the
     # C++ forward with the flipped kernel, the sum inside it, or by aten, the sum after
     monkeypatch.setattr(dw.PLAN, "_choices", {})  # nothing recorded by another test decides the method
@@ -106,7 +94,7 @@ def test_fused_block_equals_the_unfused_one(kernels, dtype, k, bias, momentum, i
     assert int(fused.fn[2].num_batches_tracked) == 1
 
 
-def test_fused_under_autocast_trains_like_the_unfused_model(kernels):
+def test_fused_under_autocast_trains_like_the_unfused_model(gelu_kernel):
     import mixlab
 
     torch.manual_seed(0)
@@ -167,13 +155,13 @@ def test_blocks_that_do_not_match_are_left_alone():
         resized.train()(torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last))
 
 
-def test_the_residual_must_have_the_pairs_shape(kernels):
+def test_the_residual_must_have_the_pairs_shape(gelu_kernel):
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="residual must have"):
         gb._forward_op(x, torch.ones(8), torch.zeros(8), 1e-5, torch.randn(2, 8, 6, 6))
 
 
-def test_double_backward_is_refused(kernels):
+def test_double_backward_is_refused(gelu_kernel):
     fused = _fused(_block())
     x = torch.randn(2, 37, 6, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
     (gx,) = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
@@ -183,7 +171,7 @@ def test_double_backward_is_refused(kernels):
 
 @pytest.mark.parametrize("case", ["eval", "nchw", "no_grad", "fp32_input_under_bf16_autocast", "aten_conv",
                                   "backward_hook_on_bn", "hook_on_the_branch", "global_hook"])
-def test_steps_aside_where_it_does_not_apply(kernels, case, monkeypatch):
+def test_steps_aside_where_it_does_not_apply(gelu_kernel, case, monkeypatch):
     plain = _block()
     fused = _fused(plain, fast_depthwise=case != "aten_conv")
     if case == "backward_hook_on_bn":

@@ -242,9 +242,11 @@ def _kernel_forward(lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | Non
 
 
 def _choose_forward(kind: str, x: torch.Tensor, runs: dict) -> str:
-    """'aten' or 'kernel' for ``kind`` (the call and its shape) on ``x``."""
+    """Which of ``runs`` ({name: call}) computes ``kind`` (the call and its shape, e.g. 'fwd|...'
+    or 'dgrad|...') on ``x``: the plan's choice, timed on first use (a '*kernel' must beat the
+    others by FORWARD_KERNEL_MARGIN)."""
     if len(runs) == 1:
-        return "aten"
+        return next(iter(runs))
     key = f"{kind}|{str(x.dtype)[6:]}|{'nhwc' if _is_nhwc(x) else 'nchw'}|t{torch.get_num_threads()}|{','.join(runs)}"
     method = PLAN.get(key)
     if method not in runs:
@@ -302,20 +304,18 @@ def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dila
 
     if flipped is None or g.device.type != "cpu" or torch.compiler.is_compiling():
         return plus(aten())  # (nothing is timed or looked up while tracing)
-    key = (f"dgrad|{tuple(x.shape)}|k{kernel[0]}x{kernel[1]}|p{padding[0]},{padding[1]}|d{dilation[0]},{dilation[1]}|"
-           f"{str(x.dtype)[6:]}|{'nhwc' if _is_nhwc(x) else 'nchw'}|t{torch.get_num_threads()}")
     runs = {"aten": aten, "flipped_forward": via_forward}
     lib = load_kernel()
     if _kernel_forward_ok(lib, x, kernel, dilation) and g.dtype == w.dtype == x.dtype:
-        runs["flipped_kernel"] = lambda: _kernel_forward(lib, g.contiguous(memory_format=torch.channels_last),
-                                                         w.flip(2, 3), None, flipped, dilation)
-    key += f"|{','.join(runs)}"
-    method = PLAN.get(key)
-    if method not in runs:
-        method = _choose(key, list(runs), lambda m: runs[m](), FORWARD_KERNEL_MARGIN)
+        def via_kernel(add=None):  # the C++ forward, summing ``add`` in where given
+            return _kernel_forward(lib, g.contiguous(memory_format=torch.channels_last), w.flip(2, 3), None, flipped,
+                                   dilation, add=add)
+
+        runs["flipped_kernel"] = via_kernel
+    method = _choose_forward(f"dgrad|{tuple(x.shape)}|k{kernel[0]}x{kernel[1]}|p{padding[0]},{padding[1]}|"
+                             f"d{dilation[0]},{dilation[1]}", x, runs)
     if method == "flipped_kernel" and add is not None:
-        return _kernel_forward(lib, g.contiguous(memory_format=torch.channels_last), w.flip(2, 3), None, flipped,
-                               dilation, add=add.to(g.dtype))
+        return runs[method](add=add.to(g.dtype))
     return plus(runs[method]())
 
 
