@@ -20,3 +20,18 @@ def gelu_kernel(monkeypatch, kernel_cache):
     yield
     gb.set_gelu_method(None)
     gb.LIBRARY.reset()
+
+
+@pytest.fixture
+def layernorm_kernel(monkeypatch, kernel_cache):
+    """mixlab's compiled LayerNorm kernel for every call (also where aten would be timed faster)."""
+    from mixlab.ops import layernorm as ln
+
+    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
+    ln.LIBRARY.reset()
+    if not ln.fast_layernorm_available():
+        pytest.skip(f"kernel not built here: {ln.LIBRARY.unavailable_reason()}")
+    ln.set_layernorm_method("kernel")
+    yield
+    ln.set_layernorm_method(None)
+    ln.LIBRARY.reset()

@@ -37,6 +37,9 @@ def run_settings(log_every: int, omit: tuple = (), **changes) -> dict:
         # GELUs alone): auto (on the CPU; each op times itself against aten per shape and keeps the
         # faster) | true | false
         "fast_gelu": "auto",
+        # mixlab's LayerNorm kernel on the CPU (mixlab.ops.layernorm: nn.LayerNorm and timm's
+        # LayerNorm2d): auto (on the CPU; it times itself against aten per shape) | true | false
+        "fast_layernorm": "auto",
         # measure the CPU settings left on auto (precision, channels_last, fast_depthwise) with a
         # few training steps of each combination; false: bf16 where supported, channels_last for
         # convolutional models, the fast depthwise op

@@ -1,5 +1,5 @@
 """The run's device and its speed settings: device, precision, channels_last, fast depthwise
-convolution, torch.compile (measured on the CPU by :mod:`mixlab.train.cpu_defaults`)."""
+convolution, mixlab's GELU and LayerNorm kernels, torch.compile (measured on the CPU by :mod:`mixlab.train.cpu_defaults`)."""
 from __future__ import annotations
 
 import torch
@@ -45,6 +45,7 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
     from .cpu_defaults import resolve_cpu_settings
 
     fast_gelu = _fast_gelu(cfg, model, device, say)
+    fast_layernorm = _fast_layernorm(cfg, model, device, say)
     if device.type == "cpu":
         p = resolve_cpu_settings(cfg, model, batch, loss_fn, total_steps, say, measure=not dist.enabled)
     else:  # CUDA keeps cuDNN's depthwise convolution
@@ -53,6 +54,7 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
                                       fast_depthwise=False, compile=cfg.get("compile") is True,
                                       how="device defaults", figures={})
     p["fast_gelu"] = fast_gelu
+    p["fast_layernorm"] = fast_layernorm
     cfg["picked"] = p
     if p["fast_depthwise"] and device.type == "cpu":
         use_fast_depthwise(model)
@@ -64,18 +66,36 @@ def _fast_gelu(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
     GELUs when it does, before the CPU settings are timed (so the timings include them). A
     resumed run follows its record (runs recorded before the option existed did not use them)."""
     from ..ops.gelu import fast_gelu_available, use_fast_gelu
+
+    return _cpu_kernel(cfg, "fast_gelu", model, device, say, fast_gelu_available,
+                       lambda m: sum(use_fast_gelu(m)), "GELU and BatchNorm run as aten's operations")
+
+
+def _fast_layernorm(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
+    """Whether this run uses mixlab's LayerNorm kernel (:mod:`mixlab.ops.layernorm`), as
+    :func:`_fast_gelu` decides for the GELU kernels."""
+    from ..ops.layernorm import fast_layernorm_available, use_fast_layernorm
+
+    return _cpu_kernel(cfg, "fast_layernorm", model, device, say, fast_layernorm_available, use_fast_layernorm,
+                       "LayerNorm runs as aten's operation")
+
+
+def _cpu_kernel(cfg: dict, key: str, model: nn.Module, device: torch.device, say, available, switch,
+                fallback: str) -> bool:
+    """On for a CPU run unless ``cfg[key]`` is false or the kernel cannot be built here; a resumed
+    run follows ``cfg['picked'][key]``. Switches ``model`` when on; False where nothing in it applies."""
     from .cpu_defaults import _as_bool
 
     if cfg.get("picked"):
-        use = bool(cfg["picked"].get("fast_gelu", False))
+        use = bool(cfg["picked"].get(key, False))
     else:
-        wanted = _as_bool(cfg.get("fast_gelu", "auto"), "fast_gelu")
+        wanted = _as_bool(cfg.get(key, "auto"), key)
         if wanted is False or device.type != "cpu":
             return False
-        if not fast_gelu_available():
+        if not available():
             if wanted is True:
-                say("fast_gelu=true was asked for, but the kernel is not available here (see the message above): "
-                    "GELU and BatchNorm run as aten's operations")
+                say(f"{key}=true was asked for, but the kernel is not available here (see the message above): "
+                    f"{fallback}")
             return False
         use = True
-    return use and sum(use_fast_gelu(model)) > 0
+    return use and switch(model) > 0
