@@ -35,6 +35,8 @@ LAYERS = [
     ("conv2former_n_cifar stage 2 (batch 128)", 128, 128, 16, 16, 11),
     ("conv2former_n_cifar stage 3 (batch 128)", 128, 256, 8, 8, 11),
     ("conv2former_n_cifar stage 4 (batch 128)", 128, 512, 4, 4, 11),
+    ("conv2former_n_cifar stage 1 MLP 3x3 (batch 256)", 256, 128, 32, 32, 3),
+    ("conv2former_n_cifar stage 2 MLP 3x3 (batch 256)", 256, 256, 16, 16, 3),
     ("convmlp_s stage 1 dw (batch 64, 224px)", 64, 64, 56, 56, 3),
     ("unext encoder dw (batch 8, 256px)", 8, 160, 32, 32, 3),
 ]

@@ -180,27 +180,28 @@ def test_fast_gelu_is_on_by_default_off_when_asked_and_resumed_as_recorded(make_
         resolve_config(model="convmixer_256_8", overrides=["fast_gelu=sometimes"])
 
 
-def test_fast_layernorm_is_on_by_default_off_when_asked_and_resumed_as_recorded(make_folder_dataset, tmp_path):
+@pytest.mark.parametrize("key", ["fast_layernorm", "fast_pointwise"])
+def test_cpu_ops_are_on_by_default_off_when_asked_and_resumed_as_recorded(make_folder_dataset, tmp_path, key):
     from mixlab.ops.layernorm import fast_layernorm_available
 
-    if not fast_layernorm_available():
+    if key == "fast_layernorm" and not fast_layernorm_available():
         pytest.skip("the LayerNorm kernel is not built here")
     data = make_folder_dataset(n_classes=3, per_class=(8, 4), size=16)
     base = ["train", "--model", "conv2former_n_cifar", "--data", str(data), "--dataset", "folder", "--epochs", "1",
             "--batch-size", "8", "--set", "autotune=false"]
     runs = {}
-    for name, extra in (("auto", []), ("off", ["--set", "fast_layernorm=false"])):
+    for name, extra in (("auto", []), ("off", ["--set", f"{key}=false"])):
         out = tmp_path / name
         assert main([*base, *extra, "--out", str(out)]) == 0
-        runs[name] = yaml.safe_load((out / "config.yaml").read_text())["picked"]["fast_layernorm"]
-        assert json.loads((out / "summary.json").read_text())["fast_layernorm"] is runs[name]
+        runs[name] = yaml.safe_load((out / "config.yaml").read_text())["picked"][key]
+        assert json.loads((out / "summary.json").read_text())[key] is runs[name]
     assert runs == {"auto": True, "off": False}
-    # a run recorded before the setting existed did not use the kernel: its resume does not either
+    # a run recorded before the setting existed did not use it: its resume does not either
     out = tmp_path / "auto"
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    del cfg["picked"]["fast_layernorm"]
+    del cfg["picked"][key]
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", "--resume", str(out), "--epochs", "2"]) == 0
-    assert json.loads((out / "summary.json").read_text())["fast_layernorm"] is False
-    with pytest.raises(ValueError, match="fast_layernorm must be auto, true or false"):
-        resolve_config(model="conv2former_n_cifar", overrides=["fast_layernorm=sometimes"])
+    assert json.loads((out / "summary.json").read_text())[key] is False
+    with pytest.raises(ValueError, match=f"{key} must be auto, true or false"):
+        resolve_config(model="conv2former_n_cifar", overrides=[f"{key}=sometimes"])

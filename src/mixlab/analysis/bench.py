@@ -189,7 +189,7 @@ def build_timm_model(spec: str, kwargs: dict) -> nn.Module:
 
 def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_size=None, device: str = "cpu",
                      precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                     fast_depthwise: bool = True, fast_gelu: bool = True, fast_layernorm: bool = True,
+                     fast_depthwise: bool = True, fast_gelu: bool = True, fast_layernorm: bool = True, fast_pointwise: bool = True,
                      num_classes: int | None = None,
                      model_kwargs: dict | None = None,
                      vs: str | None = None, vs_kwargs: dict | None = None, warmup: int = 3, windows: int = 5,
@@ -198,9 +198,10 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
     windows), as ``mixlab bench`` does. ``img_size``: [N] or [H, W], or None for the model's own.
     ``fast_depthwise``: on the CPU, run ``name`` with mixlab's fast depthwise convolution (the
     ``vs`` model always keeps aten's); ``fast_gelu``: likewise with mixlab's GELU kernels
-    (:mod:`mixlab.ops.gelu`), ``fast_layernorm`` with its LayerNorm kernel (:mod:`mixlab.ops.layernorm`). Returns :func:`bench_pair`'s dict with the model, the versions,
+    (:mod:`mixlab.ops.gelu`), ``fast_layernorm`` with its LayerNorm kernel (:mod:`mixlab.ops.layernorm`), ``fast_pointwise`` with
+    its 1x1 convolution (:mod:`mixlab.ops.pointwise`). Returns :func:`bench_pair`'s dict with the model, the versions,
     threads and CPU, ``fast_depthwise_convs`` (layers switched) and ``fast_gelu`` ([GELU +
-    BatchNorm pairs fused, GELUs alone]), ``fast_layernorms`` (LayerNorms switched), ``fused_residual_blocks`` (:mod:`mixlab.ops.residual`).
+    BatchNorm pairs fused, GELUs alone]), ``fast_layernorms`` (LayerNorms switched), ``fast_pointwise_convs``, ``fused_residual_blocks`` (:mod:`mixlab.ops.residual`).
     ``memory_check``:
     refuse a batch whose step would not fit in the memory free (estimated first)."""
     from ..registry import create_model, model_info
@@ -232,6 +233,11 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
         from ..ops.layernorm import use_fast_layernorm
 
         lns = use_fast_layernorm(model)
+    pws = 0
+    if fast_pointwise and not device.startswith("cuda"):
+        from ..ops.pointwise import use_fast_pointwise
+
+        pws = use_fast_pointwise(model)
     from ..ops.residual import FusedResidual
 
     # the blocks run fused only in training, eagerly, on channels-last tensors, with mixlab's depthwise conv
@@ -265,7 +271,7 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
     out.update(model=name, vs=vs, torch=torch.__version__, malloc_tuned=malloc_tuned(),
                denormals_flushed=denormals_flushed(),
                threads=torch.get_num_threads(), fast_depthwise_convs=fast_dw, fast_gelu=list(gelus),
-               fast_layernorms=lns,
+               fast_layernorms=lns, fast_pointwise_convs=pws,
                fused_residual_blocks=fused_res,
                cpu=cpu_model_name())
     return out

@@ -23,6 +23,10 @@ def configure(p):
     p.add_argument("--fast-layernorm", choices=["on", "off"], default="on",
                    help="on the CPU, run mixlab's model with mixlab's LayerNorm kernel (mixlab.ops.layernorm; default "
                         "on, as `mixlab train` uses it; the --vs model always keeps aten's)")
+    p.add_argument("--fast-pointwise", choices=["on", "off"], default="on",
+                   help="on the CPU, run mixlab's model with mixlab's 1x1 convolution (weight gradient by matrix "
+                        "product where faster; mixlab.ops.pointwise; default on, as `mixlab train` uses it; the --vs "
+                        "model always keeps aten's)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--model-kwargs", default="", metavar="K=V,...", help="architecture arguments")
     p.add_argument("--vs", metavar="timm:NAME",
@@ -46,7 +50,8 @@ def run(args) -> int:
         args.model, mode=args.mode, batch_size=args.batch_size, img_size=args.img_size, device=args.device,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
         fast_depthwise=args.fast_depthwise == "on", fast_gelu=args.fast_gelu == "on",
-        fast_layernorm=args.fast_layernorm == "on", num_classes=args.num_classes,
+        fast_layernorm=args.fast_layernorm == "on", fast_pointwise=args.fast_pointwise == "on",
+        num_classes=args.num_classes,
         model_kwargs=parse_kv(args.model_kwargs), vs=args.vs, vs_kwargs=parse_kv(args.vs_kwargs) if args.vs else None,
         warmup=args.warmup, windows=args.windows, window_seconds=args.window_seconds, count_flops=not args.no_flops,
         memory_check=not args.no_memory_check)
@@ -62,6 +67,7 @@ def run(args) -> int:
           f"{f', {res} residual blocks fused' if (res := out.get('fused_residual_blocks')) else ''}"
           f"{f', mixlab GELU ({alone})' if alone else ''}"
           f"{f', mixlab LayerNorm ({lns})' if (lns := out.get('fast_layernorms')) else ''}"
+          f"{f', mixlab 1x1 conv ({pws})' if (pws := out.get('fast_pointwise_convs')) else ''}"
           f"  (torch {out['torch']}, {out['threads']} threads, malloc tuning {'on' if out['malloc_tuned'] else 'off'}, "
           f"subnormals {'flushed' if out['denormals_flushed'] else 'kept'}; "
           f"{out['cpu']})")

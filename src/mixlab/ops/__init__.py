@@ -3,9 +3,11 @@ from .axial_shift import axial_shift
 from .depthwise import DepthwiseConv2d, depthwise_conv2d, restore_depthwise, use_fast_depthwise
 from .gelu import FastGELU, GeluBatchNorm2d, gelu_batch_norm, restore_gelu, use_fast_gelu
 from .layernorm import FastLayerNorm, FastLayerNorm2d, restore_layernorm, use_fast_layernorm
+from .pointwise import PointwiseConv2d, restore_pointwise, use_fast_pointwise
 from .residual import FusedResidual
 
 # (the GELU function itself is mixlab.ops.gelu.gelu: `mixlab.ops.gelu` stays the module)
 __all__ = ["axial_shift", "depthwise_conv2d", "DepthwiseConv2d", "use_fast_depthwise", "restore_depthwise",
            "gelu_batch_norm", "FastGELU", "GeluBatchNorm2d", "use_fast_gelu", "restore_gelu", "FusedResidual",
-           "FastLayerNorm", "FastLayerNorm2d", "use_fast_layernorm", "restore_layernorm"]
+           "FastLayerNorm", "FastLayerNorm2d", "use_fast_layernorm", "restore_layernorm",
+           "PointwiseConv2d", "use_fast_pointwise", "restore_pointwise"]

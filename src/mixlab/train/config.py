@@ -40,6 +40,9 @@ def run_settings(log_every: int, omit: tuple = (), **changes) -> dict:
         # mixlab's LayerNorm kernel on the CPU (mixlab.ops.layernorm: nn.LayerNorm and timm's
         # LayerNorm2d): auto (on the CPU; it times itself against aten per shape) | true | false
         "fast_layernorm": "auto",
+        # 1x1 convolutions whose weight gradient is a matrix product where that is faster on the
+        # CPU (mixlab.ops.pointwise): auto (on the CPU; timed against aten per shape) | true | false
+        "fast_pointwise": "auto",
         # measure the CPU settings left on auto (precision, channels_last, fast_depthwise) with a
         # few training steps of each combination; false: bf16 where supported, channels_last for
         # convolutional models, the fast depthwise op

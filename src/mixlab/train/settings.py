@@ -1,5 +1,5 @@
 """The run's device and its speed settings: device, precision, channels_last, fast depthwise
-convolution, mixlab's GELU and LayerNorm kernels, torch.compile (measured on the CPU by :mod:`mixlab.train.cpu_defaults`)."""
+convolution, mixlab's GELU and LayerNorm kernels and 1x1 convolution, torch.compile (measured on the CPU by :mod:`mixlab.train.cpu_defaults`)."""
 from __future__ import annotations
 
 import torch
@@ -46,6 +46,7 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
 
     fast_gelu = _fast_gelu(cfg, model, device, say)
     fast_layernorm = _fast_layernorm(cfg, model, device, say)
+    fast_pointwise = _fast_pointwise(cfg, model, device, say)
     if device.type == "cpu":
         p = resolve_cpu_settings(cfg, model, batch, loss_fn, total_steps, say, measure=not dist.enabled)
     else:  # CUDA keeps cuDNN's depthwise convolution
@@ -55,6 +56,7 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
                                       how="device defaults", figures={})
     p["fast_gelu"] = fast_gelu
     p["fast_layernorm"] = fast_layernorm
+    p["fast_pointwise"] = fast_pointwise
     cfg["picked"] = p
     if p["fast_depthwise"] and device.type == "cpu":
         use_fast_depthwise(model)
@@ -78,6 +80,14 @@ def _fast_layernorm(cfg: dict, model: nn.Module, device: torch.device, say) -> b
 
     return _cpu_kernel(cfg, "fast_layernorm", model, device, say, fast_layernorm_available, use_fast_layernorm,
                        "LayerNorm runs as aten's operation")
+
+
+def _fast_pointwise(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
+    """Whether this run's 1x1 convolutions take their weight gradient from :mod:`mixlab.ops.pointwise`
+    (pure torch: available wherever torch is)."""
+    from ..ops.pointwise import use_fast_pointwise
+
+    return _cpu_kernel(cfg, "fast_pointwise", model, device, say, lambda: True, use_fast_pointwise, "")
 
 
 def _cpu_kernel(cfg: dict, key: str, model: nn.Module, device: torch.device, say, available, switch,
