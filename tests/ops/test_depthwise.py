@@ -276,6 +276,31 @@ def test_forward_kernel_equals_fp64_reference(k, dh, padding, shape, dtype, with
         assert ((got.double() - ref).abs() <= ref.abs() * 2.0 ** -8 + size * 2.0 ** -16).all()
 
 
+@pytest.mark.parametrize("k", [3, 5, 11])
+@pytest.mark.parametrize("shape", [(3, 67, 9, 19), (2, 5, 7, 7), (2, 64, 6, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_kernel_sums_the_added_tensor_in(k, shape, dtype):
+    # whole and partial channel blocks (64 / 67 / 5), tiles whole and partial, several images (the
+    # next row's summand is fetched ahead, across an image's last row too)
+    lib = _forward_kernel_lib()
+    n, c, h, w = shape
+    pad = (k // 2, k // 2)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c, 1, k, k, generator=g) * 0.2).to(dtype)
+    bias = torch.randn(c, generator=g).to(dtype)
+    add = (torch.randn(n, c, h, w, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    got = dwmod._kernel_forward(lib, x, weight, bias, pad, (1, 1), add=add)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, pad, 1, c) + add.double()
+    if dtype == torch.float32:
+        assert _rel_err(got, ref) < 1e-6
+    else:  # one rounding of the whole sum
+        size = F.conv2d(x.double().abs(), weight.double().abs(), bias.double().abs(), 1, pad, 1, c) + add.double().abs()
+        assert ((got.double() - ref).abs() <= ref.abs() * 2.0 ** -8 + size * 2.0 ** -16).all()
+    with pytest.raises(ValueError, match="add must be"):
+        dwmod._kernel_forward(lib, x, weight, bias, pad, (1, 1), add=add[:, :, :, 1:])
+
+
 def test_forward_kernel_propagates_nan_and_inf():
     lib = _forward_kernel_lib()
     for dtype in (torch.float32, torch.bfloat16):

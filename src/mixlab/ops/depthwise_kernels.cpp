@@ -273,6 +273,12 @@ int wgrad_nchw(const T* x, const T* g, float* out, float* bias_out, long N, long
 // (channel block by channel block, each a strided pass the hardware prefetcher served poorly):
 // bf16, 2 EPYC cores, 256x128x32x32 3x3 12.4 -> 4.1 ms (aten 8.7), 256x256x16x16 3.3 -> 2.0,
 // ConvMLP's 64x64x56x56 4.5 -> 1.9 (aten 1.2); Conv2Former's 11x11 layers unchanged within noise.
+// Where an output-shaped tensor is summed in (a residual's gradient), its rows are prefetched one
+// output row ahead and read without masks in whole channel blocks: with masked loads and no
+// prefetch, that sum made the kernel 2.5-4x slower (ConvMixer's 5x5 3.5 ms against 1.4 without
+// it; now 2.0). (These kernels' speed moves by 10-25% with code layout alone on this CPU: a
+// variant that took whole channel blocks as a template parameter measured 27% slower on
+// Conv2Former's 11x11 on 8x8 maps, and faster elsewhere, for no reason visible in its code.)
 //
 // A tile is WB output pixels of one row by NCB blocks of 16 channels; its sums stay in AVX-512
 // registers over every tap. Each input pixel of a kernel row is loaded and widened once and
@@ -334,7 +340,8 @@ inline __mmask16 block_mask(long C, long c) {
 template <typename T, int KW, int WB, int NCB>
 inline void fwd_tile(const T* xn, const float* wt, const float* bias, const T* arow, T* yrow, long C, long c0,
                      long H, long W,
-                     long ho, long wo0, long nb, long KH, long ph, long pw, long dh, const T* pfrow) {
+                     long ho, long wo0, long nb, long KH, long ph, long pw, long dh, const T* pfrow,
+                     const T* pfadd) {
     __mmask16 m[NCB];
     bool full = true;
     for (int b = 0; b < NCB; ++b) {
@@ -346,8 +353,10 @@ inline void fwd_tile(const T* xn, const float* wt, const float* bias, const T* a
     for (int b = 0; b < NCB; ++b) {
         const __m512 b0 = bias ? load16(bias + c0 + 16 * b, m[b]) : _mm512_setzero_ps();
 #pragma GCC unroll 32
-        for (int j = 0; j < WB; ++j)
-            acc[b][j] = arow && j < nb ? _mm512_add_ps(b0, load16(arow + (wo0 + j) * C + c0 + 16 * b, m[b])) : b0;
+        for (int j = 0; j < WB; ++j) {
+            const T* a = arow + (wo0 + j) * C + c0 + 16 * b;  // (masked loads are slow on AMD: only where needed)
+            acc[b][j] = arow && j < nb ? _mm512_add_ps(b0, full ? load16(a) : load16(a, m[b])) : b0;
+        }
     }
     for (long kh = 0; kh < KH; ++kh) {
         const long hi = ho - ph + kh * dh;
@@ -386,6 +395,15 @@ inline void fwd_tile(const T* xn, const float* wt, const float* bias, const T* a
                 for (unsigned off = 0; off < 16 * NCB * sizeof(T); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
             }
     }
+    if (pfadd && (c0 * sizeof(T)) % 64 == 0) {  // likewise the next output row's summand, read first thing there
+#pragma GCC unroll 32
+        for (int j = 0; j < WB; ++j)
+            if (j < nb) {
+                const char* p = reinterpret_cast<const char*>(pfadd + (wo0 + j) * C + c0);
+#pragma GCC unroll 4
+                for (unsigned off = 0; off < 16 * NCB * sizeof(T); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+            }
+    }
 #pragma GCC unroll 4
     for (int b = 0; b < NCB; ++b)
 #pragma GCC unroll 32
@@ -405,10 +423,11 @@ void fwd_rows(const T* x, const float* wt, const float* bias, const T* add, T* y
             const T* arow = add ? add + (n * Ho + ho) * Wo * C : nullptr;
             const long hnext = ho + 1 - ph + (KH - 1) * dh;
             const T* pfrow = ho + 1 < Ho && hnext >= 0 && hnext < H ? xn + hnext * W * C : nullptr;
+            const T* pfadd = add && n * Ho + ho + 1 < N * Ho ? arow + Wo * C : nullptr;  // (rows are contiguous)
             for (long wo0 = 0; wo0 < Wo; wo0 += WB)
                 for (long c0 = 0; c0 < C; c0 += 16 * NCB)
                     fwd_tile<T, KW, WB, NCB>(xn, wt, bias, arow, yrow, C, c0, H, W, ho, wo0, imin(WB, Wo - wo0), KH, ph, pw,
-                                             dh, pfrow);
+                                             dh, pfrow, pfadd);
         }
 }
 
