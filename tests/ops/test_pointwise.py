@@ -29,7 +29,7 @@ def _grads(conv, x, dy, autocast=False):
     return y.detach(), xs.grad, conv.weight.grad, conv.bias.grad
 
 
-# (N, C_in, C_out, H, W): an odd number of rows (3*3*5 = 45) for the halves' last row
+# (N, C_in, C_out, H, W)
 @pytest.mark.parametrize("shape", [(4, 6, 10, 4, 4), (3, 7, 5, 3, 5), (1, 16, 8, 2, 2)])
 @pytest.mark.parametrize("m", pw.METHODS)
 def test_each_method_equals_aten_in_fp32_and_fp64_reference(method, shape, m):
@@ -108,7 +108,7 @@ def test_method_is_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
     monkeypatch.setattr(pw.PLAN, "_choices", None)
     calls = []
     monkeypatch.setattr(pw, "time_each", lambda runs: calls.append(sorted(runs)) or
-                        {"aten": 3.0, "mm": 1.0, "mm_halves": 2.0})
+                        {"aten": 3.0, "mm": 1.0})
     conv = nn.Conv2d(4, 6, 1)
     use_fast_pointwise(conv)
     x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()

@@ -2,22 +2,22 @@
 
 The weight gradient of a 1x1 convolution on a channels_last map is one matrix product: the
 output gradient (N*H*W, C_out) transposed times the input (N*H*W, C_in). aten computes it (with
-the bias gradient) through oneDNN's convolution backward, which on small maps runs at half the
-speed of the product itself: bf16, 2 EPYC cores, Conv2Former-N's last stage (256 x 512 x 4 x 4,
-512 -> 512) 5.1 ms against 2.6 ms for ``torch.mm`` plus 0.1 ms for the bias gradient as a
-matrix-vector product; on 8x8 maps a product split in two halves (``torch.bmm``) was 20% faster
-than aten, on 16x16 and larger maps aten was faster (``benchmarks/bench_pointwise.py``). So the
-first backward of each shape times the three and keeps the fastest (stored per CPU, torch
-version and threads in the kernel cache folder, as the depthwise op's choices are).
+the bias gradient) through oneDNN's convolution backward, which on small maps runs well below
+the product's speed: bf16, 2 EPYC cores, Conv2Former-N's last stage (256 x 512 x 4 x 4) 3.7
+against 2.7 ms for 512 -> 512, 7.5 against 5.6 ms for 512 -> 1024 (``torch.mm``, and the bias
+gradient as a matrix-vector product); on 8x8 and larger maps aten was faster
+(``benchmarks/bench_pointwise.py``). So the first backward of each shape times both and keeps
+the faster (stored per CPU, torch version and threads in the kernel cache folder, as the
+depthwise op's choices are).
 
-The forward and the input gradient are aten's, unchanged. The products run in the computation's
-dtype (bf16 under autocast) with fp32 accumulation, and the weight gradient is rounded to it as
-aten's is; where two halves are summed, they are summed in fp32.
+The forward and the input gradient are aten's, unchanged. The product runs in the computation's
+dtype (bf16 under autocast) with fp32 accumulation and one rounding, as aten's does (a product
+split in two halves was as fast but rounded twice: twice aten's error; not used).
 
 :func:`use_fast_pointwise` switches a model's 1x1 ``nn.Conv2d`` layers (stride 1, no padding,
-one group, zero padding mode) to :class:`PointwiseConv2d` in place (same parameters and
-state_dict keys); :func:`restore_pointwise` switches them back. Anything but a CPU tensor in
-channels_last of fp32 or bf16 runs ``F.conv2d`` unchanged.
+one group, zero padding mode, no hooks) to :class:`PointwiseConv2d` in place (same parameters
+and state_dict keys); :func:`restore_pointwise` switches them back. Anything but a CPU tensor in
+channels_last of fp32 or bf16 that needs a gradient runs ``F.conv2d`` unchanged.
 """
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ __all__ = ["PointwiseConv2d", "use_fast_pointwise", "restore_pointwise", "set_po
 _DTYPES = (torch.float32, torch.bfloat16)
 PLAN = Plan("pointwise_plan")
 _method_override: str | None = None
-METHODS = ("aten", "mm", "mm_halves")
+METHODS = ("aten", "mm")
 
 
 def set_pointwise_method(method: str | None) -> None:
-    """Force one weight-gradient method ('aten', 'mm', 'mm_halves') for every call; None
+    """Force one weight-gradient method ('aten' or 'mm') for every call; None
     (default) times them per shape."""
     global _method_override
     if method is not None and method not in METHODS:
@@ -56,14 +56,7 @@ def _weight_grad(method: str, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
                                                         [1, 1], False, [0, 0], 1, [False, True, with_bias])
         return gw, gb
     g2, x2 = _rows(g), _rows(x)
-    if method == "mm":
-        gw = g2.t() @ x2
-    else:  # mm_halves: one batched product over the two halves of the rows, summed in fp32
-        m = g2.shape[0] // 2
-        gw = torch.bmm(g2[:2 * m].view(2, m, -1).transpose(1, 2), x2[:2 * m].view(2, m, -1)).sum(0, dtype=torch.float32)
-        if g2.shape[0] % 2:  # an odd row count: its last row
-            gw += torch.outer(g2[-1].float(), x2[-1].float())
-        gw = gw.to(x.dtype)
+    gw = g2.t() @ x2
     gb = torch.mv(g2.t(), g2.new_ones(g2.shape[0])) if with_bias else None
     return gw.view(w.shape), gb
 
