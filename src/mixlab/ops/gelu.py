@@ -260,8 +260,6 @@ def _method(kind: str, x: torch.Tensor, make_runs) -> str:
     gives the two forward + backward calls to time on first use."""
     if _method_override is not None:
         return _method_override
-    if torch.compiler.is_compiling():  # nothing is timed (or looked up) while tracing: the kernel
-        return "kernel"
     key = f"{kind}|{tuple(x.shape)}|{list(x.stride())}|{str(x.dtype)[6:]}|t{torch.get_num_threads()}"
     method = PLAN.get(key)
     if method not in ("kernel", "aten"):
@@ -275,6 +273,14 @@ def _method(kind: str, x: torch.Tensor, make_runs) -> str:
 
 # ----------------------------------------------------------------------------- function and module
 
+def _compiling() -> bool:
+    # Under torch.compile aten's GELU and BatchNorm go to inductor, which fuses them itself. The
+    # kernels' Python-side checks (the library, the per-shape plan) break the graph there, and
+    # with dynamic shapes inductor then failed on the broken graph's permuted outputs
+    # ("cannot determine truth value of Relational", Conv2Former-N, torch 2.14).
+    return torch.compiler.is_compiling()
+
+
 def _fusable(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _is_nhwc(x)
             and x.shape[0] * x.shape[2] * x.shape[3] > 1 and LIBRARY.load() is not None)
@@ -287,7 +293,7 @@ def _dense(x: torch.Tensor) -> bool:
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """``F.gelu(x)`` (exact), by the kernel on the CPU where :mod:`this module <mixlab.ops.gelu>`
     says it can be."""
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not _dense(x)
+    if (_compiling() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not _dense(x)
             or x.numel() == 0 or LIBRARY.load() is None or _method("gelu", x, lambda: _gelu_runs(x)) != "kernel"):
         return F.gelu(x)
     return _GeluFn.apply(x)
@@ -298,7 +304,7 @@ def gelu_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_
                     eps: float) -> torch.Tensor:
     """``F.batch_norm(F.gelu(x), running_mean, running_var, weight, bias, training, momentum, eps)``,
     fused on the CPU where :mod:`this module <mixlab.ops.gelu>` says it can be."""
-    if not training or not _fusable(x):
+    if _compiling() or not training or not _fusable(x):
         return F.batch_norm(F.gelu(x), running_mean, running_var, weight, bias, training, momentum, eps)
     c = x.shape[1]
     w = weight if weight is not None else x.new_ones(c, dtype=torch.float32)

@@ -12,8 +12,8 @@ from an fp64 reference on that tensor, where these are within 3e-7.
 
 Scope: fp32 or bf16 input on the CPU, normalised over its last dimension only, dense rows;
 weight and bias of any float dtype (computed in fp32, gradients returned in their dtype) or
-None. Anything else (CUDA, fp16, several normalised dimensions, a strided view) runs
-``F.layer_norm`` unchanged. The first call of each new shape times the kernel against aten
+None. Anything else (CUDA, fp16, several normalised dimensions, a strided view, and anything
+under ``torch.compile``, whose inductor fuses LayerNorm itself) runs ``F.layer_norm`` unchanged. The first call of each new shape times the kernel against aten
 (forward and backward) and keeps the faster, stored per CPU, torch version and thread count in
 the kernel cache folder, as the GELU kernels' choice is.
 
@@ -160,8 +160,6 @@ def _runs(x: torch.Tensor, weight, bias, eps: float) -> dict:
 def _method(x: torch.Tensor, weight, bias, eps: float) -> str:
     if _method_override is not None:
         return _method_override
-    if torch.compiler.is_compiling():  # nothing is timed (or looked up) while tracing
-        return "kernel"
     wdt = str(weight.dtype)[6:] if weight is not None else "none"
     key = f"ln|{tuple(x.shape)}|{str(x.dtype)[6:]}|w{wdt}|t{torch.get_num_threads()}"
     method = PLAN.get(key)
@@ -191,7 +189,11 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     """``F.layer_norm(x, normalized_shape, weight, bias, eps)``, by the kernel on the CPU where
     :mod:`this module <mixlab.ops.layernorm>` says it can be (under autocast too: aten's CPU
     LayerNorm keeps the input's dtype there as well)."""
-    if not _kernel_applies(x, normalized_shape, weight, bias) or _method(x, weight, bias, eps) != "kernel":
+    # under torch.compile aten's LayerNorm goes to inductor, which fuses it itself (the checks
+    # here would break the graph, and with dynamic shapes inductor then failed on the broken
+    # graph's permuted outputs: Conv2Former-N, torch 2.14)
+    if (torch.compiler.is_compiling() or not _kernel_applies(x, normalized_shape, weight, bias)
+            or _method(x, weight, bias, eps) != "kernel"):
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     return _LayerNormFn.apply(x, weight, bias, eps)
 
