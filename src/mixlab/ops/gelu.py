@@ -12,7 +12,8 @@ way, with the same vectorised arithmetic, where aten's bf16 GELU and its backwar
 Scope: fp32 or bf16 on the CPU; the pair on a 4-D channels-last tensor in training mode (batch
 statistics; the running statistics are updated as ``nn.BatchNorm2d`` updates them), GELU alone
 on any tensor dense in memory. Anything else (evaluation of the pair, NCHW pairs, other dtypes,
-CUDA, the tanh approximation) runs aten's operations unchanged. The first call of each new shape
+CUDA, the tanh approximation, anything under ``torch.compile``, whose inductor fuses them
+itself) runs aten's operations unchanged. The first call of each new shape
 times the kernel against aten (forward and backward) and keeps the faster, stored per CPU, torch
 version and thread count in the kernel cache folder.
 
@@ -73,7 +74,8 @@ def _check(rc: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the two ops
-# Registered ops (not bare Python calls) so torch.compile treats each as one opaque node.
+# Registered ops (not bare Python calls): one opaque node each for a tracer that reaches them (under
+# torch.compile the functions below run aten's operations instead, which inductor fuses itself).
 
 @torch.library.custom_op("mixlab::gelu_bn_forward", mutates_args=())
 def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
