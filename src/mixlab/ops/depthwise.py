@@ -28,6 +28,7 @@ from torch import nn
 
 from .depthwise_build import LIBRARY, load_kernel
 from .kernel_build import Plan, time_each
+from .module_swap import by_exact_type, swap_classes
 
 __all__ = ["depthwise_conv2d", "depthwise_weight_grad", "DepthwiseConv2d", "use_fast_depthwise",
            "restore_depthwise", "fast_depthwise_available", "ineligible_reason"]
@@ -427,22 +428,13 @@ def use_fast_depthwise(model: nn.Module) -> int:
     """Switch every eligible depthwise ``nn.Conv2d`` in ``model`` to :class:`DepthwiseConv2d`, in
     place (the module objects, their parameters, hooks and state_dict keys stay the same; only
     the class changes). Returns how many were switched; others are left as they are."""
-    n = 0
-    for m in model.modules():
-        if type(m) is nn.Conv2d and ineligible_reason(m) is None:
-            m.__class__ = DepthwiseConv2d
-            n += 1
-    return n
+    return swap_classes(model, lambda m: DepthwiseConv2d if type(m) is nn.Conv2d and ineligible_reason(m) is None
+                        else None)
 
 
 def restore_depthwise(model: nn.Module) -> int:
     """Undo :func:`use_fast_depthwise` (e.g. before exporting to a format that wants aten ops)."""
-    n = 0
-    for m in model.modules():
-        if type(m) is DepthwiseConv2d:
-            m.__class__ = nn.Conv2d
-            n += 1
-    return n
+    return swap_classes(model, by_exact_type({DepthwiseConv2d: nn.Conv2d}))
 
 
 def fast_depthwise_available() -> bool:

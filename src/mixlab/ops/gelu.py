@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernel_build import KernelLibrary, Plan, time_each
+from .module_swap import by_exact_type, swap_classes
 
 __all__ = ["gelu", "gelu_batch_norm", "FastGELU", "GeluBatchNorm2d", "use_fast_gelu", "restore_gelu",
            "fast_gelu_available"]
@@ -393,11 +394,7 @@ def use_fast_gelu(model: nn.Module) -> tuple[int, int]:
     from .residual import fuse_residual_blocks
 
     fuse_residual_blocks(model)  # a pair that ends a ConvMixer residual branch also adds the residual
-    alone = 0
-    for m in model.modules():
-        if _is_exact_gelu(m):
-            m.__class__ = FastGELU
-            alone += 1
+    alone = swap_classes(model, lambda m: FastGELU if _is_exact_gelu(m) else None)
     return pairs, alone
 
 
@@ -417,8 +414,4 @@ def restore_gelu(model: nn.Module) -> int:
                 seq._modules[a] = nn.GELU()
                 seq._modules[b].__class__ = nn.BatchNorm2d
                 n += 1
-    for m in model.modules():
-        if type(m) is FastGELU:
-            m.__class__ = nn.GELU
-            n += 1
-    return n
+    return n + swap_classes(model, by_exact_type({FastGELU: nn.GELU}))

@@ -34,6 +34,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from .kernel_build import KernelLibrary, Plan, time_each
+from .module_swap import by_exact_type, swap_classes
 
 __all__ = ["layer_norm", "FastLayerNorm", "FastLayerNorm2d", "use_fast_layernorm", "restore_layernorm",
            "fast_layernorm_available"]
@@ -227,22 +228,9 @@ def use_fast_layernorm(model: nn.Module) -> int:
     """Switch ``model``'s LayerNorms (exactly ``nn.LayerNorm`` or timm's ``LayerNorm2d``, not
     subclasses with their own forward) to the kernel, in place; parameters, buffers and
     state_dict keys stay. Returns how many were switched."""
-    n = 0
-    for m in model.modules():
-        new = _SWAPS.get(type(m))
-        if new is not None:
-            m.__class__ = new
-            n += 1
-    return n
+    return swap_classes(model, by_exact_type(_SWAPS))
 
 
 def restore_layernorm(model: nn.Module) -> int:
     """Undo :func:`use_fast_layernorm`; returns how many modules were switched back."""
-    back = {v: k for k, v in _SWAPS.items()}
-    n = 0
-    for m in model.modules():
-        old = back.get(type(m))
-        if old is not None:
-            m.__class__ = old
-            n += 1
-    return n
+    return swap_classes(model, by_exact_type({new: old for old, new in _SWAPS.items()}))

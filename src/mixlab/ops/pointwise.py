@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernel_build import Plan, time_each
+from .module_swap import by_exact_type, swap_classes
 
 __all__ = ["PointwiseConv2d", "use_fast_pointwise", "restore_pointwise", "set_pointwise_method"]
 
@@ -129,19 +130,9 @@ def _eligible(m: nn.Module) -> bool:
 
 def use_fast_pointwise(model: nn.Module) -> int:
     """Switch ``model``'s 1x1 convolutions to :class:`PointwiseConv2d` in place; returns how many."""
-    n = 0
-    for m in model.modules():
-        if _eligible(m):
-            m.__class__ = PointwiseConv2d
-            n += 1
-    return n
+    return swap_classes(model, lambda m: PointwiseConv2d if _eligible(m) else None)
 
 
 def restore_pointwise(model: nn.Module) -> int:
     """Undo :func:`use_fast_pointwise`; returns how many modules were switched back."""
-    n = 0
-    for m in model.modules():
-        if type(m) is PointwiseConv2d:
-            m.__class__ = nn.Conv2d
-            n += 1
-    return n
+    return swap_classes(model, by_exact_type({PointwiseConv2d: nn.Conv2d}))

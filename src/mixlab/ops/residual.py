@@ -27,6 +27,7 @@ from timm.models.convmixer import Residual
 
 from . import depthwise as dw
 from . import gelu as gl
+from .module_swap import by_exact_type, swap_classes
 
 __all__ = ["FusedResidual", "fuse_residual_blocks", "unfuse_residual_blocks"]
 
@@ -129,19 +130,9 @@ class FusedResidual(Residual):
 def fuse_residual_blocks(model: nn.Module) -> int:
     """Switch every timm ``Residual`` of ``model`` whose branch is (depthwise conv, fused-away GELU,
     GeluBatchNorm2d) to :class:`FusedResidual`, in place; returns how many."""
-    n = 0
-    for m in model.modules():
-        if type(m) is Residual and _branch(m) is not None:
-            m.__class__ = FusedResidual
-            n += 1
-    return n
+    return swap_classes(model, lambda m: FusedResidual if type(m) is Residual and _branch(m) is not None else None)
 
 
 def unfuse_residual_blocks(model: nn.Module) -> int:
     """Undo :func:`fuse_residual_blocks`; returns how many."""
-    n = 0
-    for m in model.modules():
-        if type(m) is FusedResidual:
-            m.__class__ = Residual
-            n += 1
-    return n
+    return swap_classes(model, by_exact_type({FusedResidual: Residual}))
