@@ -7,15 +7,13 @@ reference, for the row shapes of the seed models (one training step's activation
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 
 import torch
 
 from mixlab.ops import layernorm as ln
 from mixlab.runtime import flush_denormals, tune_malloc
-from mixlab.train.cpu_defaults import cpu_model_name
+from text_report import provenance_fields  # benchmarks/text_report.py (run as python benchmarks/...)
 
 # (name, rows, width)
 SHAPES = [
@@ -49,9 +47,7 @@ def main() -> None:
     if not ln.fast_layernorm_available():
         raise SystemExit(f"the LayerNorm kernel is not available here: {ln.LIBRARY.unavailable_reason()}")
     rows = []
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    head = dict(command="python " + " ".join(sys.argv), commit=commit, cpu=cpu_model_name(),
-                threads=torch.get_num_threads(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    head = provenance_fields()
     print(", ".join(f"{k} {v}" for k, v in head.items()))
     print(f"{'shape':44s} {'dtype':9s} {'fwd aten':>9s} {'kernel':>8s} {'bwd aten':>9s} {'kernel':>8s}  "
           f"dgamma rel. error aten / kernel")

@@ -8,16 +8,13 @@ reference.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-import time
 
 import torch
 
 from mixlab.ops import pointwise as pw
 from mixlab.ops.kernel_build import time_each
 from mixlab.runtime import flush_denormals, tune_malloc
-from mixlab.train.cpu_defaults import cpu_model_name
+from text_report import provenance_fields  # benchmarks/text_report.py (run as python benchmarks/...)
 
 # (name, N, C_in, C_out, H=W)
 LAYERS = [
@@ -39,9 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     tune_malloc()
     flush_denormals()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    head = dict(command="python " + " ".join(sys.argv), commit=commit, cpu=cpu_model_name(),
-                threads=torch.get_num_threads(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    head = provenance_fields()
     print(", ".join(f"{k} {v}" for k, v in head.items()))
     print(f"{'layer':44s} " + " ".join(f"{m:>10s}" for m in pw.METHODS) + "   (ms, weight + bias gradient; "
           "largest |error| of dW against fp64, relative to its largest entry)")
