@@ -263,3 +263,20 @@ def test_compiled_model_matches_the_original_through_aten(layernorm_kernel, monk
     for tokens in (8, 6, 5):
         compiled(torch.randn(2, tokens, 3)).sum().backward()
     assert calls == []
+
+
+def test_a_kernel_is_rebuilt_and_retimed_when_a_header_it_includes_changes(tmp_path, monkeypatch):
+    """The library's name and the plans' identity hash the source with the headers it includes by
+    name (here the shared bf16_scalar.h of the LayerNorm and GELU kernels)."""
+    from mixlab.ops.kernel_build import KernelLibrary
+
+    src = tmp_path / "k.cpp"
+    src.write_text('#include <cstdint>\n#include "h.h"\nextern "C" long v(void) { return V; }\n')
+    (tmp_path / "h.h").write_text("#define V 1\n")
+    lib = KernelLibrary(src, "k", "test", ("v", 1), {}, "MIXLAB_TEST_BUILD", "nothing")
+    before = lib.source_text()
+    assert "#define V 1" in before and before.startswith(src.read_text())
+    (tmp_path / "h.h").write_text("#define V 2\n")
+    assert lib.source_text() != before
+    assert "bf16_scalar.h" in ln.LIBRARY.source_text().split("\0")[0]  # the real kernel includes it ...
+    assert "to_bf16" in ln.LIBRARY.source_text().split("\0")[1]  # ... and its text is hashed with it

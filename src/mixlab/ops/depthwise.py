@@ -73,7 +73,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 METHODS = ("kernel", "kernel_nhwc", "aten", "aten_fp32")
 _method_override: str | None = None  # set_weight_grad_method(); None = time and choose
 # keyed by the kernel source and the forward kernel's margin too: a changed kernel or rule is timed again
-PLAN = Plan("depthwise_plan", identity=lambda: f"{LIBRARY.source.read_text()}|margin {FORWARD_KERNEL_MARGIN}")
+PLAN = Plan("depthwise_plan", identity=lambda: f"{LIBRARY.source_text()}|margin {FORWARD_KERNEL_MARGIN}")
 
 
 def set_weight_grad_method(method: str | None) -> None:

@@ -220,7 +220,7 @@ class _GeluFn(torch.autograd.Function):
 # gradient is; the verdict is kept in PLAN (per CPU, torch version and kernel source).
 
 _method_override: str | None = None
-PLAN = Plan("gelu_bn_plan", identity=lambda: LIBRARY.source.read_text())
+PLAN = Plan("gelu_bn_plan", identity=lambda: LIBRARY.source_text())
 
 
 def set_gelu_method(method: str | None) -> None:

@@ -1,10 +1,11 @@
 """Build (once per machine) and load mixlab's small C++ CPU kernels.
 
-Each kernel file beside this one (``depthwise_kernels.cpp``, ``gelu_kernels.cpp``) includes
+Each kernel file beside this one (``depthwise_kernels.cpp``, ``gelu_kernels.cpp``, ...) includes
 no torch headers, so the machine's C++ compiler builds it in about a second, where a
 ``torch.utils.cpp_extension`` build takes a minute; it is called through ``ctypes`` on the
 tensors' data pointers. The shared library is cached under ``$MIXLAB_KERNEL_CACHE`` (default
-``~/.cache/mixlab/kernels``) by a hash of its source, the compiler, the flags and the CPU
+``~/.cache/mixlab/kernels``) by a hash of its source (with the headers it includes by name, e.g.
+``bf16_scalar.h``), the compiler, the flags and the CPU
 (``-march=native`` code must not run on another processor that shares the home folder), and
 written atomically, so parallel ranks that build it at once do not corrupt it.
 """
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -67,9 +69,18 @@ class KernelLibrary:
         self._lib: ctypes.CDLL | None = None
         self._status: str | None = None  # None: not tried yet; "": loaded; else why not
 
+    def source_text(self) -> str:
+        """The kernel's source followed by each header it includes by name (``#include "x.h"``,
+        from its own folder): what a build depends on, so what the library's file name and the
+        per-shape plans' identity hash."""
+        text = self.source.read_text()
+        for name in re.findall(r'^\s*#include\s+"([^"]+)"', text, re.M):
+            text += "\0" + (self.source.parent / name).read_text()
+        return text
+
     def _build(self, cxx: str) -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-        key = hashlib.sha256("\0".join([self.source.read_text(), cxx, version, " ".join(self.flags),
+        key = hashlib.sha256("\0".join([self.source_text(), cxx, version, " ".join(self.flags),
                                         cpu_identity(), str(self.abi[1])]).encode()).hexdigest()[:16]
         target = cache_dir() / f"{self.stem}_{key}.so"
         if target.is_file():

@@ -138,7 +138,7 @@ class _LayerNormFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------- kernel or aten, per shape
 
 _method_override: str | None = None
-PLAN = Plan("layernorm_plan", identity=lambda: LIBRARY.source.read_text())
+PLAN = Plan("layernorm_plan", identity=lambda: LIBRARY.source_text())
 
 
 def set_layernorm_method(method: str | None) -> None:
