@@ -2,6 +2,7 @@
 import pytest
 
 from mixlab.ops import gelu as gb
+from mixlab.ops import layernorm as ln
 
 
 @pytest.fixture(scope="session")
@@ -9,29 +10,26 @@ def kernel_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("kernels")  # built once for the whole session
 
 
+def _kernel_for_every_call(monkeypatch, kernel_cache, library, set_method):
+    """Build ``library`` in the session's kernel cache (skip where it cannot be built) and force
+    its kernel for every call (also where aten would be timed faster), until the test ends."""
+    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
+    library.reset()
+    if library.load() is None:
+        pytest.skip(f"kernel not built here: {library.unavailable_reason()}")
+    set_method("kernel")
+    yield
+    set_method(None)
+    library.reset()
+
+
 @pytest.fixture
 def gelu_kernel(monkeypatch, kernel_cache):
-    """mixlab's compiled GELU kernels for every call (also where aten would be timed faster)."""
-    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
-    gb.LIBRARY.reset()
-    if not gb.fast_gelu_available():
-        pytest.skip(f"kernel not built here: {gb.LIBRARY.unavailable_reason()}")
-    gb.set_gelu_method("kernel")
-    yield
-    gb.set_gelu_method(None)
-    gb.LIBRARY.reset()
+    """mixlab's compiled GELU kernels for every call."""
+    yield from _kernel_for_every_call(monkeypatch, kernel_cache, gb.LIBRARY, gb.set_gelu_method)
 
 
 @pytest.fixture
 def layernorm_kernel(monkeypatch, kernel_cache):
-    """mixlab's compiled LayerNorm kernel for every call (also where aten would be timed faster)."""
-    from mixlab.ops import layernorm as ln
-
-    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
-    ln.LIBRARY.reset()
-    if not ln.fast_layernorm_available():
-        pytest.skip(f"kernel not built here: {ln.LIBRARY.unavailable_reason()}")
-    ln.set_layernorm_method("kernel")
-    yield
-    ln.set_layernorm_method(None)
-    ln.LIBRARY.reset()
+    """mixlab's compiled LayerNorm kernel for every call."""
+    yield from _kernel_for_every_call(monkeypatch, kernel_cache, ln.LIBRARY, ln.set_layernorm_method)
