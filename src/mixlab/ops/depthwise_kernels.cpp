@@ -336,6 +336,18 @@ inline __mmask16 block_mask(long C, long c) {
     return C - c >= 16 ? static_cast<__mmask16>(0xFFFF) : C - c <= 0 ? 0 : static_cast<__mmask16>((1u << (C - c)) - 1);
 }
 
+// prefetch pixels [first, first + n) (n <= WB) of a channels-last row, channels [c0, c0 + 16 * NCB)
+template <typename T, int WB, int NCB>
+inline void prefetch_pixels(const T* row, long first, long n, long C, long c0) {
+#pragma GCC unroll 32
+    for (int j = 0; j < WB; ++j)
+        if (j < n) {
+            const char* p = reinterpret_cast<const char*>(row + (first + j) * C + c0);
+#pragma GCC unroll 4
+            for (unsigned off = 0; off < 16 * NCB * sizeof(T); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+        }
+}
+
 // one tile: output pixels [wo0, wo0 + nb) (nb <= WB) of row ho, channels [c0, c0 + 16 * NCB)
 template <typename T, int KW, int WB, int NCB>
 inline void fwd_tile(const T* xn, const float* wt, const float* bias, const T* arow, T* yrow, long C, long c0,
@@ -385,24 +397,11 @@ inline void fwd_tile(const T* xn, const float* wt, const float* bias, const T* a
             }
         }
     }
-    if (pfrow && (c0 * sizeof(T)) % 64 == 0) {  // (once per cache line of a pixel's channels)
-        // the input row the next output row meets first: fetched now, while this row computes
-#pragma GCC unroll 32
-        for (int j = 0; j < WB; ++j)
-            if (wo0 + j < W) {
-                const char* p = reinterpret_cast<const char*>(pfrow + (wo0 + j) * C + c0);
-#pragma GCC unroll 4
-                for (unsigned off = 0; off < 16 * NCB * sizeof(T); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-            }
-    }
-    if (pfadd && (c0 * sizeof(T)) % 64 == 0) {  // likewise the next output row's summand, read first thing there
-#pragma GCC unroll 32
-        for (int j = 0; j < WB; ++j)
-            if (j < nb) {
-                const char* p = reinterpret_cast<const char*>(pfadd + (wo0 + j) * C + c0);
-#pragma GCC unroll 4
-                for (unsigned off = 0; off < 16 * NCB * sizeof(T); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-            }
+    if ((c0 * sizeof(T)) % 64 == 0) {  // (once per cache line of a pixel's channels)
+        // the input row the next output row meets first, and that row's summand (read first thing
+        // there): fetched now, while this row computes
+        if (pfrow) prefetch_pixels<T, WB, NCB>(pfrow, wo0, imin(WB, W - wo0), C, c0);
+        if (pfadd) prefetch_pixels<T, WB, NCB>(pfadd, wo0, nb, C, c0);
     }
 #pragma GCC unroll 4
     for (int b = 0; b < NCB; ++b)
