@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernel_build import KernelLibrary, Plan, time_each
+from .kernel_build import KernelLibrary, Plan, time_training_calls
 from .module_swap import by_exact_type, swap_classes
 
 __all__ = ["gelu", "gelu_batch_norm", "FastGELU", "GeluBatchNorm2d", "use_fast_gelu", "restore_gelu",
@@ -250,12 +250,7 @@ def _gelu_runs(x: torch.Tensor) -> dict:
     return {"kernel": lambda: _GeluFn.apply(xs).backward(dy), "aten": lambda: F.gelu(xs).backward(dy)}
 
 
-def _time_methods(make_runs) -> dict[str, float]:
-    # the timing draws its own random gradient: the run's random stream must not see it, or a
-    # run that times would draw other dropout masks than one that reads the stored choice
-    with torch.random.fork_rng(devices=[]), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-        torch.manual_seed(0)
-        return time_each(make_runs())
+_time_methods = time_training_calls  # (a module global: tests replace it)
 
 
 def _method(kind: str, x: torch.Tensor, make_runs) -> str:
@@ -264,14 +259,7 @@ def _method(kind: str, x: torch.Tensor, make_runs) -> str:
     if _method_override is not None:
         return _method_override
     key = f"{kind}|{tuple(x.shape)}|{list(x.stride())}|{str(x.dtype)[6:]}|t{torch.get_num_threads()}"
-    method = PLAN.get(key)
-    if method not in ("kernel", "aten"):
-        if torch.is_inference_mode_enabled():  # no backward to time here: the kernel until a training call times it
-            return "kernel"
-        times = _time_methods(make_runs)
-        method = min(times, key=times.get)
-        PLAN.set(key, method)
-    return method
+    return PLAN.kernel_or_aten(key, make_runs, _time_methods)
 
 
 # ----------------------------------------------------------------------------- function and module

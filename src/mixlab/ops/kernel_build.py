@@ -169,6 +169,18 @@ def time_each(runs: dict, rounds: int = 3) -> dict[str, float]:
     return times
 
 
+def time_training_calls(make_runs) -> dict[str, float]:
+    """:func:`time_each` of ``make_runs()``: forward + backward calls that draw their own random
+    gradient. The run's random stream must not see that draw (a run that times would draw other
+    dropout masks than one that reads the stored choice), and the calls time with gradients on and
+    autocast off whatever the caller's mode."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        torch.manual_seed(0)
+        return time_each(make_runs())
+
+
 class Plan:
     """Choices by key (shape, dtype, layout, threads...), kept per CPU and torch version (and
     ``identity()``, e.g. a kernel's source, so that a changed kernel is timed again) in
@@ -194,6 +206,21 @@ class Plan:
 
     def get(self, key: str) -> str | None:
         return self.choices().get(key)
+
+    def kernel_or_aten(self, key: str, make_runs, time_methods=time_training_calls) -> str:
+        """'kernel' or 'aten' for ``key``: the stored choice, else the faster of ``make_runs()``'s
+        two calls, timed now by ``time_methods`` and stored. Under inference mode (no backward to
+        time) 'kernel', until a training call times it."""
+        import torch
+
+        method = self.get(key)
+        if method not in ("kernel", "aten"):
+            if torch.is_inference_mode_enabled():
+                return "kernel"
+            times = time_methods(make_runs)
+            method = min(times, key=times.get)
+            self.set(key, method)
+        return method
 
     def set(self, key: str, choice: str) -> None:
         from ..io import atomic_write_json

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from .kernel_build import KernelLibrary, Plan, time_each
+from .kernel_build import KernelLibrary, Plan, time_training_calls
 from .module_swap import by_exact_type, swap_classes
 
 __all__ = ["layer_norm", "FastLayerNorm", "FastLayerNorm2d", "use_fast_layernorm", "restore_layernorm",
@@ -138,6 +138,7 @@ class _LayerNormFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------- kernel or aten, per shape
 
 _method_override: str | None = None
+_time_methods = time_training_calls  # (a module global: tests replace it)
 PLAN = Plan("layernorm_plan", identity=lambda: LIBRARY.source_text())
 
 
@@ -164,17 +165,7 @@ def _method(x: torch.Tensor, weight, bias, eps: float) -> str:
         return _method_override
     wdt = str(weight.dtype)[6:] if weight is not None else "none"
     key = f"ln|{tuple(x.shape)}|{str(x.dtype)[6:]}|w{wdt}|t{torch.get_num_threads()}"
-    method = PLAN.get(key)
-    if method not in ("kernel", "aten"):
-        if torch.is_inference_mode_enabled():  # no backward to time here: the kernel until a training call times it
-            return "kernel"
-        # the timing draws its own random gradient: the run's random stream must not see it
-        with torch.random.fork_rng(devices=[]), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-            torch.manual_seed(0)
-            times = time_each(_runs(x, weight, bias, eps))
-        method = min(times, key=times.get)
-        PLAN.set(key, method)
-    return method
+    return PLAN.kernel_or_aten(key, lambda: _runs(x, weight, bias, eps), _time_methods)
 
 
 def _kernel_applies(x: torch.Tensor, normalized_shape, weight, bias) -> bool:
