@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .depthwise import _is_nhwc
 from .kernel_build import Plan, time_each
 from .module_swap import by_exact_type, swap_classes
 
@@ -106,8 +107,7 @@ class _PointwiseConv2dFn(torch.autograd.Function):
 
 
 def _applies(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] > 1
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    return x.device.type == "cpu" and x.dim() == 4 and _is_nhwc(x)
 
 
 class PointwiseConv2d(nn.Conv2d):
