@@ -23,6 +23,7 @@ from mixlab.analysis.profile import input_hw_of
 from mixlab.ops.gelu import use_fast_gelu
 from mixlab.ops.layernorm import use_fast_layernorm
 from mixlab.ops.pointwise import use_fast_pointwise
+from mixlab.ops.resample import use_fast_resample
 from mixlab.runtime import flush_denormals, tune_malloc
 from text_report import emit, provenance  # benchmarks/text_report.py (run as python benchmarks/...)
 
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--aten-gelu", action="store_true", help="keep aten's GELU (and BatchNorm)")
     ap.add_argument("--aten-layernorm", action="store_true", help="keep aten's LayerNorm")
     ap.add_argument("--aten-pointwise", action="store_true", help="keep aten's 1x1 convolution backward")
+    ap.add_argument("--aten-resample", action="store_true", help="keep aten's BatchNorm/pool/upsample layers unfused")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--steps", type=int, default=6, help="timed steps (after 3 warm-up steps)")
     ap.add_argument("--rows", type=int, default=15, help="operators listed")
@@ -48,6 +50,8 @@ def main() -> None:
     torch.manual_seed(0)
     hw = input_hw_of(args.model, [args.img_size] if args.img_size else None)
     model = mixlab.create_model(args.model, img_size=hw if args.img_size else None)
+    if not args.aten_resample:  # first: it takes over a 1x1 head that the 1x1 op would switch otherwise
+        use_fast_resample(model)
     if not args.aten_depthwise:
         use_fast_depthwise(model)
     if not args.aten_gelu:

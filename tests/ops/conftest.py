@@ -33,3 +33,11 @@ def gelu_kernel(monkeypatch, kernel_cache):
 def layernorm_kernel(monkeypatch, kernel_cache):
     """mixlab's compiled LayerNorm kernel for every call."""
     yield from _kernel_for_every_call(monkeypatch, kernel_cache, ln.LIBRARY, ln.set_layernorm_method)
+
+
+@pytest.fixture
+def resample_kernel(monkeypatch, kernel_cache):
+    """mixlab's compiled resampling kernels for every call."""
+    from mixlab.ops import resample as rs
+
+    yield from _kernel_for_every_call(monkeypatch, kernel_cache, rs.LIBRARY, rs.set_resample_method)

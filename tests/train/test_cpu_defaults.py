@@ -205,3 +205,35 @@ def test_cpu_ops_are_on_by_default_off_when_asked_and_resumed_as_recorded(make_f
     assert json.loads((out / "summary.json").read_text())[key] is False
     with pytest.raises(ValueError, match=f"{key} must be auto, true or false"):
         resolve_config(model="conv2former_n_cifar", overrides=[f"{key}=sometimes"])
+
+
+def test_fast_resample_is_on_for_unext_off_when_asked_and_resumed_as_recorded(make_folder_dataset, tmp_path):
+    from mixlab.ops.resample import fast_resample_available
+    from test_seg_train import TINY as SEG_TINY, _make_busi_like
+
+    if not fast_resample_available():
+        pytest.skip("the resampling kernel is not built here")
+    data = _make_busi_like(tmp_path / "busi", n=8)
+    base = ["seg", "train", *SEG_TINY, "--data", str(data), "--epochs", "1", "--set", "autotune=false"]
+    runs = {}
+    for name, extra in (("auto", []), ("off", ["--set", "fast_resample=false"])):
+        out = tmp_path / name
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        runs[name] = yaml.safe_load((out / "config.yaml").read_text())["picked"]["fast_resample"]
+        assert json.loads((out / "summary.json").read_text())["fast_resample"] is runs[name]
+    assert runs == {"auto": True, "off": False}
+    # a classifier names nothing to fuse: off, whatever was asked
+    cls_data = make_folder_dataset(n_classes=3, per_class=(8, 4), size=16)
+    out = tmp_path / "cls_run"
+    assert main(["train", "--model", "convmixer_256_8", "--data", str(cls_data), "--dataset", "folder", "--epochs", "1",
+                 "--batch-size", "8", "--set", "autotune=false", "--out", str(out)]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["picked"]["fast_resample"] is False
+    # a run recorded before the setting existed did not fuse: its resume does not either
+    out = tmp_path / "auto"
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    del cfg["picked"]["fast_resample"]
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["seg", "train", "--resume", str(out), "--epochs", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["fast_resample"] is False
+    with pytest.raises(ValueError, match="fast_resample must be auto, true or false"):
+        resolve_config(model="unext_s", overrides=["fast_resample=sometimes"])

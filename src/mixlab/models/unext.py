@@ -115,6 +115,15 @@ def _pool_relu(x: torch.Tensor) -> torch.Tensor:
     return F.relu(F.max_pool2d(x, 2, 2), inplace=True)
 
 
+def _conv_bn_pool_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, fold: bool) -> torch.Tensor:
+    """An encoder stage, ``relu(maxpool2(bn(conv(x))))``; in training, BatchNorm, pool and ReLU as one
+    op where ``bn`` offers it (``mixlab.ops.use_fast_resample``)."""
+    fused = getattr(bn, "forward_pool_relu", None)
+    if fused is not None and bn.training:
+        return fused(conv(x))
+    return _pool_relu(_conv_bn(x, conv, bn, fold))
+
+
 class DWConv(nn.Module):
     """3x3 depthwise conv on a token sequence (the official wrapper, kept for its key names)."""
 
@@ -208,6 +217,9 @@ class UNeXt(ClassifierApi, IntermediatesApi, nn.Module):
     """
 
     classifier_name = "final"  # the official name of the 1x1 output conv
+    # what mixlab.ops.use_fast_resample may fuse: these BatchNorms with the max-pool and ReLU after
+    # them, and the head with the upsampling and ReLU before it (training only; same state_dict)
+    resample_fusions = {"pool_relu": ("ebn1", "ebn2", "ebn3"), "upsample_relu": ("final",)}
 
     def __init__(self, num_classes: int = 1, in_chans: int = 3, dims: Sequence[int] = (16, 32, 128, 160, 256),
                  shift_size: int = 5, mlp_ratio: float = 1.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
@@ -282,18 +294,21 @@ class UNeXt(ClassifierApi, IntermediatesApi, nn.Module):
     def _encode(self, x: torch.Tensor, upto: int = 4) -> List[torch.Tensor]:
         """The encoder outputs at reductions 2, 4, 8, 16, 32 (up to index ``upto``)."""
         fold = self.fold_bn
-        x = self.ebn1(self.encoder1(x)) if torch.jit.is_scripting() else _conv_bn(x, self.encoder1, self.ebn1, fold)
-        feats = [self.taps[0](_pool_relu(x))]
+        x = (_pool_relu(self.ebn1(self.encoder1(x))) if torch.jit.is_scripting()
+             else _conv_bn_pool_relu(x, self.encoder1, self.ebn1, fold))
+        feats = [self.taps[0](x)]
         if upto == 0:
             return feats
         x = feats[-1]
-        x = self.ebn2(self.encoder2(x)) if torch.jit.is_scripting() else _conv_bn(x, self.encoder2, self.ebn2, fold)
-        feats.append(self.taps[1](_pool_relu(x)))
+        x = (_pool_relu(self.ebn2(self.encoder2(x))) if torch.jit.is_scripting()
+             else _conv_bn_pool_relu(x, self.encoder2, self.ebn2, fold))
+        feats.append(self.taps[1](x))
         if upto == 1:
             return feats
         x = feats[-1]
-        x = self.ebn3(self.encoder3(x)) if torch.jit.is_scripting() else _conv_bn(x, self.encoder3, self.ebn3, fold)
-        feats.append(self.taps[2](_pool_relu(x)))
+        x = (_pool_relu(self.ebn3(self.encoder3(x))) if torch.jit.is_scripting()
+             else _conv_bn_pool_relu(x, self.encoder3, self.ebn3, fold))
+        feats.append(self.taps[2](x))
         if upto == 2:
             return feats
         t, h, w = self.patch_embed3(feats[-1])
@@ -313,7 +328,7 @@ class UNeXt(ClassifierApi, IntermediatesApi, nn.Module):
         # relu's backward reads its output, so the in-place add is for inference only
         return x + skip if torch.is_grad_enabled() else x.add_(skip)
 
-    def _decode(self, feats: List[torch.Tensor]) -> torch.Tensor:
+    def _decode(self, feats: List[torch.Tensor], last_up: bool = True) -> torch.Tensor:
         fold = self.fold_bn
         x = feats[4]
         x = self.dbn1(self.decoder1(x)) if torch.jit.is_scripting() else _conv_bn(x, self.decoder1, self.dbn1, fold)
@@ -328,7 +343,8 @@ class UNeXt(ClassifierApi, IntermediatesApi, nn.Module):
         x = self._up(x, feats[1])
         x = self.dbn4(self.decoder4(x)) if torch.jit.is_scripting() else _conv_bn(x, self.decoder4, self.dbn4, fold)
         x = self._up(x, feats[0])
-        return self._up(self.decoder5(x))
+        x = self.decoder5(x)
+        return self._up(x) if last_up else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Decoder output before the 1x1 head: (B, C1, H, W) (after ``prune_intermediate_layers``:
@@ -342,7 +358,15 @@ class UNeXt(ClassifierApi, IntermediatesApi, nn.Module):
         return x if pre_logits else self.final(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x)) if torch.jit.is_scripting() else self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in training, the last upsampling, its ReLU and the 1x1 head as one op where the head offers
+        # it (mixlab.ops.use_fast_resample): the full-resolution C1 map is then never written
+        fused = getattr(self.final, "forward_upsampled", None)
+        if fused is None or not self.training or self.encoder_only >= 0:
+            return self.forward_head(self.forward_features(x))
+        return fused(self._decode(self._encode(_channels_last(checked_input(x))), last_up=False))
 
     # -- features (forward_intermediates: _timm_api.IntermediatesApi) ----------------------------
     def _stage_count(self) -> int:

@@ -317,6 +317,18 @@ def update_running_stats(running_mean, running_var, mean, var, m: int, momentum:
         running_var.mul_(1.0 - momentum).add_((var * (m / (m - 1))).to(running_var.dtype), alpha=momentum)
 
 
+def batch_norm_args(bn: nn.BatchNorm2d) -> tuple:
+    """(running_mean, running_var, batch_stats, momentum) for one call of ``bn``, exactly as
+    nn.BatchNorm2d decides them (counting the batch in ``num_batches_tracked``: once a call)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return (bn.running_mean if track else None, bn.running_var if track else None, batch_stats, factor)
+
+
 class GeluBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that applies exact GELU to its input first (:func:`gelu_batch_norm`).
 
@@ -325,15 +337,7 @@ class GeluBatchNorm2d(nn.BatchNorm2d):
     """
 
     def norm_args(self) -> tuple:
-        """(running_mean, running_var, batch_stats, momentum) for this call, exactly as
-        nn.BatchNorm2d decides them (counting the batch in ``num_batches_tracked``: once a call)."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return (self.running_mean if track else None, self.running_var if track else None, batch_stats, factor)
+        return batch_norm_args(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from torch import nn
+from torch.nn.modules import module as _module
 
 
 def swap_classes(model: nn.Module, new_class: Callable[[nn.Module], type | None]) -> int:
@@ -23,3 +24,16 @@ def by_exact_type(mapping: dict[type, type]) -> Callable[[nn.Module], type | Non
     """``new_class`` for :func:`swap_classes`: modules of exactly a key's class (not subclasses,
     whose forward may differ) become its value."""
     return lambda m: mapping.get(type(m))
+
+
+def hooked(*modules: nn.Module) -> bool:
+    """Whether any of ``modules`` has a forward or backward hook: a fused path that would skip
+    calling them steps aside."""
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
+
+
+def global_hooks() -> bool:
+    """Whether a global module hook is registered (``nn.modules.module.register_module_*_hook``)."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)

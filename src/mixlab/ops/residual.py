@@ -22,12 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules import module as _module
 from timm.models.convmixer import Residual
 
 from . import depthwise as dw
 from . import gelu as gl
-from .module_swap import by_exact_type, swap_classes
+from .module_swap import by_exact_type, global_hooks, hooked, swap_classes
 
 __all__ = ["FusedResidual", "fuse_residual_blocks", "unfuse_residual_blocks"]
 
@@ -66,16 +65,6 @@ class _ResidualDepthwiseGeluBnFn(torch.autograd.Function):
                 dbeta.to(gamma.dtype) if ctx.needs_input_grad[4] else None, None, None, None)
 
 
-def _hooked(*modules: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in modules)
-
-
-def _global_hooks() -> bool:
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
-                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
-
-
 def _branch(m: nn.Module):
     """(conv, bn) when ``m``'s branch is (a depthwise conv whose output has its input's size,
     fused-away GELU, GeluBatchNorm2d) and nothing watches its modules, else None."""
@@ -84,7 +73,7 @@ def _branch(m: nn.Module):
         return None
     conv, act, bn = fn[0], fn[1], fn[2]
     if (type(act) is not gl._FusedAway or type(bn) is not gl.GeluBatchNorm2d or not isinstance(conv, nn.Conv2d)
-            or dw.ineligible_reason(conv) is not None or _hooked(fn, conv, act, bn)):
+            or dw.ineligible_reason(conv) is not None or hooked(fn, conv, act, bn)):
         return None
     (kh, kw), (dh, dw_) = conv.kernel_size, conv.dilation
     if kh % 2 == 0 or kw % 2 == 0 or dw._resolve_padding(conv.padding, conv.kernel_size, conv.dilation) != (
@@ -122,7 +111,7 @@ class FusedResidual(Residual):
         same_dtype = autocast is not None or (conv.weight.dtype == x.dtype
                                               and (conv.bias is None or conv.bias.dtype == x.dtype))
         return (type(conv) is dw.DepthwiseConv2d and self.training and bn.training and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and not _global_hooks()
+                and not torch.compiler.is_compiling() and not global_hooks()
                 and x.device.type == "cpu" and x.dtype == compute and compute in (torch.float32, torch.bfloat16)
                 and same_dtype and x.dim() == 4 and x.shape[1] == conv.in_channels and gl._fusable(x))
 

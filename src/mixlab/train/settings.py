@@ -1,5 +1,5 @@
 """The run's device and its speed settings: device, precision, channels_last, fast depthwise
-convolution, mixlab's GELU and LayerNorm kernels and 1x1 convolution, torch.compile (measured on the CPU by :mod:`mixlab.train.cpu_defaults`)."""
+convolution, mixlab's GELU, LayerNorm and resampling kernels and 1x1 convolution, torch.compile (measured on the CPU by :mod:`mixlab.train.cpu_defaults`)."""
 from __future__ import annotations
 
 import torch
@@ -46,6 +46,8 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
 
     fast_gelu = _fast_gelu(cfg, model, device, say)
     fast_layernorm = _fast_layernorm(cfg, model, device, say)
+    # before the 1x1 convolutions: the resampling op takes over a 1x1 head (UNeXt's) that it fuses
+    fast_resample = _fast_resample(cfg, model, device, say)
     fast_pointwise = _fast_pointwise(cfg, model, device, say)
     if device.type == "cpu":
         p = resolve_cpu_settings(cfg, model, batch, loss_fn, total_steps, say, measure=not dist.enabled)
@@ -57,6 +59,7 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
     p["fast_gelu"] = fast_gelu
     p["fast_layernorm"] = fast_layernorm
     p["fast_pointwise"] = fast_pointwise
+    p["fast_resample"] = fast_resample
     cfg["picked"] = p
     if p["fast_depthwise"] and device.type == "cpu":
         use_fast_depthwise(model)
@@ -88,6 +91,15 @@ def _fast_pointwise(cfg: dict, model: nn.Module, device: torch.device, say) -> b
     from ..ops.pointwise import use_fast_pointwise
 
     return _cpu_kernel(cfg, "fast_pointwise", model, device, say, lambda: True, use_fast_pointwise, "")
+
+
+def _fast_resample(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
+    """Whether this run fuses the resampling layers its model names (:mod:`mixlab.ops.resample`:
+    UNeXt's BatchNorm + max-pool + ReLU and upsample + ReLU + 1x1 head), as :func:`_fast_gelu` decides."""
+    from ..ops.resample import fast_resample_available, use_fast_resample
+
+    return _cpu_kernel(cfg, "fast_resample", model, device, say, fast_resample_available, use_fast_resample,
+                       "these layers run as aten's operations")
 
 
 def _cpu_kernel(cfg: dict, key: str, model: nn.Module, device: torch.device, say, available, switch,

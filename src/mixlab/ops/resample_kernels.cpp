@@ -1,0 +1,472 @@
+// Resolution changes fused with what surrounds them, on channels-last maps (CPU):
+//
+// 1. BatchNorm (batch statistics) + 2x2 max-pool (stride 2) + ReLU:   y = relu(maxpool2(bn(x)))
+//    UNeXt's three convolutional encoder stages. In aten that is BatchNorm's two passes over the
+//    full-resolution map, the pool (which also writes int64 indices), ReLU, and in the backward
+//    ReLU's mask, the pool's scatter into a zeroed full-size gradient and BatchNorm's two passes:
+//    about 9.6 ms for UNeXt's first stage (8x16x256x256, bf16, 2 EPYC cores). Here the forward is
+//    the statistics pass and one pass that normalises, pools and applies ReLU, writing the pooled
+//    map, the window position of each maximum (one byte, 4 where ReLU cut the gradient) and the
+//    input value there; the backward sums dy and dy * (x - mean) from those quarter-size arrays
+//    alone (dy is zero off the maxima) and computes the input gradient in one pass.
+//
+// 2. 2x bilinear upsampling (align_corners=False, as F.interpolate(scale_factor=2)) + ReLU + a
+//    1x1 convolution to K channels:   y = conv1x1(relu(upsample2(x)))
+//    UNeXt's head: the upsampled map (4x the input, C channels) is never written; each output
+//    pixel interpolates its C values from the input (in cache), rounds them as the stored
+//    tensor would be, applies ReLU and takes K dot products. The backward recomputes them per
+//    output row, sums the weight and bias gradients, and sends each row's gradient through the
+//    interpolation's transpose into fp32 rows of the input gradient that a thread owns (a band of
+//    input rows; the two output rows at a band's edges are computed by both bands it touches).
+//
+// x is fp32 or bf16 (bf16 read as uint16 and widened by a shift, written back rounded to nearest
+// even); all arithmetic is fp32, channel sums fp64. Built by mixlab/ops/kernel_build.py, called
+// through ctypes on data pointers, threads from torch's own OpenMP pool.
+#include <omp.h>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "bf16_scalar.h"
+#include "channel_sums.h"
+
+namespace {
+
+using mixlab_bf16::store;
+using mixlab_bf16::widen;
+using mixlab_sums::channel_sums;
+using mixlab_sums::imin;
+using mixlab_sums::stored_value;
+
+constexpr int CUT = 4;  // window position code: ReLU passed no gradient
+
+// the window positions are kept in an integer as wide as the data's (int16 for bf16, int32 for
+// fp32): with one-byte positions GCC vectorised the 16-channel loops in 128-bit pieces (5x slower)
+template <typename T>
+using Sel = typename std::conditional<sizeof(T) == 2, int16_t, int32_t>::type;
+
+// ----------------------------------------------------------------------------- BatchNorm + max-pool + ReLU
+
+template <typename T>
+struct Moments {  // statistics pass: x - center and its square
+    const T* x;
+    const float* center;
+    long C;
+    void add(long r, long c, float& a, float& b) const {
+        const float d = widen(x[r * C + c]) - center[c];
+        a += d;
+        b += d * d;
+    }
+};
+
+// channel_sums for few channels (C < CB, dividing it, e.g. UNeXt's 16): rows of CB values hold
+// CB / C pixels each, summed as CB channels about the centre repeated, then folded back to C
+// (channel_sums' per-channel loop is scalar past its last whole block of CB channels)
+template <typename Terms>
+int sums_any_width(Terms terms, long M, long C, double* out1, double* out2, int nthreads) {
+    constexpr long CB = mixlab_sums::CB;
+    if (C >= CB || CB % C != 0) return channel_sums(terms, M, C, out1, out2, nthreads);
+    const long per = CB / C, Mv = M / per;
+    float tiled[CB];
+    double w1[CB], w2[CB];
+    for (long j = 0; j < CB; ++j) tiled[j] = terms.center[j % C];
+    Terms wide = terms;
+    wide.C = CB;
+    wide.center = tiled;
+    if (channel_sums(wide, Mv, CB, w1, w2, nthreads)) return 1;
+    for (long c = 0; c < C; ++c) out1[c] = out2[c] = 0.0;
+    for (long j = 0; j < CB; ++j) {
+        out1[j % C] += w1[j];
+        out2[j % C] += w2[j];
+    }
+    for (long r = Mv * per; r < M; ++r)  // rows past the last whole block
+        for (long c = 0; c < C; ++c) {
+            float a = 0.f, b = 0.f;
+            terms.add(r, c, a, b);
+            out1[c] += a;
+            out2[c] += b;
+        }
+    return 0;
+}
+
+template <typename T>
+int bn_stats(const T* x, const float* center, long M, long C, double* sum, double* sumsq, int nthreads) {
+    return sums_any_width(Moments<T>{x, center, C}, M, C, sum, sumsq, nthreads);
+}
+
+// v = bn(x) as the stored BatchNorm output would hold it; the maximum of the window's four in
+// aten's order (row by row; a later value replaces the maximum when larger or NaN), then ReLU
+// (NaN kept, as aten's). x is (N, H, W, C), H and W even; y, sel, xsel (N, H/2, W/2, C).
+template <typename T, long CC>
+int bn_pool_fwd(const T* x, T* y, Sel<T>* sel, T* xsel, const float* center, long N, long H, long W, long C_,
+                const float* scale, const float* shift, int nthreads) {
+    const long C = CC ? CC : C_;  // a compile-time channel count where there is one: straight-line channel loops
+    if (nthreads < 1) nthreads = 1;
+    const long Ho = H / 2, Wo = W / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long row = 0; row < N * Ho; ++row) {
+        const long n = row / Ho, i = row % Ho;
+        const T* r0 = x + (n * H + 2 * i) * W * C;
+        const T* r1 = r0 + W * C;
+        const long o = row * Wo * C;
+        for (long j = 0; j < Wo; ++j) {
+            const T* p0 = r0 + 2 * j * C;
+            const T* p1 = p0 + C;
+            const T* p2 = r1 + 2 * j * C;
+            const T* p3 = p2 + C;
+            T* yo = y + o + j * C;
+            Sel<T>* so = sel + o + j * C;
+            T* xo = xsel + o + j * C;
+#pragma omp simd
+            for (long c = 0; c < C; ++c) {
+                const float a0 = widen(p0[c]), a1 = widen(p1[c]), a2 = widen(p2[c]), a3 = widen(p3[c]);
+                const float v0 = stored_value<T>((a0 - center[c]) * scale[c] + shift[c]);
+                const float v1 = stored_value<T>((a1 - center[c]) * scale[c] + shift[c]);
+                const float v2 = stored_value<T>((a2 - center[c]) * scale[c] + shift[c]);
+                const float v3 = stored_value<T>((a3 - center[c]) * scale[c] + shift[c]);
+                float best = v0, bx = a0;
+                int k = 0;
+                const bool t1 = v1 > best || v1 != v1;
+                best = t1 ? v1 : best; bx = t1 ? a1 : bx; k = t1 ? 1 : k;
+                const bool t2 = v2 > best || v2 != v2;
+                best = t2 ? v2 : best; bx = t2 ? a2 : bx; k = t2 ? 2 : k;
+                const bool t3 = v3 > best || v3 != v3;
+                best = t3 ? v3 : best; bx = t3 ? a3 : bx; k = t3 ? 3 : k;
+                const bool pass = best > 0.f;
+                store(yo + c, pass || best != best ? best : 0.f);
+                so[c] = static_cast<Sel<T>>(pass ? k : CUT);
+                store(xo + c, bx);
+            }
+        }
+    }
+    return 0;
+}
+
+template <typename T>
+struct PooledGradMoments {  // backward sums over the pooled map: dy and dy * (x - center) at the maxima
+    const T* g;
+    const Sel<T>* sel;
+    const T* xsel;
+    const float* center;
+    long C;
+    void add(long r, long c, float& a, float& b) const {
+        const float gv = widen(g[r * C + c]);  // loaded whatever the mask: a masked load is slow
+        const float d = sel[r * C + c] < CUT ? gv : 0.f;
+        a += d;
+        b += d * (widen(xsel[r * C + c]) - center[c]);
+    }
+};
+
+template <typename T>
+int bn_pool_bwd_stats(const T* g, const Sel<T>* sel, const T* xsel, const float* center, long M, long C,
+                      double* sum_dy, double* sum_dy_x, int nthreads) {
+    return sums_any_width(PooledGradMoments<T>{g, sel, xsel, center, C}, M, C, sum_dy, sum_dy_x, nthreads);
+}
+
+// dx = k1 * dy + k2 * (x - center) + k3, dy = g at the window's maximum (unless cut), else 0
+template <typename T, long CC>
+int bn_pool_bwd_apply(const T* x, const T* g, const Sel<T>* sel, T* dx, const float* center, long N, long H, long W,
+                      long C_, const float* k1, const float* k2, const float* k3, int nthreads) {
+    const long C = CC ? CC : C_;
+    if (nthreads < 1) nthreads = 1;
+    const long Ho = H / 2, Wo = W / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long row = 0; row < N * Ho; ++row) {
+        const long n = row / Ho, i = row % Ho;
+        const long base0 = (n * H + 2 * i) * W * C, base1 = base0 + W * C;
+        const long o = row * Wo * C;
+        for (long j = 0; j < Wo; ++j) {
+            const long q0 = base0 + 2 * j * C, q2 = base1 + 2 * j * C;
+            const T* go = g + o + j * C;
+            const Sel<T>* so = sel + o + j * C;
+#pragma omp simd
+            for (long c = 0; c < C; ++c) {
+                const float gv = widen(go[c]);
+                const int s = so[c];
+                const float base = k3[c] - k2[c] * center[c];
+                store(dx + q0 + c, k1[c] * (s == 0 ? gv : 0.f) + k2[c] * widen(x[q0 + c]) + base);
+                store(dx + q0 + C + c, k1[c] * (s == 1 ? gv : 0.f) + k2[c] * widen(x[q0 + C + c]) + base);
+                store(dx + q2 + c, k1[c] * (s == 2 ? gv : 0.f) + k2[c] * widen(x[q2 + c]) + base);
+                store(dx + q2 + C + c, k1[c] * (s == 3 ? gv : 0.f) + k2[c] * widen(x[q2 + C + c]) + base);
+            }
+        }
+    }
+    return 0;
+}
+
+// ----------------------------------------------------------------------------- upsample + ReLU + 1x1 conv
+
+// The two source positions and weights of output coordinate o of a 2x upsampling of `in` values
+// (align_corners=False: src = (o + 0.5) / 2 - 0.5, clamped at 0; the upper one clamped at in - 1)
+struct Tap {
+    long i0, i1;
+    float l0, l1;
+};
+inline Tap tap(long o, long in) {
+    float src = (static_cast<float>(o) + 0.5f) * 0.5f - 0.5f;
+    src = src < 0.f ? 0.f : src;
+    const long i0 = static_cast<long>(src);
+    const float l1 = src - static_cast<float>(i0);
+    return {i0, i0 < in - 1 ? i0 + 1 : i0, 1.f - l1, l1};
+}
+
+// The taps of every output coordinate of a 2x upsampling of `in` values
+inline Tap* taps_of(long in) {
+    Tap* t = static_cast<Tap*>(std::malloc(sizeof(Tap) * 2 * in));
+    if (t)
+        for (long o = 0; o < 2 * in; ++o) t[o] = tap(o, in);
+    return t;
+}
+
+// x (N, h, w, C); weight (K, C) and bias (K) fp32 (as the computation's dtype rounds them);
+// y (N, 2h, 2w, K). Per output row: the vertical interpolation of the two input rows (w*C values,
+// one contiguous loop), then per output pixel the horizontal one, rounding, ReLU and the K dot
+// products in one loop over the channels (the upsampled values never leave registers).
+template <typename T, long CC>
+int up_conv_fwd(const T* x, const float* weight, const float* bias, T* y, long N, long h, long w, long C_, long K,
+                int nthreads) {
+    const long C = CC ? CC : C_;  // a compile-time channel count where there is one: straight-line channel loops
+    if (nthreads < 1) nthreads = 1;
+    const long Ho = 2 * h, Wo = 2 * w;
+    Tap* tx_all = taps_of(w);
+    if (!tx_all) return 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* v = static_cast<float*>(std::malloc(sizeof(float) * (w * C + 16)));
+        if (!v) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (long row = 0; row < N * Ho; ++row) {
+            if (!v) continue;
+            const long n = row / Ho, oy = row % Ho;
+            const Tap ty = tap(oy, h);
+            const T* a = x + (n * h + ty.i0) * w * C;
+            const T* b = x + (n * h + ty.i1) * w * C;
+#pragma omp simd
+            for (long i = 0; i < w * C; ++i) v[i] = ty.l0 * widen(a[i]) + ty.l1 * widen(b[i]);
+            T* yr = y + row * Wo * K;
+            for (long ox = 0; ox < Wo; ++ox) {
+                const Tap tx = tx_all[ox];
+                const float* v0 = v + tx.i0 * C;
+                const float* v1 = v + tx.i1 * C;
+                for (long k = 0; k < K; ++k) {
+                    const float* wk = weight + k * C;
+                    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                    for (long c = 0; c < C; ++c) {
+                        const float u = stored_value<T>(tx.l0 * v0[c] + tx.l1 * v1[c]);
+                        acc += wk[c] * (u > 0.f || u != u ? u : 0.f);
+                    }
+                    store(yr + ox * K + k, acc + (bias ? bias[k] : 0.f));
+                }
+            }
+        }
+        std::free(v);
+    }
+    std::free(tx_all);
+    return failed;
+}
+
+constexpr long BAND = 16;  // input rows per backward task
+
+// dx (N, h, w, C) as T; dweight (K, C) and dbias (K) fp64 sums. Per output row: the forward's
+// vertical interpolation again, then per output pixel the upsampled values (rounded, ReLU), the
+// weight and bias sums and the pixel's gradient, sent at once through the horizontal
+// interpolation's transpose into one row of w*C sums; that row goes through the vertical
+// transpose into the band's fp32 rows of dx.
+template <typename T, long CC>
+int up_conv_bwd(const T* x, const T* gy, const float* weight, T* dx, double* dweight, double* dbias, long N, long h,
+                long w, long C_, long K, int nthreads) {
+    const long C = CC ? CC : C_;
+    if (nthreads < 1) nthreads = 1;
+    const long Ho = 2 * h, Wo = 2 * w;
+    const long bands = (h + BAND - 1) / BAND;
+    Tap* tx_all = taps_of(w);
+    double* sums = static_cast<double*>(std::calloc(static_cast<size_t>(nthreads) * K * (C + 1) + 1, sizeof(double)));
+    if (!tx_all || !sums) {
+        std::free(tx_all);
+        std::free(sums);
+        return 1;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int tid = omp_get_thread_num();
+        double* dw_t = sums + static_cast<size_t>(tid) * K * (C + 1);  // K*C weight sums, then K bias sums
+        float* acc = static_cast<float*>(std::malloc(sizeof(float) * (BAND * w * C + 2 * w * C + K * (C + 1) + 2 * C + 64)));
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        float* v = acc ? acc + BAND * w * C : nullptr;    // the output row's vertical interpolation
+        float* hr = acc ? v + w * C : nullptr;            // its gradient through the horizontal transpose
+        float* rw = acc ? hr + w * C : nullptr;           // its weight (K*C) and bias (K) sums
+        float* u = acc ? rw + K * (C + 1) : nullptr;      // one pixel's upsampled values
+        float* d = acc ? u + C : nullptr;                 // ... and their gradient
+#pragma omp for schedule(static)
+        for (long task = 0; task < N * bands; ++task) {
+            if (!acc) continue;
+            const long n = task / bands, r0 = (task % bands) * BAND, r1 = imin(h, r0 + BAND);
+            std::memset(acc, 0, sizeof(float) * (r1 - r0) * w * C);
+            const long oy0 = 2 * r0 > 0 ? 2 * r0 - 1 : 0, oy1 = imin(Ho - 1, 2 * r1);
+            for (long oy = oy0; oy <= oy1; ++oy) {
+                const Tap ty = tap(oy, h);
+                const bool own = oy >= 2 * r0 && oy < 2 * r1;  // a band sums the weight gradient of its own rows
+                const T* a = x + (n * h + ty.i0) * w * C;
+                const T* b = x + (n * h + ty.i1) * w * C;
+                const T* gr = gy + (n * Ho + oy) * Wo * K;
+#pragma omp simd
+                for (long i = 0; i < w * C; ++i) {
+                    v[i] = ty.l0 * widen(a[i]) + ty.l1 * widen(b[i]);
+                    hr[i] = 0.f;
+                }
+                if (own) std::memset(rw, 0, sizeof(float) * K * (C + 1));
+                for (long ox = 0; ox < Wo; ++ox) {
+                    const Tap tx = tx_all[ox];
+                    const float* v0 = v + tx.i0 * C;
+                    const float* v1 = v + tx.i1 * C;
+#pragma omp simd
+                    for (long c = 0; c < C; ++c) {
+                        const float uv = stored_value<T>(tx.l0 * v0[c] + tx.l1 * v1[c]);
+                        u[c] = uv > 0.f || uv != uv ? uv : 0.f;
+                        d[c] = 0.f;
+                    }
+                    for (long k = 0; k < K; ++k) {
+                        const float gk = widen(gr[ox * K + k]);
+                        const float* wk = weight + k * C;
+#pragma omp simd
+                        for (long c = 0; c < C; ++c) d[c] += u[c] > 0.f ? gk * wk[c] : 0.f;
+                        if (own) {
+                            float* rk = rw + k * C;
+#pragma omp simd
+                            for (long c = 0; c < C; ++c) rk[c] += gk * u[c];
+                            rw[K * C + k] += gk;
+                        }
+                    }
+                    float* h0 = hr + tx.i0 * C;
+                    float* h1 = hr + tx.i1 * C;
+#pragma omp simd
+                    for (long c = 0; c < C; ++c) h0[c] += tx.l0 * d[c];
+#pragma omp simd
+                    for (long c = 0; c < C; ++c) h1[c] += tx.l1 * d[c];
+                }
+                if (own)
+                    for (long k = 0; k < K * (C + 1); ++k) dw_t[k] += rw[k];
+                // vertical transpose, into the rows this band owns
+                const long rows[2] = {ty.i0, ty.i1};
+                const float wts[2] = {ty.l0, ty.l1};
+                for (int t = 0; t < 2; ++t) {
+                    if (rows[t] < r0 || rows[t] >= r1 || wts[t] == 0.f) continue;
+                    float* dst = acc + (rows[t] - r0) * w * C;
+                    const float l = wts[t];
+#pragma omp simd
+                    for (long i = 0; i < w * C; ++i) dst[i] += l * hr[i];
+                }
+            }
+            T* out = dx + (n * h + r0) * w * C;
+            const long cnt = (r1 - r0) * w * C;
+#pragma omp simd
+            for (long i = 0; i < cnt; ++i) store(out + i, acc[i]);
+        }
+        std::free(acc);
+    }
+    for (long k = 0; k < K * (C + 1); ++k) {
+        double s = 0.0;
+        for (int t = 0; t < nthreads; ++t) s += sums[static_cast<size_t>(t) * K * (C + 1) + k];
+        if (k < K * C) dweight[k] = s; else dbias[k - K * C] = s;
+    }
+    std::free(sums);
+    std::free(tx_all);
+    return failed;
+}
+
+// UNeXt's encoder widths (16, 32, 128; UNeXt-S 8, 16, 32) get compiled trip counts
+template <typename T>
+int bn_pool_fwd_any(const T* x, T* y, Sel<T>* sel, T* xsel, const float* center, long N, long H, long W, long C,
+                    const float* a, const float* b, int nt) {
+    switch (C) {
+        case 8: return bn_pool_fwd<T, 8>(x, y, sel, xsel, center, N, H, W, C, a, b, nt);
+        case 16: return bn_pool_fwd<T, 16>(x, y, sel, xsel, center, N, H, W, C, a, b, nt);
+        case 32: return bn_pool_fwd<T, 32>(x, y, sel, xsel, center, N, H, W, C, a, b, nt);
+        default: return bn_pool_fwd<T, 0>(x, y, sel, xsel, center, N, H, W, C, a, b, nt);
+    }
+}
+
+template <typename T>
+int bn_pool_bwd_apply_any(const T* x, const T* g, const Sel<T>* sel, T* dx, const float* center, long N, long H,
+                          long W, long C, const float* k1, const float* k2, const float* k3, int nt) {
+    switch (C) {
+        case 8: return bn_pool_bwd_apply<T, 8>(x, g, sel, dx, center, N, H, W, C, k1, k2, k3, nt);
+        case 16: return bn_pool_bwd_apply<T, 16>(x, g, sel, dx, center, N, H, W, C, k1, k2, k3, nt);
+        case 32: return bn_pool_bwd_apply<T, 32>(x, g, sel, dx, center, N, H, W, C, k1, k2, k3, nt);
+        default: return bn_pool_bwd_apply<T, 0>(x, g, sel, dx, center, N, H, W, C, k1, k2, k3, nt);
+    }
+}
+
+// the channel counts of UNeXt's heads (C1 = 16; UNeXt-S 8) and a wider one get compiled trip counts
+template <typename T>
+int up_conv_fwd_any(const T* x, const float* w, const float* b, T* y, long N, long h, long wd, long C, long K, int nt) {
+    switch (C) {
+        case 8: return up_conv_fwd<T, 8>(x, w, b, y, N, h, wd, C, K, nt);
+        case 16: return up_conv_fwd<T, 16>(x, w, b, y, N, h, wd, C, K, nt);
+        case 32: return up_conv_fwd<T, 32>(x, w, b, y, N, h, wd, C, K, nt);
+        default: return up_conv_fwd<T, 0>(x, w, b, y, N, h, wd, C, K, nt);
+    }
+}
+
+template <typename T>
+int up_conv_bwd_any(const T* x, const T* gy, const float* w, T* dx, double* dw, double* db, long N, long h, long wd,
+                    long C, long K, int nt) {
+    switch (C) {
+        case 8: return up_conv_bwd<T, 8>(x, gy, w, dx, dw, db, N, h, wd, C, K, nt);
+        case 16: return up_conv_bwd<T, 16>(x, gy, w, dx, dw, db, N, h, wd, C, K, nt);
+        case 32: return up_conv_bwd<T, 32>(x, gy, w, dx, dw, db, N, h, wd, C, K, nt);
+        default: return up_conv_bwd<T, 0>(x, gy, w, dx, dw, db, N, h, wd, C, K, nt);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int mixlab_resample_abi_version(void) { return 1; }
+
+#define MIXLAB_RESAMPLE(SFX, T)                                                                                      \
+    int mixlab_bn_stats_##SFX(const void* x, const float* center, long M, long C, double* s, double* ss, int nt) {  \
+        return bn_stats(static_cast<const T*>(x), center, M, C, s, ss, nt);                                        \
+    }                                                                                                              \
+    int mixlab_bn_pool_fwd_##SFX(const void* x, void* y, void* sel, void* xsel, const float* center, long N,        \
+                                 long H, long W, long C, const float* a, const float* b, int nt) {                 \
+        return bn_pool_fwd_any(static_cast<const T*>(x), static_cast<T*>(y), static_cast<Sel<T>*>(sel),              \
+                           static_cast<T*>(xsel), center, N, H, W, C, a, b, nt);                                   \
+    }                                                                                                              \
+    int mixlab_bn_pool_bwd_stats_##SFX(const void* g, const void* sel, const void* xsel, const float* center,      \
+                                       long M, long C, double* s, double* sx, int nt) {                            \
+        return bn_pool_bwd_stats(static_cast<const T*>(g), static_cast<const Sel<T>*>(sel),                      \
+                                 static_cast<const T*>(xsel), center, M, C, s, sx, nt);                            \
+    }                                                                                                              \
+    int mixlab_bn_pool_bwd_apply_##SFX(const void* x, const void* g, const void* sel, void* dx, const float* center, \
+                                       long N, long H, long W, long C, const float* k1, const float* k2,           \
+                                       const float* k3, int nt) {                                                  \
+        return bn_pool_bwd_apply_any(static_cast<const T*>(x), static_cast<const T*>(g), static_cast<const Sel<T>*>(sel), \
+                                 static_cast<T*>(dx), center, N, H, W, C, k1, k2, k3, nt);                        \
+    }                                                                                                              \
+    int mixlab_up_conv_fwd_##SFX(const void* x, const float* w, const float* b, void* y, long N, long h, long wd,   \
+                                 long C, long K, int nt) {                                                         \
+        return up_conv_fwd_any(static_cast<const T*>(x), w, b, static_cast<T*>(y), N, h, wd, C, K, nt);               \
+    }                                                                                                              \
+    int mixlab_up_conv_bwd_##SFX(const void* x, const void* gy, const float* w, void* dx, double* dw, double* db,   \
+                                 long N, long h, long wd, long C, long K, int nt) {                                \
+        return up_conv_bwd_any(static_cast<const T*>(x), static_cast<const T*>(gy), w, static_cast<T*>(dx), dw, db, N, \
+                           h, wd, C, K, nt);                                                                       \
+    }
+MIXLAB_RESAMPLE(f32, float)
+MIXLAB_RESAMPLE(bf16, uint16_t)
+#undef MIXLAB_RESAMPLE
+
+}  // extern "C"
