@@ -1,4 +1,5 @@
-"""mixlab.ops.resample: BatchNorm + max-pool + ReLU and upsample + ReLU + 1x1 conv against written-out
+"""mixlab.ops.resample: BatchNorm + max-pool + ReLU, BatchNorm + upsample + ReLU + residual and
+upsample + ReLU + 1x1 conv against written-out
 fp64 references and aten, what stays aten, the running statistics, the module swap on UNeXt, the
 per-shape choice and torch.compile."""
 import copy
@@ -11,8 +12,9 @@ from torch import nn
 
 import mixlab
 from mixlab.ops import resample as rs
-from mixlab.ops.resample import (PoolingBatchNorm2d, UpsamplingConv2d, batch_norm_max_pool_relu, restore_resample,
-                                 upsample_relu_conv1x1, use_fast_resample)
+from mixlab.ops.resample import (PoolingBatchNorm2d, UpsamplingBatchNorm2d, UpsamplingConv2d, batch_norm_max_pool_relu,
+                                 batch_norm_upsample_relu_add, restore_resample, upsample_relu_conv1x1,
+                                 use_fast_resample)
 
 
 def _cl(t):
@@ -142,6 +144,74 @@ def test_pool_runs_aten_where_the_kernel_does_not_apply(resample_kernel):
         assert torch.equal(got, want)
 
 
+# ----------------------------------------------------------------------------- BatchNorm + upsample + ReLU + residual
+
+def _up_add_ref(x, skip, w, b, dy, eps=1e-5):
+    """relu(upsample2x(batch_norm(x))) + skip with batch statistics, written out; y and dx, dskip, dw, db."""
+    xd, sd, wd, bd = (t.double().requires_grad_() for t in (x, skip, w, b))
+    mean = xd.mean((0, 2, 3), keepdim=True)
+    var = ((xd - mean) ** 2).mean((0, 2, 3), keepdim=True)
+    z = (xd - mean) / torch.sqrt(var + eps) * wd.view(1, -1, 1, 1) + bd.view(1, -1, 1, 1)
+    u = torch.einsum("oh,nchw,pw->ncop", _interp_matrix(x.shape[2]), z, _interp_matrix(x.shape[3]))
+    y = torch.where(u > 0, u, torch.zeros_like(u)) + sd
+    y.backward(dy.double())
+    return y.detach(), xd.grad, sd.grad, wd.grad, bd.grad
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 8, 12), (3, 5, 7, 4), (2, 32, 6, 6), (1, 8, 1, 3), (2, 160, 4, 4)])
+def test_upsample_add_kernel_equals_fp64_reference_fp32(resample_kernel, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    n, c, h, w = shape
+    x = _cl(torch.randn(shape, generator=g) * 2 + 1)
+    skip = _cl(torch.randn(n, c, 2 * h, 2 * w, generator=g))
+    weight, bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    dy = _cl(torch.randn(n, c, 2 * h, 2 * w, generator=g))
+    got = _grads(lambda x, s, w, b: batch_norm_upsample_relu_add(x, s, None, None, w, b, True, 0.1, 1e-5),
+                 x, skip, weight, bias, dy=dy)
+    want = _up_add_ref(x, skip, weight, bias, dy)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) and got[1].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got[2], dy)  # the residual's gradient is the output's
+    for i, (k, r) in enumerate(zip(got, want)):
+        assert _err(k, r) <= 2e-5 * max(1.0, r.abs().max().item()), (i, _err(k, r))
+
+
+def test_upsample_add_kernel_in_bf16_is_as_close_as_aten(resample_kernel):
+    g = torch.Generator().manual_seed(5)
+    x = _cl(torch.randn(2, 16, 6, 8, generator=g) * 2 + 0.5).bfloat16()
+    skip = _cl(torch.randn(2, 16, 12, 16, generator=g)).bfloat16()
+    weight, bias = torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g)
+    dy = _cl(torch.randn(2, 16, 12, 16, generator=g)).bfloat16()
+    args = (x, skip, weight, bias)
+    got = _grads(lambda x, s, w, b: batch_norm_upsample_relu_add(x, s, None, None, w, b, True, 0.1, 1e-5), *args, dy=dy)
+    aten = _grads(lambda x, s, w, b: rs._aten_up_add(x, s, None, None, w, b, True, 0.1, 1e-5), *args, dy=dy)
+    want = _up_add_ref(*args, dy)
+    assert got[0].dtype == got[1].dtype == torch.bfloat16 and got[3].dtype == torch.float32
+    for i in range(5):
+        assert _err(got[i], want[i]) <= 2 * _err(aten[i], want[i]) + 1e-2 * want[i].abs().max().item(), i
+
+
+def test_upsample_add_updates_running_statistics_and_steps_aside(resample_kernel):
+    g = torch.Generator().manual_seed(4)
+    x = _cl(torch.randn(2, 8, 5, 6, generator=g) * 2 + 3)
+    skip = _cl(torch.randn(2, 8, 10, 12, generator=g))
+    ref, fused = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+    fused.__class__ = UpsamplingBatchNorm2d
+    for _ in range(2):
+        want = F.relu(F.interpolate(ref(x), scale_factor=2.0, mode="bilinear")) + skip
+        got = fused.forward_upsample_relu_add(x, skip)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.running_var, ref.running_var, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.running_mean, ref.running_mean, rtol=1e-6, atol=1e-6)
+    # a residual of another dtype (UNeXt's first decoder stage adds a LayerNorm's fp32 output under
+    # bf16 autocast), NCHW and evaluation: aten's result, bit for bit
+    w, b = fused.weight.detach(), fused.bias.detach()
+    for xi, si, training in ((x.bfloat16(), skip, True), (x.contiguous(), skip.contiguous(), True), (x, skip, False)):
+        rm, rv = torch.zeros(8), torch.ones(8)
+        got = batch_norm_upsample_relu_add(xi, si, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+        want = rs._aten_up_add(xi, si, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------- upsample + ReLU + 1x1 conv
 
 # widths with a compiled trip count (8, 16, 32) and others; several outputs; one-row and one-column maps
@@ -208,20 +278,22 @@ def _unext(**kw):
 def test_swap_keeps_the_state_dict_and_restores(resample_kernel):
     model = _unext()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert use_fast_resample(model) == 4
+    assert use_fast_resample(model) == 8
     assert [type(model.ebn1), type(model.ebn2), type(model.ebn3), type(model.final)] == [PoolingBatchNorm2d] * 3 + [
         UpsamplingConv2d]
-    assert type(model.dbn1) is nn.BatchNorm2d  # only what the model names
+    assert all(type(getattr(model, f"dbn{i}")) is UpsamplingBatchNorm2d for i in (1, 2, 3, 4))
+    assert type(model.block1.__getitem__(0).norm2) is nn.LayerNorm  # only what the model names
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert use_fast_resample(model) == 0  # already switched
-    assert restore_resample(model) == 4 and type(model.ebn1) is nn.BatchNorm2d and type(model.final) is nn.Conv2d
+    assert restore_resample(model) == 8 and type(model.ebn1) is nn.BatchNorm2d and type(model.final) is nn.Conv2d
+    assert type(model.dbn4) is nn.BatchNorm2d
     assert use_fast_resample(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 1, 1))) == 0  # names nothing
 
 
 def test_unext_trains_the_same_fused_and_unfused(resample_kernel, monkeypatch):
     calls = []
-    for name in ("_pool_forward_op", "_up_forward_op"):
+    for name in ("_pool_forward_op", "_up_add_forward_op", "_up_forward_op"):
         real = getattr(rs, name)
         monkeypatch.setattr(rs, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     x = _cl(torch.randn(2, 3, 64, 64))
@@ -243,7 +315,8 @@ def test_unext_trains_the_same_fused_and_unfused(resample_kernel, monkeypatch):
         with torch.no_grad():
             runs.append((losses, model(x), model.state_dict()))
     (l0, out0, sd0), (l1, out1, sd1) = runs
-    assert calls == (["_pool_forward_op"] * 3 + ["_up_forward_op"]) * 3  # the fused run ran the kernels
+    # the fused run ran the kernels (not the first decoder stage: its residual is fp32 only under autocast)
+    assert calls == (["_pool_forward_op"] * 3 + ["_up_add_forward_op"] * 4 + ["_up_forward_op"]) * 3
     assert l0 == pytest.approx(l1, rel=1e-5, abs=1e-6)
     torch.testing.assert_close(out1, out0, rtol=1e-4, atol=1e-4)
     for k in sd0:

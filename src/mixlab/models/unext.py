@@ -124,6 +124,15 @@ def _conv_bn_pool_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, fol
     return _pool_relu(_conv_bn(x, conv, bn, fold))
 
 
+def _conv_bn_up(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, fold: bool, skip: torch.Tensor) -> torch.Tensor:
+    """A decoder stage, ``relu(upsample2(bn(conv(x)))) + skip``; in training, BatchNorm, upsampling,
+    ReLU and the sum as one op where ``bn`` offers it (``mixlab.ops.use_fast_resample``)."""
+    fused = getattr(bn, "forward_upsample_relu_add", None)
+    if fused is not None and bn.training:
+        return fused(conv(x), skip)
+    return UNeXt._up(_conv_bn(x, conv, bn, fold), skip)
+
+
 class DWConv(nn.Module):
     """3x3 depthwise conv on a token sequence (the official wrapper, kept for its key names)."""
 
@@ -217,9 +226,11 @@ class UNeXt(ClassifierApi, IntermediatesApi, nn.Module):
     """
 
     classifier_name = "final"  # the official name of the 1x1 output conv
-    # what mixlab.ops.use_fast_resample may fuse: these BatchNorms with the max-pool and ReLU after
-    # them, and the head with the upsampling and ReLU before it (training only; same state_dict)
-    resample_fusions = {"pool_relu": ("ebn1", "ebn2", "ebn3"), "upsample_relu": ("final",)}
+    # what mixlab.ops.use_fast_resample may fuse (training only; same state_dict): the encoders'
+    # BatchNorms with the max-pool and ReLU after them, the decoders' with the upsampling, ReLU and
+    # skip sum after them, and the head with the upsampling and ReLU before it
+    resample_fusions = {"pool_relu": ("ebn1", "ebn2", "ebn3"), "upsample_relu_add": ("dbn1", "dbn2", "dbn3", "dbn4"),
+                        "upsample_relu": ("final",)}
 
     def __init__(self, num_classes: int = 1, in_chans: int = 3, dims: Sequence[int] = (16, 32, 128, 160, 256),
                  shift_size: int = 5, mlp_ratio: float = 1.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
@@ -331,18 +342,18 @@ class UNeXt(ClassifierApi, IntermediatesApi, nn.Module):
     def _decode(self, feats: List[torch.Tensor], last_up: bool = True) -> torch.Tensor:
         fold = self.fold_bn
         x = feats[4]
-        x = self.dbn1(self.decoder1(x)) if torch.jit.is_scripting() else _conv_bn(x, self.decoder1, self.dbn1, fold)
-        x = self._up(x, feats[3])
+        x = (self._up(self.dbn1(self.decoder1(x)), feats[3]) if torch.jit.is_scripting()
+             else _conv_bn_up(x, self.decoder1, self.dbn1, fold, feats[3]))
         h, w = x.shape[-2], x.shape[-1]
         x = _tokens_as_map(self.dnorm3(self.dblock1(_map_as_tokens(x), h, w)), h, w)
-        x = self.dbn2(self.decoder2(x)) if torch.jit.is_scripting() else _conv_bn(x, self.decoder2, self.dbn2, fold)
-        x = self._up(x, feats[2])
+        x = (self._up(self.dbn2(self.decoder2(x)), feats[2]) if torch.jit.is_scripting()
+             else _conv_bn_up(x, self.decoder2, self.dbn2, fold, feats[2]))
         h, w = x.shape[-2], x.shape[-1]
         x = _tokens_as_map(self.dnorm4(self.dblock2(_map_as_tokens(x), h, w)), h, w)
-        x = self.dbn3(self.decoder3(x)) if torch.jit.is_scripting() else _conv_bn(x, self.decoder3, self.dbn3, fold)
-        x = self._up(x, feats[1])
-        x = self.dbn4(self.decoder4(x)) if torch.jit.is_scripting() else _conv_bn(x, self.decoder4, self.dbn4, fold)
-        x = self._up(x, feats[0])
+        x = (self._up(self.dbn3(self.decoder3(x)), feats[1]) if torch.jit.is_scripting()
+             else _conv_bn_up(x, self.decoder3, self.dbn3, fold, feats[1]))
+        x = (self._up(self.dbn4(self.decoder4(x)), feats[0]) if torch.jit.is_scripting()
+             else _conv_bn_up(x, self.decoder4, self.dbn4, fold, feats[0]))
         x = self.decoder5(x)
         return self._up(x) if last_up else x
 

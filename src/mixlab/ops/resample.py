@@ -37,7 +37,8 @@ from .gelu import batch_norm_args, update_running_stats
 from .kernel_build import KernelLibrary, Plan, time_training_calls
 from .module_swap import by_exact_type, global_hooks, hooked, swap_classes
 
-__all__ = ["fast_resample_available", "batch_norm_max_pool_relu", "upsample_relu_conv1x1", "PoolingBatchNorm2d", "UpsamplingConv2d",
+__all__ = ["fast_resample_available", "batch_norm_max_pool_relu", "batch_norm_upsample_relu_add", "upsample_relu_conv1x1",
+           "PoolingBatchNorm2d", "UpsamplingBatchNorm2d", "UpsamplingConv2d",
            "use_fast_resample", "restore_resample", "set_resample_method"]
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
@@ -49,11 +50,14 @@ for _t in ("f32", "bf16"):
     _SIGS[f"mixlab_bn_pool_bwd_apply_{_t}"] = (_I, [_P, _P, _P, _P, _P, _L, _L, _L, _L, _P, _P, _P, _I])
     _SIGS[f"mixlab_up_conv_fwd_{_t}"] = (_I, [_P, _P, _P, _P, _L, _L, _L, _L, _L, _I])
     _SIGS[f"mixlab_up_conv_bwd_{_t}"] = (_I, [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I])
+    _SIGS[f"mixlab_bn_up_add_fwd_{_t}"] = (_I, [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I])
+    _SIGS[f"mixlab_bn_up_add_bwd_{_t}"] = (_I, [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _P, _P, _I])
+    _SIGS[f"mixlab_bn_bwd_apply_{_t}"] = (_I, [_P, _P, _P, _P, _L, _L, _P, _P, _P, _I])
 
 LIBRARY = KernelLibrary(
     Path(__file__).with_name("resample_kernels.cpp"), "mixlab_resample",
-    "resampling (BatchNorm + max-pool + ReLU, upsample + ReLU + 1x1 conv)",
-    ("mixlab_resample_abi_version", 1), _SIGS, "MIXLAB_FAST_RESAMPLE_BUILD",
+    "resampling (BatchNorm + max-pool + ReLU, BatchNorm + upsample + ReLU + residual, upsample + ReLU + 1x1 conv)",
+    ("mixlab_resample_abi_version", 2), _SIGS, "MIXLAB_FAST_RESAMPLE_BUILD",
     "these layers run as aten's operations (correct, slower)")
 
 
@@ -88,6 +92,43 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
 # Registered ops: one opaque node each for a tracer that reaches them (under torch.compile the
 # functions below run aten's operations instead).
 
+def _batch_stats(lib, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """mean and biased variance per channel (fp64) of an NHWC ``x``, and BatchNorm's affine map
+    about the mean as fp32 (center, scale, shift)."""
+    n, c, h, w = x.shape
+    s = torch.empty(c, dtype=torch.float64)
+    ss = torch.empty(c, dtype=torch.float64)
+    # sums about a pivot near each channel's mean (its first value), as the GELU + BatchNorm kernel
+    pivot = x[0, :, 0, 0].float().contiguous()
+    _check(getattr(lib, f"mixlab_bn_stats_{_sfx(x)}")(x.data_ptr(), pivot.data_ptr(), n * h * w, c, s.data_ptr(),
+                                                      ss.data_ptr(), torch.get_num_threads()))
+    shift_mean = s / (n * h * w)
+    mean = pivot.double() + shift_mean
+    var = (ss / (n * h * w) - shift_mean * shift_mean).clamp_min(0.0)
+    return mean, var, _affine(mean, var, weight, bias, eps)
+
+
+def _affine(mean, var, weight, bias, eps):
+    scale = ((var + eps).rsqrt() * weight.double()).float().contiguous()
+    return mean.float().contiguous(), scale, bias.float().contiguous()
+
+
+def _bn_grad_terms(mean, var, weight, eps, sd, sdx, m):
+    """BatchNorm's backward from the sums, over its m values per channel, of dy and of
+    dy * (x - center) (center = mean as fp32): (k1, k2, k3) with dx = k1*dy + k2*(x - center) + k3,
+    and dweight, dbias (fp32)."""
+    center = mean.float()
+    off = mean - center.double()  # what the rounding to fp32 left: xhat = ((x - center) - off) * rstd
+    rstd = (var + eps).rsqrt()
+    sum_dy_xhat = rstd * (sdx - off * sd)
+    a = weight.double() * rstd
+    # dx = a * (dy - sum_dy / m - xhat * sum_dy_xhat / m)
+    k1 = a.float().contiguous()
+    k2 = (-a * rstd * sum_dy_xhat / m).float().contiguous()
+    k3 = (-a * sd / m + a * rstd * off * sum_dy_xhat / m).float().contiguous()
+    return (k1, k2, k3), sum_dy_xhat.float(), sd.float()
+
+
 @torch.library.custom_op("mixlab::bn_pool_relu_forward", mutates_args=())
 def _pool_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,24 +137,13 @@ def _pool_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     mean and biased variance per channel (fp64)."""
     lib = LIBRARY.load()
     n, c, h, w = x.shape
-    m, threads = n * h * w, torch.get_num_threads()
-    s = torch.empty(c, dtype=torch.float64)
-    ss = torch.empty(c, dtype=torch.float64)
-    # sums about a pivot near each channel's mean (its first value), as the GELU + BatchNorm kernel
-    pivot = x[0, :, 0, 0].float().contiguous()
-    _check(getattr(lib, f"mixlab_bn_stats_{_sfx(x)}")(x.data_ptr(), pivot.data_ptr(), m, c, s.data_ptr(),
-                                                      ss.data_ptr(), threads))
-    shift_mean = s / m
-    mean = pivot.double() + shift_mean
-    var = (ss / m - shift_mean * shift_mean).clamp_min(0.0)
-    scale = ((var + eps).rsqrt() * weight.double()).float().contiguous()
-    center, beta = mean.float().contiguous(), bias.float().contiguous()
+    mean, var, (center, scale, beta) = _batch_stats(lib, x, weight, bias, eps)
     y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     sel = torch.empty_like(y, dtype=_sel_dtype(x))
     xsel = torch.empty_like(y)
     _check(getattr(lib, f"mixlab_bn_pool_fwd_{_sfx(x)}")(x.data_ptr(), y.data_ptr(), sel.data_ptr(), xsel.data_ptr(),
                                                          center.data_ptr(), n, h, w, c, scale.data_ptr(),
-                                                         beta.data_ptr(), threads))
+                                                         beta.data_ptr(), torch.get_num_threads()))
     return y, sel, xsel, mean, var
 
 
@@ -137,23 +167,15 @@ def _pool_backward_op(x: torch.Tensor, sel: torch.Tensor, xsel: torch.Tensor, gr
     sd = torch.empty(c, dtype=torch.float64)
     sdx = torch.empty(c, dtype=torch.float64)
     center = mean.float().contiguous()
-    off = mean - center.double()  # xhat = ((x - center) - off) * rstd
     _check(getattr(lib, f"mixlab_bn_pool_bwd_stats_{_sfx(x)}")(g.data_ptr(), sel.data_ptr(), xsel.data_ptr(),
                                                                center.data_ptr(), g.numel() // c, c, sd.data_ptr(),
                                                                sdx.data_ptr(), threads))
-    m = n * h * w
-    rstd = (var + eps).rsqrt()
-    sum_dy_xhat = rstd * (sdx - off * sd)
-    a = weight.double() * rstd
-    # dx = a * (dy - sum_dy / m - xhat * sum_dy_xhat / m) as k1*dy + k2*(x - center) + k3
-    k1 = a.float().contiguous()
-    k2 = (-a * rstd * sum_dy_xhat / m).float().contiguous()
-    k3 = (-a * sd / m + a * rstd * off * sum_dy_xhat / m).float().contiguous()
+    (k1, k2, k3), dw, db = _bn_grad_terms(mean, var, weight, eps, sd, sdx, n * h * w)
     dx = torch.empty_like(x, memory_format=torch.channels_last)
     _check(getattr(lib, f"mixlab_bn_pool_bwd_apply_{_sfx(x)}")(x.data_ptr(), g.data_ptr(), sel.data_ptr(),
                                                                dx.data_ptr(), center.data_ptr(), n, h, w, c,
                                                                k1.data_ptr(), k2.data_ptr(), k3.data_ptr(), threads))
-    return dx, sum_dy_xhat.float(), sd.float()
+    return dx, dw, db
 
 
 @_pool_backward_op.register_fake
@@ -179,6 +201,83 @@ class _BatchNormPoolReluFn(torch.autograd.Function):
         dx, dw, db = _pool_backward_op(x, sel, xsel, grad_y, weight, mean, var, ctx.eps)
         return (dx if ctx.needs_input_grad[0] else None, dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
                 db.to(weight.dtype) if ctx.needs_input_grad[2] else None, None)
+
+
+# ----------------------------------------------------------------------------- BatchNorm + upsample + ReLU + residual
+
+@torch.library.custom_op("mixlab::bn_upsample_relu_add_forward", mutates_args=())
+def _up_add_forward_op(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """relu(upsample2x_bilinear(batch_norm(x))) + skip with batch statistics; returns y and the
+    mean and biased variance per channel (fp64). ``skip``: (N, C, 2H, 2W), x's dtype."""
+    lib = LIBRARY.load()
+    n, c, h, w = x.shape
+    mean, var, (center, scale, beta) = _batch_stats(lib, x, weight, bias, eps)
+    skip = _cl(skip)
+    y = torch.empty_like(skip, memory_format=torch.channels_last)
+    _check(getattr(lib, f"mixlab_bn_up_add_fwd_{_sfx(x)}")(x.data_ptr(), skip.data_ptr(), y.data_ptr(),
+                                                           center.data_ptr(), scale.data_ptr(), beta.data_ptr(), n, h,
+                                                           w, c, torch.get_num_threads()))
+    return y, mean, var
+
+
+@_up_add_forward_op.register_fake
+def _(x, skip, weight, bias, eps):
+    c = x.shape[1]
+    return (torch.empty_like(skip, memory_format=torch.channels_last), x.new_empty(c, dtype=torch.float64),
+            x.new_empty(c, dtype=torch.float64))
+
+
+@torch.library.custom_op("mixlab::bn_upsample_relu_add_backward", mutates_args=())
+def _up_add_backward_op(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        mean: torch.Tensor, var: torch.Tensor, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dweight, dbias (fp32) of :func:`_up_add_forward_op` (the residual's gradient is grad_out)."""
+    lib = LIBRARY.load()
+    n, c, h, w = x.shape
+    threads = torch.get_num_threads()
+    g = _cl(grad_out.to(x.dtype))
+    center, scale, beta = _affine(mean, var, weight, bias, eps)  # the forward's map, recomputed bit for bit
+    dz = torch.empty((n, h, w, c), dtype=torch.float32)
+    sd = torch.empty(c, dtype=torch.float64)
+    sdx = torch.empty(c, dtype=torch.float64)
+    _check(getattr(lib, f"mixlab_bn_up_add_bwd_{_sfx(x)}")(x.data_ptr(), g.data_ptr(), dz.data_ptr(),
+                                                           center.data_ptr(), scale.data_ptr(), beta.data_ptr(), n, h,
+                                                           w, c, sd.data_ptr(), sdx.data_ptr(), threads))
+    (k1, k2, k3), dw, db = _bn_grad_terms(mean, var, weight, eps, sd, sdx, n * h * w)
+    dx = torch.empty_like(x, memory_format=torch.channels_last)
+    _check(getattr(lib, f"mixlab_bn_bwd_apply_{_sfx(x)}")(x.data_ptr(), dz.data_ptr(), dx.data_ptr(),
+                                                          center.data_ptr(), n * h * w, c, k1.data_ptr(),
+                                                          k2.data_ptr(), k3.data_ptr(), threads))
+    return dx, dw, db
+
+
+@_up_add_backward_op.register_fake
+def _(x, grad_out, weight, bias, mean, var, eps):
+    c = x.shape[1]
+    return (torch.empty_like(x, memory_format=torch.channels_last), x.new_empty(c, dtype=torch.float32),
+            x.new_empty(c, dtype=torch.float32))
+
+
+class _BatchNormUpsampleReluAddFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, skip, weight, bias, eps):
+        y, mean, var = _up_add_forward_op(x, skip, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx = dw = db = None
+        if need[0] or need[2] or need[3]:
+            dx, dw, db = _up_add_backward_op(x, grad_y, weight, bias, mean, var, ctx.eps)
+        return (dx if need[0] else None, grad_y if need[1] else None,
+                dw.to(weight.dtype) if need[2] else None, db.to(bias.dtype) if need[3] else None, None)
 
 
 # ----------------------------------------------------------------------------- upsample + ReLU + 1x1 conv
@@ -307,6 +406,40 @@ def batch_norm_max_pool_relu(x: torch.Tensor, running_mean: torch.Tensor | None,
     return y
 
 
+def _aten_up_add(x, skip, running_mean, running_var, weight, bias, training, momentum, eps):
+    z = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return F.relu(F.interpolate(z, scale_factor=2.0, mode="bilinear")) + skip
+
+
+def batch_norm_upsample_relu_add(x: torch.Tensor, skip: torch.Tensor, running_mean: torch.Tensor | None,
+                                 running_var: torch.Tensor | None, weight: torch.Tensor | None,
+                                 bias: torch.Tensor | None, training: bool, momentum: float,
+                                 eps: float) -> torch.Tensor:
+    """``relu(interpolate(batch_norm(x, ...), scale_factor=2, mode='bilinear')) + skip``, fused on the
+    CPU where :mod:`this module <mixlab.ops.resample>` says it can be (training mode, channels-last,
+    ``skip`` of x's dtype and of the upsampled shape)."""
+    args = (running_mean, running_var, weight, bias, training, momentum, eps)
+    n, c, h, w = x.shape if x.dim() == 4 else (0, 0, 0, 0)
+    if (not training or not _usable(x) or skip.dtype != x.dtype or tuple(skip.shape) != (n, c, 2 * h, 2 * w)
+            or n * h * w < 2):
+        return _aten_up_add(x, skip, *args)
+    wt = weight if weight is not None else x.new_ones(c, dtype=torch.float32)
+    bs = bias if bias is not None else x.new_zeros(c, dtype=torch.float32)
+
+    def runs():
+        xs, ss = x.detach().requires_grad_(), skip.detach().requires_grad_()
+        ws, bb = wt.detach().requires_grad_(), bs.detach().requires_grad_()
+        dy = torch.randn_like(ss)
+        return {"kernel": lambda: _BatchNormUpsampleReluAddFn.apply(xs, ss, ws, bb, eps)[0].backward(dy),
+                "aten": lambda: _aten_up_add(xs, ss, None, None, ws, bb, True, 0.0, eps).backward(dy)}
+
+    if _method("bn_upsample_relu_add", x, "", runs) != "kernel":
+        return _aten_up_add(x, skip, *args)
+    y, mean, var = _BatchNormUpsampleReluAddFn.apply(x, skip, wt, bs, eps)
+    update_running_stats(running_mean, running_var, mean, var, n * h * w, momentum)
+    return y
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
@@ -350,6 +483,20 @@ class PoolingBatchNorm2d(nn.BatchNorm2d):
                                         self.eps)
 
 
+class UpsamplingBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (called, it is exactly that) with :meth:`forward_upsample_relu_add`, the
+    fused ``relu(interpolate(self(x), scale_factor=2, mode='bilinear')) + skip`` a model calls
+    where that is what it computes."""
+
+    def forward_upsample_relu_add(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if hooked(self) or global_hooks():
+            return F.relu(F.interpolate(self(x), scale_factor=2.0, mode="bilinear")) + skip
+        self._check_input_dim(x)
+        running_mean, running_var, batch_stats, factor = batch_norm_args(self)
+        return batch_norm_upsample_relu_add(x, skip, running_mean, running_var, self.weight, self.bias, batch_stats,
+                                            factor, self.eps)
+
+
 class UpsamplingConv2d(nn.Conv2d):
     """A 1x1 ``nn.Conv2d`` (called, it is exactly that) with :meth:`forward_upsampled`, the fused
     ``self(relu(interpolate(x, scale_factor=2, mode='bilinear')))`` a model calls where that is
@@ -368,8 +515,9 @@ def _is_pointwise(m: nn.Module) -> bool:
 
 def use_fast_resample(model: nn.Module) -> int:
     """Switch the modules that ``model`` (or any module in it) names in a ``resample_fusions``
-    attribute, ``{"pool_relu": (BatchNorm names...), "upsample_relu": (1x1 conv names...)}``, to
-    :class:`PoolingBatchNorm2d` / :class:`UpsamplingConv2d`, in place (same parameters and
+    attribute, ``{"pool_relu": (BatchNorm names...), "upsample_relu_add": (BatchNorm names...),
+    "upsample_relu": (1x1 conv names...)}``, to :class:`PoolingBatchNorm2d` /
+    :class:`UpsamplingBatchNorm2d` / :class:`UpsamplingConv2d`, in place (same parameters and
     state_dict); only exact ``nn.BatchNorm2d`` and plain 1x1 ``nn.Conv2d`` modules. Returns how many."""
     n = 0
     for owner in model.modules():
@@ -381,6 +529,8 @@ def use_fast_resample(model: nn.Module) -> int:
                 m = getattr(owner, name, None)
                 if kind == "pool_relu" and type(m) is nn.BatchNorm2d:
                     m.__class__ = PoolingBatchNorm2d
+                elif kind == "upsample_relu_add" and type(m) is nn.BatchNorm2d:
+                    m.__class__ = UpsamplingBatchNorm2d
                 elif kind == "upsample_relu" and _is_pointwise(m):
                     m.__class__ = UpsamplingConv2d
                 else:
@@ -391,4 +541,5 @@ def use_fast_resample(model: nn.Module) -> int:
 
 def restore_resample(model: nn.Module) -> int:
     """Undo :func:`use_fast_resample`; returns how many modules were switched back."""
-    return swap_classes(model, by_exact_type({PoolingBatchNorm2d: nn.BatchNorm2d, UpsamplingConv2d: nn.Conv2d}))
+    return swap_classes(model, by_exact_type({PoolingBatchNorm2d: nn.BatchNorm2d, UpsamplingBatchNorm2d: nn.BatchNorm2d,
+                                              UpsamplingConv2d: nn.Conv2d}))

@@ -385,48 +385,222 @@ int up_conv_bwd(const T* x, const T* gy, const float* weight, T* dx, double* dwe
     return failed;
 }
 
-// UNeXt's encoder widths (16, 32, 128; UNeXt-S 8, 16, 32) get compiled trip counts
-template <typename T>
-int bn_pool_fwd_any(const T* x, T* y, Sel<T>* sel, T* xsel, const float* center, long N, long H, long W, long C,
-                    const float* a, const float* b, int nt) {
-    switch (C) {
-        case 8: return bn_pool_fwd<T, 8>(x, y, sel, xsel, center, N, H, W, C, a, b, nt);
-        case 16: return bn_pool_fwd<T, 16>(x, y, sel, xsel, center, N, H, W, C, a, b, nt);
-        case 32: return bn_pool_fwd<T, 32>(x, y, sel, xsel, center, N, H, W, C, a, b, nt);
-        default: return bn_pool_fwd<T, 0>(x, y, sel, xsel, center, N, H, W, C, a, b, nt);
+// ----------------------------------------------------------------------------- BatchNorm + upsample + ReLU + residual
+//
+// 3. y = relu(upsample2(bn(x))) + skip   (UNeXt's decoder stages; bn with batch statistics)
+//    Forward per output row: its two source rows normalised (as the stored BatchNorm output would
+//    hold them; a thread keeps the last two), interpolated vertically, then per pixel horizontally,
+//    rounded, ReLU, plus the residual. Backward: the gradient of the upsampled map (ReLU's mask
+//    recomputed) through the interpolation's transpose into fp32 rows of dz = d bn(x), by bands as
+//    the head's backward; each band then adds its rows' sums of dz and dz * (x - center) for
+//    BatchNorm's backward, whose last pass (dx from dz) is bn_bwd_apply.
+
+// the normalised source rows of output rows, cached per thread: row r of image n (w*C values)
+template <typename T, long CC>
+struct NormRows {
+    const T* x;
+    const float *center, *scale, *shift;
+    long h, w, C;
+    float* buf[2];
+    long key[2] = {-1, -1};
+    int next = 0;
+    const float* row(long n, long r) {
+        const long k = n * h + r;
+        if (key[0] == k) return buf[0];
+        if (key[1] == k) return buf[1];
+        float* z = buf[next];
+        key[next] = k;
+        next ^= 1;
+        const long Cc = CC ? CC : C;
+        const T* xr = x + k * w * Cc;
+        for (long j = 0; j < w; ++j) {
+            const T* xj = xr + j * Cc;
+            float* zj = z + j * Cc;
+#pragma omp simd
+            for (long c = 0; c < Cc; ++c) zj[c] = stored_value<T>((widen(xj[c]) - center[c]) * scale[c] + shift[c]);
+        }
+        return z;
     }
+};
+
+template <typename T, long CC>
+int bn_up_add_fwd(const T* x, const T* skip, T* y, const float* center, const float* scale, const float* shift, long N,
+                  long h, long w, long C_, int nthreads) {
+    const long C = CC ? CC : C_;
+    if (nthreads < 1) nthreads = 1;
+    const long Ho = 2 * h, Wo = 2 * w;
+    Tap* tx_all = taps_of(w);
+    if (!tx_all) return 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* buf = static_cast<float*>(std::malloc(sizeof(float) * (3 * w * C + 16)));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        NormRows<T, CC> rows{x, center, scale, shift, h, w, C, {buf, buf ? buf + w * C : nullptr}};
+        float* v = buf ? buf + 2 * w * C : nullptr;
+#pragma omp for schedule(static)
+        for (long row = 0; row < N * Ho; ++row) {
+            if (!buf) continue;
+            const long n = row / Ho, oy = row % Ho;
+            const Tap ty = tap(oy, h);
+            const float* a = rows.row(n, ty.i0);
+            const float* b = rows.row(n, ty.i1);
+#pragma omp simd
+            for (long i = 0; i < w * C; ++i) v[i] = ty.l0 * a[i] + ty.l1 * b[i];
+            const T* sr = skip + row * Wo * C;
+            T* yr = y + row * Wo * C;
+            for (long ox = 0; ox < Wo; ++ox) {
+                const Tap tx = tx_all[ox];
+                const float* v0 = v + tx.i0 * C;
+                const float* v1 = v + tx.i1 * C;
+#pragma omp simd
+                for (long c = 0; c < C; ++c) {
+                    const float u = stored_value<T>(tx.l0 * v0[c] + tx.l1 * v1[c]);
+                    store(yr + ox * C + c, (u > 0.f || u != u ? u : 0.f) + widen(sr[ox * C + c]));
+                }
+            }
+        }
+        std::free(buf);
+    }
+    std::free(tx_all);
+    return failed;
 }
 
-template <typename T>
-int bn_pool_bwd_apply_any(const T* x, const T* g, const Sel<T>* sel, T* dx, const float* center, long N, long H,
-                          long W, long C, const float* k1, const float* k2, const float* k3, int nt) {
-    switch (C) {
-        case 8: return bn_pool_bwd_apply<T, 8>(x, g, sel, dx, center, N, H, W, C, k1, k2, k3, nt);
-        case 16: return bn_pool_bwd_apply<T, 16>(x, g, sel, dx, center, N, H, W, C, k1, k2, k3, nt);
-        case 32: return bn_pool_bwd_apply<T, 32>(x, g, sel, dx, center, N, H, W, C, k1, k2, k3, nt);
-        default: return bn_pool_bwd_apply<T, 0>(x, g, sel, dx, center, N, H, W, C, k1, k2, k3, nt);
+template <typename T, long CC>
+int bn_up_add_bwd(const T* x, const T* gy, float* dz, const float* center, const float* scale, const float* shift,
+                  long N, long h, long w, long C_, double* sum_dz, double* sum_dz_x, int nthreads) {
+    const long C = CC ? CC : C_;
+    if (nthreads < 1) nthreads = 1;
+    const long Ho = 2 * h, Wo = 2 * w;
+    const long bands = (h + BAND - 1) / BAND;
+    Tap* tx_all = taps_of(w);
+    double* sums = static_cast<double*>(std::calloc(static_cast<size_t>(nthreads) * 2 * C + 1, sizeof(double)));
+    if (!tx_all || !sums) {
+        std::free(tx_all);
+        std::free(sums);
+        return 1;
     }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int tid = omp_get_thread_num();
+        double* s1 = sums + static_cast<size_t>(tid) * 2 * C;
+        double* s2 = s1 + C;
+        float* acc = static_cast<float*>(std::malloc(sizeof(float) * (BAND * w * C + 4 * w * C + 2 * C + 64)));
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        NormRows<T, CC> rows{x, center, scale, shift, h, w, C,
+                             {acc ? acc + BAND * w * C : nullptr, acc ? acc + (BAND + 1) * w * C : nullptr}};
+        float* v = acc ? acc + (BAND + 2) * w * C : nullptr;
+        float* hr = acc ? v + w * C : nullptr;
+        float* p1 = acc ? hr + w * C : nullptr;  // one row's sums, fp32, before the fp64 ones
+        float* p2 = acc ? p1 + C : nullptr;
+#pragma omp for schedule(static)
+        for (long task = 0; task < N * bands; ++task) {
+            if (!acc) continue;
+            const long n = task / bands, r0 = (task % bands) * BAND, r1 = imin(h, r0 + BAND);
+            std::memset(acc, 0, sizeof(float) * (r1 - r0) * w * C);
+            const long oy0 = 2 * r0 > 0 ? 2 * r0 - 1 : 0, oy1 = imin(Ho - 1, 2 * r1);
+            for (long oy = oy0; oy <= oy1; ++oy) {
+                const Tap ty = tap(oy, h);
+                const float* a = rows.row(n, ty.i0);
+                const float* b = rows.row(n, ty.i1);
+#pragma omp simd
+                for (long i = 0; i < w * C; ++i) {
+                    v[i] = ty.l0 * a[i] + ty.l1 * b[i];
+                    hr[i] = 0.f;
+                }
+                const T* gr = gy + (n * Ho + oy) * Wo * C;
+                for (long ox = 0; ox < Wo; ++ox) {
+                    const Tap tx = tx_all[ox];
+                    const float* v0 = v + tx.i0 * C;
+                    const float* v1 = v + tx.i1 * C;
+                    float* h0 = hr + tx.i0 * C;
+                    float* h1 = hr + tx.i1 * C;
+                    const T* go = gr + ox * C;
+#pragma omp simd
+                    for (long c = 0; c < C; ++c) {
+                        const float u = stored_value<T>(tx.l0 * v0[c] + tx.l1 * v1[c]);
+                        const float gv = widen(go[c]);
+                        const float d = u > 0.f ? gv : 0.f;
+                        h0[c] += tx.l0 * d;
+                        h1[c] += tx.l1 * d;
+                    }
+                }
+                const long rr[2] = {ty.i0, ty.i1};
+                const float wts[2] = {ty.l0, ty.l1};
+                for (int t = 0; t < 2; ++t) {
+                    if (rr[t] < r0 || rr[t] >= r1 || wts[t] == 0.f) continue;
+                    float* dst = acc + (rr[t] - r0) * w * C;
+                    const float l = wts[t];
+#pragma omp simd
+                    for (long i = 0; i < w * C; ++i) dst[i] += l * hr[i];
+                }
+            }
+            for (long r = r0; r < r1; ++r) {
+                const float* src = acc + (r - r0) * w * C;
+                const T* xr = x + (n * h + r) * w * C;
+                float* out = dz + (n * h + r) * w * C;
+                for (long c = 0; c < C; ++c) p1[c] = p2[c] = 0.f;
+                for (long j = 0; j < w; ++j) {
+#pragma omp simd
+                    for (long c = 0; c < C; ++c) {
+                        const float d = src[j * C + c];
+                        out[j * C + c] = d;
+                        p1[c] += d;
+                        p2[c] += d * (widen(xr[j * C + c]) - center[c]);
+                    }
+                }
+                for (long c = 0; c < C; ++c) {
+                    s1[c] += p1[c];
+                    s2[c] += p2[c];
+                }
+            }
+        }
+        std::free(acc);
+    }
+    for (long c = 0; c < C; ++c) {
+        double a = 0.0, b = 0.0;
+        for (int t = 0; t < nthreads; ++t) {
+            a += sums[static_cast<size_t>(t) * 2 * C + c];
+            b += sums[static_cast<size_t>(t) * 2 * C + C + c];
+        }
+        sum_dz[c] = a;
+        sum_dz_x[c] = b;
+    }
+    std::free(sums);
+    std::free(tx_all);
+    return failed;
 }
 
-// the channel counts of UNeXt's heads (C1 = 16; UNeXt-S 8) and a wider one get compiled trip counts
+// BatchNorm's last backward pass from an fp32 gradient of its output: dx = k1*dz + k2*(x - center) + k3
 template <typename T>
-int up_conv_fwd_any(const T* x, const float* w, const float* b, T* y, long N, long h, long wd, long C, long K, int nt) {
-    switch (C) {
-        case 8: return up_conv_fwd<T, 8>(x, w, b, y, N, h, wd, C, K, nt);
-        case 16: return up_conv_fwd<T, 16>(x, w, b, y, N, h, wd, C, K, nt);
-        case 32: return up_conv_fwd<T, 32>(x, w, b, y, N, h, wd, C, K, nt);
-        default: return up_conv_fwd<T, 0>(x, w, b, y, N, h, wd, C, K, nt);
+int bn_bwd_apply(const T* x, const float* dz, T* dx, const float* center, long M, long C, const float* k1,
+                 const float* k2, const float* k3, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long r = 0; r < M; ++r) {
+#pragma omp simd
+        for (long c = 0; c < C; ++c)
+            store(dx + r * C + c, k1[c] * dz[r * C + c] + k2[c] * (widen(x[r * C + c]) - center[c]) + k3[c]);
     }
+    return 0;
 }
 
-template <typename T>
-int up_conv_bwd_any(const T* x, const T* gy, const float* w, T* dx, double* dw, double* db, long N, long h, long wd,
-                    long C, long K, int nt) {
+// UNeXt's narrow widths (8, 16, 32 channels) get compiled trip counts: f(std::integral_constant<long, CC>)
+// with CC the width, or 0 (any width, read at run time)
+template <typename F>
+int with_width(long C, F&& f) {
     switch (C) {
-        case 8: return up_conv_bwd<T, 8>(x, gy, w, dx, dw, db, N, h, wd, C, K, nt);
-        case 16: return up_conv_bwd<T, 16>(x, gy, w, dx, dw, db, N, h, wd, C, K, nt);
-        case 32: return up_conv_bwd<T, 32>(x, gy, w, dx, dw, db, N, h, wd, C, K, nt);
-        default: return up_conv_bwd<T, 0>(x, gy, w, dx, dw, db, N, h, wd, C, K, nt);
+        case 8: return f(std::integral_constant<long, 8>{});
+        case 16: return f(std::integral_constant<long, 16>{});
+        case 32: return f(std::integral_constant<long, 32>{});
+        default: return f(std::integral_constant<long, 0>{});
     }
 }
 
@@ -434,7 +608,7 @@ int up_conv_bwd_any(const T* x, const T* gy, const float* w, T* dx, double* dw, 
 
 extern "C" {
 
-int mixlab_resample_abi_version(void) { return 1; }
+int mixlab_resample_abi_version(void) { return 2; }
 
 #define MIXLAB_RESAMPLE(SFX, T)                                                                                      \
     int mixlab_bn_stats_##SFX(const void* x, const float* center, long M, long C, double* s, double* ss, int nt) {  \
@@ -442,28 +616,58 @@ int mixlab_resample_abi_version(void) { return 1; }
     }                                                                                                              \
     int mixlab_bn_pool_fwd_##SFX(const void* x, void* y, void* sel, void* xsel, const float* center, long N,        \
                                  long H, long W, long C, const float* a, const float* b, int nt) {                 \
-        return bn_pool_fwd_any(static_cast<const T*>(x), static_cast<T*>(y), static_cast<Sel<T>*>(sel),              \
-                           static_cast<T*>(xsel), center, N, H, W, C, a, b, nt);                                   \
+        return with_width(C, [&](auto cc) {                                                                        \
+            return bn_pool_fwd<T, decltype(cc)::value>(static_cast<const T*>(x), static_cast<T*>(y),               \
+                                                       static_cast<Sel<T>*>(sel), static_cast<T*>(xsel), center, N, \
+                                                       H, W, C, a, b, nt);                                         \
+        });                                                                                                        \
     }                                                                                                              \
     int mixlab_bn_pool_bwd_stats_##SFX(const void* g, const void* sel, const void* xsel, const float* center,      \
                                        long M, long C, double* s, double* sx, int nt) {                            \
-        return bn_pool_bwd_stats(static_cast<const T*>(g), static_cast<const Sel<T>*>(sel),                      \
+        return bn_pool_bwd_stats(static_cast<const T*>(g), static_cast<const Sel<T>*>(sel),                       \
                                  static_cast<const T*>(xsel), center, M, C, s, sx, nt);                            \
     }                                                                                                              \
     int mixlab_bn_pool_bwd_apply_##SFX(const void* x, const void* g, const void* sel, void* dx, const float* center, \
                                        long N, long H, long W, long C, const float* k1, const float* k2,           \
                                        const float* k3, int nt) {                                                  \
-        return bn_pool_bwd_apply_any(static_cast<const T*>(x), static_cast<const T*>(g), static_cast<const Sel<T>*>(sel), \
-                                 static_cast<T*>(dx), center, N, H, W, C, k1, k2, k3, nt);                        \
+        return with_width(C, [&](auto cc) {                                                                        \
+            return bn_pool_bwd_apply<T, decltype(cc)::value>(static_cast<const T*>(x), static_cast<const T*>(g),   \
+                                                             static_cast<const Sel<T>*>(sel), static_cast<T*>(dx), \
+                                                             center, N, H, W, C, k1, k2, k3, nt);                  \
+        });                                                                                                        \
     }                                                                                                              \
     int mixlab_up_conv_fwd_##SFX(const void* x, const float* w, const float* b, void* y, long N, long h, long wd,   \
                                  long C, long K, int nt) {                                                         \
-        return up_conv_fwd_any(static_cast<const T*>(x), w, b, static_cast<T*>(y), N, h, wd, C, K, nt);               \
+        return with_width(C, [&](auto cc) {                                                                        \
+            return up_conv_fwd<T, decltype(cc)::value>(static_cast<const T*>(x), w, b, static_cast<T*>(y), N, h,   \
+                                                       wd, C, K, nt);                                              \
+        });                                                                                                        \
     }                                                                                                              \
     int mixlab_up_conv_bwd_##SFX(const void* x, const void* gy, const float* w, void* dx, double* dw, double* db,   \
                                  long N, long h, long wd, long C, long K, int nt) {                                \
-        return up_conv_bwd_any(static_cast<const T*>(x), static_cast<const T*>(gy), w, static_cast<T*>(dx), dw, db, N, \
-                           h, wd, C, K, nt);                                                                       \
+        return with_width(C, [&](auto cc) {                                                                        \
+            return up_conv_bwd<T, decltype(cc)::value>(static_cast<const T*>(x), static_cast<const T*>(gy), w,     \
+                                                       static_cast<T*>(dx), dw, db, N, h, wd, C, K, nt);           \
+        });                                                                                                        \
+    }                                                                                                              \
+    int mixlab_bn_up_add_fwd_##SFX(const void* x, const void* skip, void* y, const float* center, const float* a,  \
+                                   const float* b, long N, long h, long wd, long C, int nt) {                      \
+        return with_width(C, [&](auto cc) {                                                                        \
+            return bn_up_add_fwd<T, decltype(cc)::value>(static_cast<const T*>(x), static_cast<const T*>(skip),    \
+                                                         static_cast<T*>(y), center, a, b, N, h, wd, C, nt);       \
+        });                                                                                                        \
+    }                                                                                                              \
+    int mixlab_bn_up_add_bwd_##SFX(const void* x, const void* gy, float* dz, const float* center, const float* a,  \
+                                   const float* b, long N, long h, long wd, long C, double* s, double* sx,         \
+                                   int nt) {                                                                       \
+        return with_width(C, [&](auto cc) {                                                                        \
+            return bn_up_add_bwd<T, decltype(cc)::value>(static_cast<const T*>(x), static_cast<const T*>(gy), dz,  \
+                                                         center, a, b, N, h, wd, C, s, sx, nt);                    \
+        });                                                                                                        \
+    }                                                                                                              \
+    int mixlab_bn_bwd_apply_##SFX(const void* x, const float* dz, void* dx, const float* center, long M, long C,    \
+                                  const float* k1, const float* k2, const float* k3, int nt) {                     \
+        return bn_bwd_apply(static_cast<const T*>(x), dz, static_cast<T*>(dx), center, M, C, k1, k2, k3, nt);     \
     }
 MIXLAB_RESAMPLE(f32, float)
 MIXLAB_RESAMPLE(bf16, uint16_t)
