@@ -1,27 +1,31 @@
 """mixlab's resampling kernels for the CPU (``resample_kernels.cpp``): a training-mode BatchNorm
-fused with the 2x2 max-pool and ReLU after it, and a 2x bilinear upsampling fused with the ReLU
-and 1x1 convolution after it.
+fused with the 2x2 max-pool and ReLU after it, a training-mode BatchNorm fused with the 2x bilinear
+upsampling, ReLU and residual sum after it, and a 2x bilinear upsampling fused with the ReLU and
+1x1 convolution after it.
 
 UNeXt (:mod:`mixlab.models.unext`) runs ``relu(maxpool2(bn(conv(x))))`` in its three
-convolutional encoder stages and ends with ``conv1x1(relu(upsample2(x)))`` at full resolution.
-In aten these are memory passes over the model's largest maps (16 channels at 256x256 for a
-256-pixel input): BatchNorm's two passes each way, the pool and its int64 indices, the pool's
-scatter into a zeroed gradient, ReLU's mask, the upsampled map written and read back, and the
-1x1 convolution's backward over it. About 9.6 ms (first encoder stage) and 8.8 ms (head) of a
-~90 ms UNeXt step at batch 8 on 2 EPYC cores; fused, the pooled stage's backward reads only
-quarter-size arrays besides the input, and the head never writes the upsampled map.
+convolutional encoder stages, ``relu(upsample2(bn(conv(x)))) + skip`` in its decoder stages and
+ends with ``conv1x1(relu(upsample2(x)))`` at full resolution. In aten these are memory passes
+over the model's largest maps (16 channels at 256x256 for a 256-pixel input): BatchNorm's two
+passes each way, the pool and its int64 indices, the pool's scatter into a zeroed gradient,
+ReLU's mask, the upsampled maps written and read back, and the 1x1 convolution's backward over
+one. For UNeXt at batch 8, bf16, on 2 EPYC cores the seven layers take 31.8 ms forward and
+backward in aten and 18.3 ms fused (``benchmarks/bench_resample.py``); the pooled stages'
+backward reads only quarter-size arrays besides the input, and no upsampled map is written
+where a 1x1 head follows.
 
 Scope: fp32 or bf16 channels-last CPU tensors in training mode; even heights and widths for the
-pool; a 1x1 convolution with stride 1, no padding and groups 1 for the head. Anything else (NCHW,
-other dtypes, CUDA, evaluation, ``torch.compile``, whose inductor fuses aten's operations
-itself) runs aten's operations unchanged. Each new shape is timed against aten once per machine
-(forward and backward) and the faster kept, as the other kernels are.
+pool; a residual of the output's dtype and shape; a 1x1 convolution with stride 1, no padding
+and groups 1 for the head. Anything else (NCHW, other dtypes, CUDA, evaluation,
+``torch.compile``, whose inductor fuses aten's operations itself) runs aten's operations
+unchanged. Each new shape is timed against aten once per machine (forward and backward) and the
+faster kept, as the other kernels are.
 
 :func:`use_fast_resample` switches the modules a model names in its ``resample_fusions``
-attribute (UNeXt: the encoders' BatchNorms and the head's 1x1 conv) to :class:`PoolingBatchNorm2d`
-and :class:`UpsamplingConv2d`, which behave exactly as ``nn.BatchNorm2d`` / ``nn.Conv2d`` when
-called and add the fused form as a method the model calls; same parameters and state_dict.
-:func:`restore_resample` switches them back.
+attribute (UNeXt: the encoders' and decoders' BatchNorms and the head's 1x1 conv) to
+:class:`PoolingBatchNorm2d`, :class:`UpsamplingBatchNorm2d` and :class:`UpsamplingConv2d`, which
+behave exactly as ``nn.BatchNorm2d`` / ``nn.Conv2d`` when called and add the fused form as a
+method the model calls; same parameters and state_dict. :func:`restore_resample` switches them back.
 """
 from __future__ import annotations
 
