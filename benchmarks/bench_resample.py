@@ -97,7 +97,7 @@ def main() -> None:
         print(f"all seven layers, {dtype}, forward + backward: aten {a:.2f} ms, kernels {k:.2f} ms")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(**head, command="python benchmarks/bench_resample.py", rows=rows,
+            json.dump(dict(**head, rows=rows,
                            total_fwd_bwd_ms={d: dict(aten=a, kernel=k) for d, (a, k) in total.items()}), f, indent=2)
 
 
