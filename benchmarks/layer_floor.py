@@ -1,0 +1,110 @@
+"""How much of a training step its convolutions and linear layers alone take: each one timed by
+itself at the shape it sees in the step (forward, then backward), bf16 and channels-last as
+`mixlab train` runs them on the CPU, summed. What the step spends beyond that sum is everything
+else (normalisation, activations, resampling, losses, the optimizer, copies): the part that
+kernels and fusions can shrink.
+
+    python benchmarks/layer_floor.py --model convmlp_s --batch-size 32 [--img-size 224] [--json out.json]
+
+Run it alone on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mixlab
+from mixlab.runtime import flush_denormals, tune_malloc
+from text_report import provenance_fields  # benchmarks/text_report.py (run as python benchmarks/...)
+
+
+def best_ms(fn, repeats: int) -> float:
+    fn()
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return 1000 * best
+
+
+def layer_inputs(model: nn.Module, x: torch.Tensor) -> list:
+    """(name, module, input shape) of every Conv2d and Linear, in call order."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, m, tuple(i[0].shape))))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def time_layer(m: nn.Module, shape: tuple, first: bool, repeats: int) -> dict:
+    dt = torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dt)
+    w = m.weight.detach().to(dt)
+    b = m.bias.detach().to(dt).requires_grad_() if m.bias is not None else None
+    if isinstance(m, nn.Conv2d):
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = w.contiguous(memory_format=torch.channels_last)
+
+        def fwd():
+            return F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+        k = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+    else:
+        def fwd():
+            return F.linear(x, w, b)
+        k = m.in_features
+    x.requires_grad_(not first)  # the first layer's input (the image) needs no gradient
+    w.requires_grad_()
+    y = fwd()
+    dy = torch.randn(y.shape, generator=g).to(dt).contiguous(memory_format=torch.channels_last if y.dim() == 4
+                                                              else torch.contiguous_format)
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    flops = 2 * y.numel() * k * (1 + (2 if x.requires_grad else 1))
+    return dict(fwd_ms=best_ms(fwd, repeats),
+                bwd_ms=best_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), repeats), gflop=flops / 1e9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--img-size", type=int)
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    tune_malloc()
+    flush_denormals()
+    info = mixlab.model_info(args.model)
+    size = args.img_size or info.input_size[1]
+    torch.manual_seed(0)
+    model = mixlab.create_model(args.model, **({"num_classes": 1} if info.task == "segmentation" else {})).eval()
+    x = torch.randn(args.batch_size, getattr(model, "in_chans", 3), size, size)
+    head = provenance_fields()
+    print(", ".join(f"{k} {v}" for k, v in head.items()))
+    rows = []
+    for i, (name, m, shape) in enumerate(layer_inputs(model, x)):
+        r = dict(layer=name, kind=type(m).__name__, input=list(shape), **time_layer(m, shape, i == 0, args.repeats))
+        rows.append(r)
+        print(f"  {name:44s} {str(shape):24s} fwd {r['fwd_ms']:6.2f}  bwd {r['bwd_ms']:6.2f} ms", flush=True)
+    fwd, bwd, gflop = (sum(r[k] for r in rows) for k in ("fwd_ms", "bwd_ms", "gflop"))
+    print(f"{args.model}, batch {args.batch_size}, {size}x{size}, bf16 channels_last: {len(rows)} conv/linear layers "
+          f"alone take {fwd:.1f} ms forward + {bwd:.1f} ms backward = {fwd + bwd:.1f} ms a step "
+          f"({gflop:.1f} GFLOP, {gflop / (fwd + bwd) * 1e3:.0f} GFLOP/s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(**head, model=args.model, batch_size=args.batch_size, img_size=size, rows=rows,
+                           total_fwd_ms=fwd, total_bwd_ms=bwd, gflop=gflop), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
