@@ -35,7 +35,8 @@ def best_ms(fn, repeats: int) -> float:
 
 
 def layer_inputs(model: nn.Module, x: torch.Tensor) -> list:
-    """(name, module, input shape) of every Conv2d and Linear, in call order."""
+    """(name, module, input shape) of every Conv2d and Linear, in call order (a training-mode
+    forward: in evaluation UNeXt folds BatchNorm into its convolutions and calls them functionally)."""
     seen = []
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, m, tuple(i[0].shape))))
              for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -87,7 +88,7 @@ def main() -> None:
     info = mixlab.model_info(args.model)
     size = args.img_size or info.input_size[1]
     torch.manual_seed(0)
-    model = mixlab.create_model(args.model, **({"num_classes": 1} if info.task == "segmentation" else {})).eval()
+    model = mixlab.create_model(args.model, **({"num_classes": 1} if info.task == "segmentation" else {}))
     x = torch.randn(args.batch_size, getattr(model, "in_chans", 3), size, size)
     head = provenance_fields()
     print(", ".join(f"{k} {v}" for k, v in head.items()))
