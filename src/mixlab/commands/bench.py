@@ -29,7 +29,8 @@ def configure(p):
                         "model always keeps aten's)")
     p.add_argument("--fast-resample", choices=["on", "off"], default="on",
                    help="on the CPU, run mixlab's model with its resampling layers fused where it names them (UNeXt: "
-                        "BatchNorm + max-pool + ReLU, upsample + ReLU + 1x1 head; mixlab.ops.resample; default on, as "
+                        "BatchNorm + max-pool + ReLU, BatchNorm + upsample + ReLU + skip, upsample + ReLU + 1x1 "
+                        "head; mixlab.ops.resample; default on, as "
                         "`mixlab train` uses them; the --vs model always keeps aten's)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--model-kwargs", default="", metavar="K=V,...", help="architecture arguments")

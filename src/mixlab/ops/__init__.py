@@ -4,7 +4,7 @@ from .depthwise import DepthwiseConv2d, depthwise_conv2d, restore_depthwise, use
 from .gelu import FastGELU, GeluBatchNorm2d, gelu_batch_norm, restore_gelu, use_fast_gelu
 from .layernorm import FastLayerNorm, FastLayerNorm2d, restore_layernorm, use_fast_layernorm
 from .pointwise import PointwiseConv2d, restore_pointwise, use_fast_pointwise
-from .resample import PoolingBatchNorm2d, UpsamplingConv2d, restore_resample, use_fast_resample
+from .resample import PoolingBatchNorm2d, UpsamplingBatchNorm2d, UpsamplingConv2d, restore_resample, use_fast_resample
 from .residual import FusedResidual
 
 # (the GELU function itself is mixlab.ops.gelu.gelu: `mixlab.ops.gelu` stays the module)
@@ -12,4 +12,4 @@ __all__ = ["axial_shift", "depthwise_conv2d", "DepthwiseConv2d", "use_fast_depth
            "gelu_batch_norm", "FastGELU", "GeluBatchNorm2d", "use_fast_gelu", "restore_gelu", "FusedResidual",
            "FastLayerNorm", "FastLayerNorm2d", "use_fast_layernorm", "restore_layernorm",
            "PointwiseConv2d", "use_fast_pointwise", "restore_pointwise",
-           "PoolingBatchNorm2d", "UpsamplingConv2d", "use_fast_resample", "restore_resample"]
+           "PoolingBatchNorm2d", "UpsamplingBatchNorm2d", "UpsamplingConv2d", "use_fast_resample", "restore_resample"]

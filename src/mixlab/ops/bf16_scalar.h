@@ -1,6 +1,7 @@
 // bf16 <-> fp32 for one value, in forms GCC vectorises inside `omp simd` loops: shared by the
-// kernels that keep bf16 tensors as uint16 (gelu_kernels.cpp, layernorm_kernels.cpp). A kernel
-// file includes it by name; kernel_build.py hashes it with the file that includes it.
+// kernels that keep bf16 tensors as uint16 (gelu_kernels.cpp, layernorm_kernels.cpp,
+// resample_kernels.cpp). A kernel file includes it by name; kernel_build.py hashes it with the
+// file that includes it.
 #pragma once
 #include <cstdint>
 

@@ -34,8 +34,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.fx._symbolic_trace import is_fx_tracing
 
 from .gelu import batch_norm_args, update_running_stats
 from .kernel_build import KernelLibrary, Plan, time_training_calls
@@ -474,12 +476,16 @@ def upsample_relu_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 # ----------------------------------------------------------------------------- modules
 
+# The modules are leaves for timm's FX tracers (as nn.BatchNorm2d / nn.Conv2d are for FX's own), and
+# their fused forms take the unfused path while FX traces: a traced graph has aten's operations.
+
+@register_notrace_module
 class PoolingBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (called, it is exactly that) with :meth:`forward_pool_relu`, the fused
     ``relu(max_pool2d(self(x), 2, 2))`` a model calls where that is what it computes."""
 
     def forward_pool_relu(self, x: torch.Tensor) -> torch.Tensor:
-        if hooked(self) or global_hooks():  # hooks see the BatchNorm's own output: the unfused path
+        if hooked(self) or global_hooks() or is_fx_tracing():  # hooks see the BatchNorm's own output
             return F.relu(F.max_pool2d(self(x), 2, 2))
         self._check_input_dim(x)
         running_mean, running_var, batch_stats, factor = batch_norm_args(self)
@@ -487,13 +493,14 @@ class PoolingBatchNorm2d(nn.BatchNorm2d):
                                         self.eps)
 
 
+@register_notrace_module
 class UpsamplingBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (called, it is exactly that) with :meth:`forward_upsample_relu_add`, the
     fused ``relu(interpolate(self(x), scale_factor=2, mode='bilinear')) + skip`` a model calls
     where that is what it computes."""
 
     def forward_upsample_relu_add(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        if hooked(self) or global_hooks():
+        if hooked(self) or global_hooks() or is_fx_tracing():
             return F.relu(F.interpolate(self(x), scale_factor=2.0, mode="bilinear")) + skip
         self._check_input_dim(x)
         running_mean, running_var, batch_stats, factor = batch_norm_args(self)
@@ -501,13 +508,14 @@ class UpsamplingBatchNorm2d(nn.BatchNorm2d):
                                             factor, self.eps)
 
 
+@register_notrace_module
 class UpsamplingConv2d(nn.Conv2d):
     """A 1x1 ``nn.Conv2d`` (called, it is exactly that) with :meth:`forward_upsampled`, the fused
     ``self(relu(interpolate(x, scale_factor=2, mode='bilinear')))`` a model calls where that is
     what it computes."""
 
     def forward_upsampled(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or hooked(self) or global_hooks():
+        if not self.training or hooked(self) or global_hooks() or is_fx_tracing():
             return self(F.relu(F.interpolate(x, scale_factor=2.0, mode="bilinear")))
         return upsample_relu_conv1x1(x, self.weight, self.bias)
 

@@ -139,8 +139,8 @@ int bn_pool_fwd(const T* x, T* y, Sel<T>* sel, T* xsel, const float* center, lon
                 best = t2 ? v2 : best; bx = t2 ? a2 : bx; k = t2 ? 2 : k;
                 const bool t3 = v3 > best || v3 != v3;
                 best = t3 ? v3 : best; bx = t3 ? a3 : bx; k = t3 ? 3 : k;
-                const bool pass = best > 0.f;
-                store(yo + c, pass || best != best ? best : 0.f);
+                const bool pass = !(best <= 0.f);  // ReLU's mask as aten's: NaN passes (value and gradient)
+                store(yo + c, pass ? best : 0.f);
                 so[c] = static_cast<Sel<T>>(pass ? k : CUT);
                 store(xo + c, bx);
             }
@@ -265,7 +265,7 @@ int up_conv_fwd(const T* x, const float* weight, const float* bias, T* y, long N
 #pragma omp simd reduction(+ : acc)
                     for (long c = 0; c < C; ++c) {
                         const float u = stored_value<T>(tx.l0 * v0[c] + tx.l1 * v1[c]);
-                        acc += wk[c] * (u > 0.f || u != u ? u : 0.f);
+                        acc += wk[c] * (!(u <= 0.f) ? u : 0.f);
                     }
                     store(yr + ox * K + k, acc + (bias ? bias[k] : 0.f));
                 }
@@ -338,14 +338,14 @@ int up_conv_bwd(const T* x, const T* gy, const float* weight, T* dx, double* dwe
 #pragma omp simd
                     for (long c = 0; c < C; ++c) {
                         const float uv = stored_value<T>(tx.l0 * v0[c] + tx.l1 * v1[c]);
-                        u[c] = uv > 0.f || uv != uv ? uv : 0.f;
+                        u[c] = !(uv <= 0.f) ? uv : 0.f;
                         d[c] = 0.f;
                     }
                     for (long k = 0; k < K; ++k) {
                         const float gk = widen(gr[ox * K + k]);
                         const float* wk = weight + k * C;
 #pragma omp simd
-                        for (long c = 0; c < C; ++c) d[c] += u[c] > 0.f ? gk * wk[c] : 0.f;
+                        for (long c = 0; c < C; ++c) d[c] += !(u[c] <= 0.f) ? gk * wk[c] : 0.f;
                         if (own) {
                             float* rk = rw + k * C;
 #pragma omp simd
@@ -464,7 +464,7 @@ int bn_up_add_fwd(const T* x, const T* skip, T* y, const float* center, const fl
 #pragma omp simd
                 for (long c = 0; c < C; ++c) {
                     const float u = stored_value<T>(tx.l0 * v0[c] + tx.l1 * v1[c]);
-                    store(yr + ox * C + c, (u > 0.f || u != u ? u : 0.f) + widen(sr[ox * C + c]));
+                    store(yr + ox * C + c, (!(u <= 0.f) ? u : 0.f) + widen(sr[ox * C + c]));
                 }
             }
         }
@@ -494,7 +494,7 @@ int bn_up_add_bwd(const T* x, const T* gy, float* dz, const float* center, const
         const int tid = omp_get_thread_num();
         double* s1 = sums + static_cast<size_t>(tid) * 2 * C;
         double* s2 = s1 + C;
-        float* acc = static_cast<float*>(std::malloc(sizeof(float) * (BAND * w * C + 4 * w * C + 2 * C + 64)));
+        float* acc = static_cast<float*>(std::malloc(sizeof(float) * (BAND * w * C + 4 * w * C + 3 * C + 64)));
         if (!acc) {
 #pragma omp atomic write
             failed = 1;
@@ -505,6 +505,7 @@ int bn_up_add_bwd(const T* x, const T* gy, float* dz, const float* center, const
         float* hr = acc ? v + w * C : nullptr;
         float* p1 = acc ? hr + w * C : nullptr;  // one row's sums, fp32, before the fp64 ones
         float* p2 = acc ? p1 + C : nullptr;
+        float* d = acc ? p2 + C : nullptr;  // one output pixel's gradient at the upsampled map
 #pragma omp for schedule(static)
         for (long task = 0; task < N * bands; ++task) {
             if (!acc) continue;
@@ -532,10 +533,13 @@ int bn_up_add_bwd(const T* x, const T* gy, float* dz, const float* center, const
                     for (long c = 0; c < C; ++c) {
                         const float u = stored_value<T>(tx.l0 * v0[c] + tx.l1 * v1[c]);
                         const float gv = widen(go[c]);
-                        const float d = u > 0.f ? gv : 0.f;
-                        h0[c] += tx.l0 * d;
-                        h1[c] += tx.l1 * d;
+                        d[c] = !(u <= 0.f) ? gv : 0.f;  // ReLU's mask as aten's: NaN passes
                     }
+                    // two loops: h0 and h1 are one row at the right border (i0 == i1)
+#pragma omp simd
+                    for (long c = 0; c < C; ++c) h0[c] += tx.l0 * d[c];
+#pragma omp simd
+                    for (long c = 0; c < C; ++c) h1[c] += tx.l1 * d[c];
                 }
                 const long rr[2] = {ty.i0, ty.i1};
                 const float wts[2] = {ty.l0, ty.l1};

@@ -251,12 +251,12 @@ def resolve_cpu_settings(cfg: dict, model: nn.Module, make_batch, loss_fn, total
     from ..ops.gelu import FastGELU, GeluBatchNorm2d
     from ..ops.layernorm import FastLayerNorm, FastLayerNorm2d
     from ..ops.pointwise import PointwiseConv2d
-    from ..ops.resample import PoolingBatchNorm2d, UpsamplingConv2d
+    from ..ops.resample import PoolingBatchNorm2d, UpsamplingBatchNorm2d, UpsamplingConv2d
 
     fast_gelu = any(isinstance(m, (FastGELU, GeluBatchNorm2d)) for m in model.modules())  # timed with them
     fast_ln = any(isinstance(m, (FastLayerNorm, FastLayerNorm2d)) for m in model.modules())
     fast_pw = any(isinstance(m, PointwiseConv2d) for m in model.modules())
-    fast_rs = any(isinstance(m, (PoolingBatchNorm2d, UpsamplingConv2d)) for m in model.modules())
+    fast_rs = any(isinstance(m, (PoolingBatchNorm2d, UpsamplingBatchNorm2d, UpsamplingConv2d)) for m in model.modules())
     key = json.dumps([cfg["model"], cfg.get("model_kwargs") or {}, list(x.shape), str(x.dtype), cfg.get("task"),
                       cpu_model_name(), torch.__version__, torch.get_num_threads(), candidates,
                       str(cfg.get("compile", "auto"))] + (["fast_gelu"] if fast_gelu else [])

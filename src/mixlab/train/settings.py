@@ -95,7 +95,8 @@ def _fast_pointwise(cfg: dict, model: nn.Module, device: torch.device, say) -> b
 
 def _fast_resample(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
     """Whether this run fuses the resampling layers its model names (:mod:`mixlab.ops.resample`:
-    UNeXt's BatchNorm + max-pool + ReLU and upsample + ReLU + 1x1 head), as :func:`_fast_gelu` decides."""
+    UNeXt's BatchNorm + max-pool + ReLU, BatchNorm + upsample + ReLU + skip, and upsample + ReLU + 1x1
+    head), as :func:`_fast_gelu` decides."""
     from ..ops.resample import fast_resample_available, use_fast_resample
 
     return _cpu_kernel(cfg, "fast_resample", model, device, say, fast_resample_available, use_fast_resample,
