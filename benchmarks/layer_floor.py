@@ -1,8 +1,10 @@
-"""How much of a training step its convolutions and linear layers alone take: each one timed by
-itself at the shape it sees in the step (forward, then backward), bf16 and channels-last as
-`mixlab train` runs them on the CPU, summed. What the step spends beyond that sum is everything
-else (normalisation, activations, resampling, losses, the optimizer, copies): the part that
-kernels and fusions can shrink.
+"""How much of a training step its dense convolutions and linear layers alone take: each one
+timed by itself at the shape it sees in the step (forward, then backward), bf16 and
+channels-last as `mixlab train` runs them on the CPU, summed. These are matrix products that
+aten (oneDNN) runs near the CPU's peak; what the step spends beyond their sum is everything else
+(depthwise convolutions, normalisation, activations, resampling, losses, the optimizer, copies):
+the part that mixlab's kernels and fusions can shrink. Grouped (e.g. depthwise) convolutions are
+left out of the sum and counted.
 
     python benchmarks/layer_floor.py --model convmlp_s --batch-size 32 [--img-size 224] [--json out.json]
 
@@ -92,18 +94,22 @@ def main() -> None:
     x = torch.randn(args.batch_size, getattr(model, "in_chans", 3), size, size)
     head = provenance_fields()
     print(", ".join(f"{k} {v}" for k, v in head.items()))
-    rows = []
+    rows, grouped = [], 0
     for i, (name, m, shape) in enumerate(layer_inputs(model, x)):
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            grouped += 1
+            continue
         r = dict(layer=name, kind=type(m).__name__, input=list(shape), **time_layer(m, shape, i == 0, args.repeats))
         rows.append(r)
         print(f"  {name:44s} {str(shape):24s} fwd {r['fwd_ms']:6.2f}  bwd {r['bwd_ms']:6.2f} ms", flush=True)
     fwd, bwd, gflop = (sum(r[k] for r in rows) for k in ("fwd_ms", "bwd_ms", "gflop"))
-    print(f"{args.model}, batch {args.batch_size}, {size}x{size}, bf16 channels_last: {len(rows)} conv/linear layers "
-          f"alone take {fwd:.1f} ms forward + {bwd:.1f} ms backward = {fwd + bwd:.1f} ms a step "
+    print(f"{args.model}, batch {args.batch_size}, {size}x{size}, bf16 channels_last: {len(rows)} dense conv/linear "
+          f"layers ({grouped} grouped convolutions left out) alone take {fwd:.1f} ms forward + {bwd:.1f} ms backward = {fwd + bwd:.1f} ms a step "
           f"({gflop:.1f} GFLOP, {gflop / (fwd + bwd) * 1e3:.0f} GFLOP/s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(**head, model=args.model, batch_size=args.batch_size, img_size=size, rows=rows,
+                           grouped_convs_left_out=grouped,
                            total_fwd_ms=fwd, total_bwd_ms=bwd, gflop=gflop), f, indent=2)
 
 
