@@ -2,7 +2,7 @@
 
 For each combination of precision (bf16 / fp32), layout (channels_last / NCHW) and mixlab's CPU
 ops or aten's (the fast depthwise convolution, the GELU kernels, GELU + BatchNorm fused where
-the model has such pairs, the LayerNorm kernel, the 1x1 convolution's weight gradient and the fused resampling layers, as `mixlab train` uses them), the same model, batch and task loss; the settings are
+the model has such pairs, the LayerNorm kernel, the 1x1 convolution's weight gradient, BatchNorm + ReLU and the fused resampling layers, as `mixlab train` uses them), the same model, batch and task loss; the settings are
 timed in turn, one window each per round, so drift in the machine falls on all alike. Prints
 images/s (median over rounds) and the ratio of each to the best plain-torch setting (aten's
 depthwise convolution), and writes a JSON with the command, commit, CPU, torch and date.
@@ -32,6 +32,7 @@ from mixlab.ops.gelu import use_fast_gelu
 from mixlab.ops.layernorm import use_fast_layernorm
 from mixlab.ops.pointwise import use_fast_pointwise
 from mixlab.ops.resample import use_fast_resample
+from mixlab.ops.bn_relu import use_fast_bn_relu
 from mixlab.runtime import flush_denormals, tune_malloc
 from mixlab.train.cpu_defaults import cpu_model_name
 from mixlab.train.step import TrainStep
@@ -66,7 +67,7 @@ def main() -> None:
     steps, runs = [], []
     for s in settings:
         m = __import__("copy").deepcopy(base)
-        n_fast = (use_fast_resample(m) + use_fast_depthwise(m) + sum(use_fast_gelu(m)) + use_fast_layernorm(m) + use_fast_pointwise(m)) if s["fast_depthwise"] else 0
+        n_fast = (use_fast_resample(m) + use_fast_depthwise(m) + sum(use_fast_gelu(m)) + use_fast_bn_relu(m) + use_fast_layernorm(m) + use_fast_pointwise(m)) if s["fast_depthwise"] else 0
         if s["fast_depthwise"] and n_fast == 0:
             continue  # no eligible depthwise convolution or GELU: the same as the aten setting
         fmt = torch.channels_last if s["channels_last"] else torch.contiguous_format

@@ -24,6 +24,7 @@ from mixlab.ops.gelu import use_fast_gelu
 from mixlab.ops.layernorm import use_fast_layernorm
 from mixlab.ops.pointwise import use_fast_pointwise
 from mixlab.ops.resample import use_fast_resample
+from mixlab.ops.bn_relu import use_fast_bn_relu
 from mixlab.runtime import flush_denormals, tune_malloc
 from text_report import emit, provenance  # benchmarks/text_report.py (run as python benchmarks/...)
 
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--aten-gelu", action="store_true", help="keep aten's GELU (and BatchNorm)")
     ap.add_argument("--aten-layernorm", action="store_true", help="keep aten's LayerNorm")
     ap.add_argument("--aten-pointwise", action="store_true", help="keep aten's 1x1 convolution backward")
+    ap.add_argument("--aten-bn-relu", action="store_true", help="keep aten's BatchNorm and ReLU unfused")
     ap.add_argument("--aten-resample", action="store_true", help="keep aten's BatchNorm/pool/upsample layers unfused")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--steps", type=int, default=6, help="timed steps (after 3 warm-up steps)")
@@ -56,6 +58,8 @@ def main() -> None:
         use_fast_depthwise(model)
     if not args.aten_gelu:
         use_fast_gelu(model)
+    if not args.aten_bn_relu:
+        use_fast_bn_relu(model)
     if not args.aten_layernorm:
         use_fast_layernorm(model)
     if not args.aten_pointwise:

@@ -41,3 +41,11 @@ def resample_kernel(monkeypatch, kernel_cache):
     from mixlab.ops import resample as rs
 
     yield from _kernel_for_every_call(monkeypatch, kernel_cache, rs.LIBRARY, rs.set_resample_method)
+
+
+@pytest.fixture
+def bn_relu_kernel(monkeypatch, kernel_cache):
+    """mixlab's compiled BatchNorm + ReLU kernel for every call."""
+    from mixlab.ops import bn_relu as br
+
+    yield from _kernel_for_every_call(monkeypatch, kernel_cache, br.LIBRARY, br.set_bn_relu_method)

@@ -237,3 +237,28 @@ def test_fast_resample_is_on_for_unext_off_when_asked_and_resumed_as_recorded(ma
     assert json.loads((out / "summary.json").read_text())["fast_resample"] is False
     with pytest.raises(ValueError, match="fast_resample must be auto, true or false"):
         resolve_config(model="unext_s", overrides=["fast_resample=sometimes"])
+
+
+def test_fast_bn_relu_is_on_where_pairs_are_off_when_asked_and_resumed_as_recorded(make_folder_dataset, tmp_path):
+    from mixlab.ops.bn_relu import fast_bn_relu_available
+
+    if not fast_bn_relu_available():
+        pytest.skip("the BatchNorm + ReLU kernel is not built here")
+    data = make_folder_dataset(n_classes=3, per_class=(8, 4), size=32)
+    base = ["train", "--model", "vgg16_bn_cifar", "--data", str(data), "--dataset", "folder", "--epochs", "1",
+            "--batch-size", "8", "--set", "autotune=false"]
+    runs = {}
+    for name, extra in (("auto", []), ("off", ["--set", "fast_bn_relu=false"])):
+        out = tmp_path / name
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        runs[name] = yaml.safe_load((out / "config.yaml").read_text())["picked"]["fast_bn_relu"]
+        assert json.loads((out / "summary.json").read_text())["fast_bn_relu"] is runs[name]
+    assert runs == {"auto": True, "off": False}
+    out = tmp_path / "auto"  # a run recorded before the setting existed did not fuse: its resume does not either
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    del cfg["picked"]["fast_bn_relu"]
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--resume", str(out), "--epochs", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["fast_bn_relu"] is False
+    with pytest.raises(ValueError, match="fast_bn_relu must be auto, true or false"):
+        resolve_config(model="vgg16_bn_cifar", overrides=["fast_bn_relu=sometimes"])

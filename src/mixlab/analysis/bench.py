@@ -190,7 +190,7 @@ def build_timm_model(spec: str, kwargs: dict) -> nn.Module:
 def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_size=None, device: str = "cpu",
                      precision: str = "fp32", channels_last: bool = False, compile: bool = False,
                      fast_depthwise: bool = True, fast_gelu: bool = True, fast_layernorm: bool = True, fast_pointwise: bool = True,
-                     fast_resample: bool = True, num_classes: int | None = None,
+                     fast_resample: bool = True, fast_bn_relu: bool = True, num_classes: int | None = None,
                      model_kwargs: dict | None = None,
                      vs: str | None = None, vs_kwargs: dict | None = None, warmup: int = 3, windows: int = 5,
                      window_seconds: float = 2.0, count_flops: bool = True, memory_check: bool = True) -> dict:
@@ -199,9 +199,9 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
     ``fast_depthwise``: on the CPU, run ``name`` with mixlab's fast depthwise convolution (the
     ``vs`` model always keeps aten's); ``fast_gelu``: likewise with mixlab's GELU kernels
     (:mod:`mixlab.ops.gelu`), ``fast_layernorm`` with its LayerNorm kernel (:mod:`mixlab.ops.layernorm`), ``fast_pointwise`` with
-    its 1x1 convolution (:mod:`mixlab.ops.pointwise`), ``fast_resample`` with its fused resampling layers (:mod:`mixlab.ops.resample`). Returns :func:`bench_pair`'s dict with the model, the versions,
+    its 1x1 convolution (:mod:`mixlab.ops.pointwise`), ``fast_resample`` with its fused resampling layers (:mod:`mixlab.ops.resample`), ``fast_bn_relu`` with its BatchNorm + ReLU (:mod:`mixlab.ops.bn_relu`). Returns :func:`bench_pair`'s dict with the model, the versions,
     threads and CPU, ``fast_depthwise_convs`` (layers switched) and ``fast_gelu`` ([GELU +
-    BatchNorm pairs fused, GELUs alone]), ``fast_layernorms`` (LayerNorms switched), ``fast_pointwise_convs``, ``fast_resample_layers``, ``fused_residual_blocks`` (:mod:`mixlab.ops.residual`).
+    BatchNorm pairs fused, GELUs alone]), ``fast_layernorms`` (LayerNorms switched), ``fast_pointwise_convs``, ``fast_resample_layers``, ``fast_bn_relu_pairs``, ``fused_residual_blocks`` (:mod:`mixlab.ops.residual`).
     ``memory_check``:
     refuse a batch whose step would not fit in the memory free (estimated first)."""
     from ..registry import create_model, model_info
@@ -233,6 +233,11 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
         from ..ops.gelu import use_fast_gelu
 
         gelus = use_fast_gelu(model)
+    brs = 0  # after the GELU pairs, which take their BatchNorms
+    if fast_bn_relu and not device.startswith("cuda"):
+        from ..ops.bn_relu import use_fast_bn_relu
+
+        brs = use_fast_bn_relu(model)
     lns = 0
     if fast_layernorm and not device.startswith("cuda"):
         from ..ops.layernorm import use_fast_layernorm
@@ -276,7 +281,7 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
     out.update(model=name, vs=vs, torch=torch.__version__, malloc_tuned=malloc_tuned(),
                denormals_flushed=denormals_flushed(),
                threads=torch.get_num_threads(), fast_depthwise_convs=fast_dw, fast_gelu=list(gelus),
-               fast_layernorms=lns, fast_pointwise_convs=pws, fast_resample_layers=rss,
+               fast_layernorms=lns, fast_pointwise_convs=pws, fast_resample_layers=rss, fast_bn_relu_pairs=brs,
                fused_residual_blocks=fused_res,
                cpu=cpu_model_name())
     return out

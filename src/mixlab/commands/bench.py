@@ -32,6 +32,9 @@ def configure(p):
                         "BatchNorm + max-pool + ReLU, BatchNorm + upsample + ReLU + skip, upsample + ReLU + 1x1 "
                         "head; mixlab.ops.resample; default on, as "
                         "`mixlab train` uses them; the --vs model always keeps aten's)")
+    p.add_argument("--fast-bn-relu", choices=["on", "off"], default="on",
+                   help="on the CPU, run mixlab's model with each BatchNorm + ReLU pair as one op (mixlab.ops.bn_relu; "
+                        "default on, as `mixlab train` uses it; the --vs model always keeps aten's)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--model-kwargs", default="", metavar="K=V,...", help="architecture arguments")
     p.add_argument("--vs", metavar="timm:NAME",
@@ -56,7 +59,7 @@ def run(args) -> int:
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
         fast_depthwise=args.fast_depthwise == "on", fast_gelu=args.fast_gelu == "on",
         fast_layernorm=args.fast_layernorm == "on", fast_pointwise=args.fast_pointwise == "on",
-        fast_resample=args.fast_resample == "on",
+        fast_resample=args.fast_resample == "on", fast_bn_relu=args.fast_bn_relu == "on",
         num_classes=args.num_classes,
         model_kwargs=parse_kv(args.model_kwargs), vs=args.vs, vs_kwargs=parse_kv(args.vs_kwargs) if args.vs else None,
         warmup=args.warmup, windows=args.windows, window_seconds=args.window_seconds, count_flops=not args.no_flops,
@@ -75,6 +78,7 @@ def run(args) -> int:
           f"{f', mixlab LayerNorm ({lns})' if (lns := out.get('fast_layernorms')) else ''}"
           f"{f', mixlab 1x1 conv ({pws})' if (pws := out.get('fast_pointwise_convs')) else ''}"
           f"{f', mixlab resampling ({rss} layers)' if (rss := out.get('fast_resample_layers')) else ''}"
+          f"{f', BatchNorm + ReLU fused ({brs} pairs)' if (brs := out.get('fast_bn_relu_pairs')) else ''}"
           f"  (torch {out['torch']}, {out['threads']} threads, malloc tuning {'on' if out['malloc_tuned'] else 'off'}, "
           f"subnormals {'flushed' if out['denormals_flushed'] else 'kept'}; "
           f"{out['cpu']})")

@@ -1,6 +1,7 @@
-// Per-channel sums over the rows of a channels-last tensor, and the value a bf16 store keeps:
-// shared by the kernels that normalise per channel (gelu_kernels.cpp: GELU + BatchNorm;
-// resample_kernels.cpp: BatchNorm + max-pool + ReLU). A kernel file includes it by name;
+// Per-channel sums over the rows of a channels-last tensor (BatchNorm's statistics among them),
+// and the value a bf16 store keeps: shared by the kernels that normalise per channel
+// (gelu_kernels.cpp: GELU + BatchNorm; resample_kernels.cpp: BatchNorm + pool / upsampling;
+// bn_relu_kernels.cpp: BatchNorm + ReLU). A kernel file includes it by name;
 // kernel_build.py hashes it with the file that includes it.
 #pragma once
 #include <omp.h>
@@ -74,6 +75,52 @@ int channel_sums(const Terms& terms, long M, long C, double* out1, double* out2,
     }
     std::free(dbuf);
     return 0;
+}
+
+template <typename T>
+struct Moments {  // statistics pass: x - center and its square
+    const T* x;
+    const float* center;
+    long C;
+    void add(long r, long c, float& a, float& b) const {
+        const float d = mixlab_bf16::widen(x[r * C + c]) - center[c];
+        a += d;
+        b += d * d;
+    }
+};
+
+// channel_sums for few channels (C < CB, dividing it, e.g. UNeXt's 16): rows of CB values hold
+// CB / C pixels each, summed as CB channels about the centre repeated, then folded back to C
+// (channel_sums' per-channel loop is scalar past its last whole block of CB channels)
+template <typename Terms>
+int sums_any_width(Terms terms, long M, long C, double* out1, double* out2, int nthreads) {
+    if (C >= CB || CB % C != 0) return channel_sums(terms, M, C, out1, out2, nthreads);
+    const long per = CB / C, Mv = M / per;
+    float tiled[CB];
+    double w1[CB], w2[CB];
+    for (long j = 0; j < CB; ++j) tiled[j] = terms.center[j % C];
+    Terms wide = terms;
+    wide.C = CB;
+    wide.center = tiled;
+    if (channel_sums(wide, Mv, CB, w1, w2, nthreads)) return 1;
+    for (long c = 0; c < C; ++c) out1[c] = out2[c] = 0.0;
+    for (long j = 0; j < CB; ++j) {
+        out1[j % C] += w1[j];
+        out2[j % C] += w2[j];
+    }
+    for (long r = Mv * per; r < M; ++r)  // rows past the last whole block
+        for (long c = 0; c < C; ++c) {
+            float a = 0.f, b = 0.f;
+            terms.add(r, c, a, b);
+            out1[c] += a;
+            out2[c] += b;
+        }
+    return 0;
+}
+
+template <typename T>
+int bn_stats(const T* x, const float* center, long M, long C, double* sum, double* sumsq, int nthreads) {
+    return sums_any_width(Moments<T>{x, center, C}, M, C, sum, sumsq, nthreads);
 }
 
 }  // namespace mixlab_sums

@@ -98,15 +98,17 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
 # Registered ops: one opaque node each for a tracer that reaches them (under torch.compile the
 # functions below run aten's operations instead).
 
-def _batch_stats(lib, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+def _batch_stats(lib, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                 stats: str = "mixlab_bn_stats"):
     """mean and biased variance per channel (fp64) of an NHWC ``x``, and BatchNorm's affine map
-    about the mean as fp32 (center, scale, shift)."""
+    about the mean as fp32 (center, scale, shift); ``stats``: the library's statistics function
+    (without its dtype suffix)."""
     n, c, h, w = x.shape
     s = torch.empty(c, dtype=torch.float64)
     ss = torch.empty(c, dtype=torch.float64)
     # sums about a pivot near each channel's mean (its first value), as the GELU + BatchNorm kernel
     pivot = x[0, :, 0, 0].float().contiguous()
-    _check(getattr(lib, f"mixlab_bn_stats_{_sfx(x)}")(x.data_ptr(), pivot.data_ptr(), n * h * w, c, s.data_ptr(),
+    _check(getattr(lib, f"{stats}_{_sfx(x)}")(x.data_ptr(), pivot.data_ptr(), n * h * w, c, s.data_ptr(),
                                                       ss.data_ptr(), torch.get_num_threads()))
     shift_mean = s / (n * h * w)
     mean = pivot.double() + shift_mean

@@ -43,7 +43,9 @@ using mixlab_bf16::store;
 using mixlab_bf16::widen;
 using mixlab_sums::channel_sums;
 using mixlab_sums::imin;
+using mixlab_sums::bn_stats;
 using mixlab_sums::stored_value;
+using mixlab_sums::sums_any_width;
 
 constexpr int CUT = 4;  // window position code: ReLU passed no gradient
 
@@ -53,53 +55,6 @@ template <typename T>
 using Sel = typename std::conditional<sizeof(T) == 2, int16_t, int32_t>::type;
 
 // ----------------------------------------------------------------------------- BatchNorm + max-pool + ReLU
-
-template <typename T>
-struct Moments {  // statistics pass: x - center and its square
-    const T* x;
-    const float* center;
-    long C;
-    void add(long r, long c, float& a, float& b) const {
-        const float d = widen(x[r * C + c]) - center[c];
-        a += d;
-        b += d * d;
-    }
-};
-
-// channel_sums for few channels (C < CB, dividing it, e.g. UNeXt's 16): rows of CB values hold
-// CB / C pixels each, summed as CB channels about the centre repeated, then folded back to C
-// (channel_sums' per-channel loop is scalar past its last whole block of CB channels)
-template <typename Terms>
-int sums_any_width(Terms terms, long M, long C, double* out1, double* out2, int nthreads) {
-    constexpr long CB = mixlab_sums::CB;
-    if (C >= CB || CB % C != 0) return channel_sums(terms, M, C, out1, out2, nthreads);
-    const long per = CB / C, Mv = M / per;
-    float tiled[CB];
-    double w1[CB], w2[CB];
-    for (long j = 0; j < CB; ++j) tiled[j] = terms.center[j % C];
-    Terms wide = terms;
-    wide.C = CB;
-    wide.center = tiled;
-    if (channel_sums(wide, Mv, CB, w1, w2, nthreads)) return 1;
-    for (long c = 0; c < C; ++c) out1[c] = out2[c] = 0.0;
-    for (long j = 0; j < CB; ++j) {
-        out1[j % C] += w1[j];
-        out2[j % C] += w2[j];
-    }
-    for (long r = Mv * per; r < M; ++r)  // rows past the last whole block
-        for (long c = 0; c < C; ++c) {
-            float a = 0.f, b = 0.f;
-            terms.add(r, c, a, b);
-            out1[c] += a;
-            out2[c] += b;
-        }
-    return 0;
-}
-
-template <typename T>
-int bn_stats(const T* x, const float* center, long M, long C, double* sum, double* sumsq, int nthreads) {
-    return sums_any_width(Moments<T>{x, center, C}, M, C, sum, sumsq, nthreads);
-}
 
 // v = bn(x) as the stored BatchNorm output would hold it; the maximum of the window's four in
 // aten's order (row by row; a later value replaces the maximum when larger or NaN), then ReLU

@@ -47,6 +47,10 @@ def run_settings(log_every: int, omit: tuple = (), **changes) -> dict:
         # conv as one op each on the CPU where a model names them (mixlab.ops.resample; UNeXt):
         # auto (on the CPU; timed per shape) | true | false
         "fast_resample": "auto",
+        # each BatchNorm2d directly followed by a ReLU (in an nn.Sequential) as one op on the CPU
+        # (mixlab.ops.bn_relu; ConvMLP's tokenizer and stage, VGG-BN): auto (on the CPU; timed per
+        # shape) | true | false
+        "fast_bn_relu": "auto",
         # measure the CPU settings left on auto (precision, channels_last, fast_depthwise) with a
         # few training steps of each combination; false: bf16 where supported, channels_last for
         # convolutional models, the fast depthwise op

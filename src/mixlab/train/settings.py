@@ -1,5 +1,5 @@
 """The run's device and its speed settings: device, precision, channels_last, fast depthwise
-convolution, mixlab's GELU, LayerNorm and resampling kernels and 1x1 convolution, torch.compile (measured on the CPU by :mod:`mixlab.train.cpu_defaults`)."""
+convolution, mixlab's GELU, LayerNorm, BatchNorm + ReLU and resampling kernels and 1x1 convolution, torch.compile (measured on the CPU by :mod:`mixlab.train.cpu_defaults`)."""
 from __future__ import annotations
 
 import torch
@@ -46,6 +46,7 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
 
     fast_gelu = _fast_gelu(cfg, model, device, say)
     fast_layernorm = _fast_layernorm(cfg, model, device, say)
+    fast_bn_relu = _fast_bn_relu(cfg, model, device, say)  # after the GELU pairs, which take their BatchNorms
     # before the 1x1 convolutions: the resampling op takes over a 1x1 head (UNeXt's) that it fuses
     fast_resample = _fast_resample(cfg, model, device, say)
     fast_pointwise = _fast_pointwise(cfg, model, device, say)
@@ -60,6 +61,7 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
     p["fast_layernorm"] = fast_layernorm
     p["fast_pointwise"] = fast_pointwise
     p["fast_resample"] = fast_resample
+    p["fast_bn_relu"] = fast_bn_relu
     cfg["picked"] = p
     if p["fast_depthwise"] and device.type == "cpu":
         use_fast_depthwise(model)
@@ -91,6 +93,15 @@ def _fast_pointwise(cfg: dict, model: nn.Module, device: torch.device, say) -> b
     from ..ops.pointwise import use_fast_pointwise
 
     return _cpu_kernel(cfg, "fast_pointwise", model, device, say, lambda: True, use_fast_pointwise, "")
+
+
+def _fast_bn_relu(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
+    """Whether this run fuses its BatchNorm + ReLU pairs (:mod:`mixlab.ops.bn_relu`), as
+    :func:`_fast_gelu` decides."""
+    from ..ops.bn_relu import fast_bn_relu_available, use_fast_bn_relu
+
+    return _cpu_kernel(cfg, "fast_bn_relu", model, device, say, fast_bn_relu_available, use_fast_bn_relu,
+                       "BatchNorm and ReLU run as aten's operations")
 
 
 def _fast_resample(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
