@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from .gelu import batch_norm_args, update_running_stats
 from .kernel_build import KernelLibrary, Plan, time_training_calls
-from .module_swap import hooked
+from .module_swap import fx_tracing, hooked
 from .resample import _affine, _batch_stats, _bn_grad_terms
 
 __all__ = ["batch_norm_relu", "BatchNormReLU2d", "use_fast_bn_relu", "restore_bn_relu", "fast_bn_relu_available",
@@ -165,7 +164,7 @@ def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_
     """``relu(batch_norm(x, ...))``, fused on the CPU where :mod:`this module <mixlab.ops.bn_relu>`
     says it can be (training mode, channels-last fp32/bf16)."""
     args = (running_mean, running_var, weight, bias, training, momentum, eps)
-    if (not training or torch.compiler.is_compiling() or is_fx_tracing() or x.device.type != "cpu"
+    if (not training or torch.compiler.is_compiling() or fx_tracing() or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4
             or not x.is_contiguous(memory_format=torch.channels_last) or x.shape[0] * x.shape[2] * x.shape[3] < 2
             or LIBRARY.load() is None):
@@ -197,7 +196,8 @@ def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_
 @register_notrace_module  # a leaf for timm's FX tracers, as nn.BatchNorm2d is for FX's own
 class BatchNormReLU2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that applies ReLU to its output (:func:`batch_norm_relu`). Same
-    parameters, buffers and state_dict as ``nn.BatchNorm2d``; ``isinstance(m, nn.BatchNorm2d)`` holds."""
+    parameters, buffers and state_dict as ``nn.BatchNorm2d``; ``isinstance(m, nn.BatchNorm2d)`` holds.
+    Hooks registered on it after the switch see the ReLU's output (a hooked pair is not switched)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)

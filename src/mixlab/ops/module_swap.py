@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from torch import nn
+from torch.fx import _symbolic_trace as _fx
 from torch.nn.modules import module as _module
 
 
@@ -37,3 +38,10 @@ def global_hooks() -> bool:
     """Whether a global module hook is registered (``nn.modules.module.register_module_*_hook``)."""
     return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
                 or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def fx_tracing() -> bool:
+    """Whether torch.fx is symbolically tracing (fused paths then step aside for aten's operations).
+    ``is_fx_symbolic_tracing``, where torch has it: ``is_fx_tracing`` warns on its first call."""
+    probe = getattr(_fx, "is_fx_symbolic_tracing", None) or _fx.is_fx_tracing
+    return probe()

@@ -37,11 +37,10 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from .gelu import batch_norm_args, update_running_stats
 from .kernel_build import KernelLibrary, Plan, time_training_calls
-from .module_swap import by_exact_type, global_hooks, hooked, swap_classes
+from .module_swap import by_exact_type, fx_tracing, global_hooks, hooked, swap_classes
 
 __all__ = ["fast_resample_available", "batch_norm_max_pool_relu", "batch_norm_upsample_relu_add", "upsample_relu_conv1x1",
            "PoolingBatchNorm2d", "UpsamplingBatchNorm2d", "UpsamplingConv2d",
@@ -487,7 +486,7 @@ class PoolingBatchNorm2d(nn.BatchNorm2d):
     ``relu(max_pool2d(self(x), 2, 2))`` a model calls where that is what it computes."""
 
     def forward_pool_relu(self, x: torch.Tensor) -> torch.Tensor:
-        if hooked(self) or global_hooks() or is_fx_tracing():  # hooks see the BatchNorm's own output
+        if hooked(self) or global_hooks() or fx_tracing():  # hooks see the BatchNorm's own output
             return F.relu(F.max_pool2d(self(x), 2, 2))
         self._check_input_dim(x)
         running_mean, running_var, batch_stats, factor = batch_norm_args(self)
@@ -502,7 +501,7 @@ class UpsamplingBatchNorm2d(nn.BatchNorm2d):
     where that is what it computes."""
 
     def forward_upsample_relu_add(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        if hooked(self) or global_hooks() or is_fx_tracing():
+        if hooked(self) or global_hooks() or fx_tracing():
             return F.relu(F.interpolate(self(x), scale_factor=2.0, mode="bilinear")) + skip
         self._check_input_dim(x)
         running_mean, running_var, batch_stats, factor = batch_norm_args(self)
@@ -517,7 +516,7 @@ class UpsamplingConv2d(nn.Conv2d):
     what it computes."""
 
     def forward_upsampled(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or hooked(self) or global_hooks() or is_fx_tracing():
+        if not self.training or hooked(self) or global_hooks() or fx_tracing():
             return self(F.relu(F.interpolate(x, scale_factor=2.0, mode="bilinear")))
         return upsample_relu_conv1x1(x, self.weight, self.bias)
 
