@@ -92,6 +92,32 @@ def test_updates_running_statistics_as_batchnorm_does(bn_relu_kernel):
         assert int(fused.num_batches_tracked) == int(ref.num_batches_tracked) == 3
 
 
+def test_nan_and_inf_pass_as_through_aten(bn_relu_kernel):
+    g = torch.Generator().manual_seed(6)
+    x = _cl(torch.randn(2, 8, 4, 4, generator=g))
+    x[0, 1, 0, 0] = float("nan")  # one channel's statistics NaN: the whole channel NaN, and its gradients
+    x[1, 2, 1, 1] = float("inf")
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    dy = _cl(torch.randn(2, 8, 4, 4, generator=g))
+    got, want = _grads(batch_norm_relu, x, w, b, dy), _grads(br._aten, x, w, b, dy)
+    for k, a in zip(got, want):
+        assert torch.equal(k.isnan(), a.isnan()) and torch.equal(k.isinf(), a.isinf())
+        fin = k.isfinite() & a.isfinite()
+        torch.testing.assert_close(k[fin], a[fin], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("affine,track", [(False, True), (True, False), (False, False)])
+def test_module_options_as_batchnorm_in_training_and_evaluation(bn_relu_kernel, affine, track):
+    x = _cl(torch.randn(4, 8, 5, 5) * 2 + 1)
+    ref = nn.BatchNorm2d(8, affine=affine, track_running_stats=track, momentum=None)
+    fused = copy.deepcopy(ref)
+    fused.__class__ = BatchNormReLU2d
+    for mode in ("train", "eval"):
+        getattr(ref, mode)(), getattr(fused, mode)()
+        torch.testing.assert_close(fused(x), F.relu(ref(x)), rtol=1e-5, atol=1e-5)
+    assert (fused.running_mean is None) == (not track)
+
+
 def test_runs_aten_where_the_kernel_does_not_apply(bn_relu_kernel):
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)

@@ -10,13 +10,18 @@ the statistics, and the backward applies ReLU's mask inside BatchNorm's two pass
 
 Scope: fp32 or bf16 channels-last CPU tensors in training mode (batch statistics; the running
 statistics are updated as ``nn.BatchNorm2d`` updates them). Anything else (evaluation, NCHW,
-other dtypes, CUDA, ``torch.compile``, FX tracing) runs aten's operations unchanged. The first
+other dtypes, CUDA, ``torch.compile``) runs aten's operations unchanged; the module is a leaf for
+timm's FX tracers. Plain ``torch.fx.symbolic_trace``, TorchScript and converters that replace
+BatchNorm modules by type (``nn.SyncBatchNorm.convert_sync_batchnorm``, timm's
+``freeze_batch_norm_2d``) want the unswitched model: call :func:`restore_bn_relu` first. The first
 call of each new shape times the kernel against aten (forward and backward) and keeps the faster,
 once per machine, as the other kernels do.
 
 :func:`use_fast_bn_relu` switches a model in place: every ``nn.BatchNorm2d`` directly followed by
 an ``nn.ReLU`` in an ``nn.Sequential`` becomes a :class:`BatchNormReLU2d` (same parameters,
 buffers and state_dict keys) and the ReLU an ``nn.Identity``; :func:`restore_bn_relu` undoes it.
+The switch assumes the Sequential runs as a whole: a slice of it that ends at the BatchNorm, or
+code that walks its children one by one, sees the ReLU's output there.
 """
 from __future__ import annotations
 

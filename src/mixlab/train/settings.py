@@ -46,9 +46,10 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
 
     fast_gelu = _fast_gelu(cfg, model, device, say)
     fast_layernorm = _fast_layernorm(cfg, model, device, say)
-    fast_bn_relu = _fast_bn_relu(cfg, model, device, say)  # after the GELU pairs, which take their BatchNorms
     # before the 1x1 convolutions: the resampling op takes over a 1x1 head (UNeXt's) that it fuses
     fast_resample = _fast_resample(cfg, model, device, say)
+    # after the GELU pairs and the resampling layers, which take their BatchNorms (as mixlab bench orders them)
+    fast_bn_relu = _fast_bn_relu(cfg, model, device, say)
     fast_pointwise = _fast_pointwise(cfg, model, device, say)
     if device.type == "cpu":
         p = resolve_cpu_settings(cfg, model, batch, loss_fn, total_steps, say, measure=not dist.enabled)
