@@ -146,17 +146,13 @@ class _BatchNormReluFn(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- kernel or aten, per shape
 
-_method_override: str | None = None
 PLAN = Plan("bn_relu_plan", identity=lambda: LIBRARY.source_text())
 _time_methods = time_training_calls  # (a module global: tests replace it)
 
 
 def set_bn_relu_method(method: str | None) -> None:
     """Force 'kernel' or 'aten' for every call; None (default) times both per shape."""
-    global _method_override
-    if method not in (None, "kernel", "aten"):
-        raise ValueError(f"BatchNorm + ReLU method must be 'kernel', 'aten' or None, got {method!r}")
-    _method_override = method
+    PLAN.force(method, "BatchNorm + ReLU")
 
 
 def _aten(x, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -184,12 +180,8 @@ def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_
         return {"kernel": lambda: _BatchNormReluFn.apply(xs, ws, bs, eps)[0].backward(dy),
                 "aten": lambda: _aten(xs, None, None, ws, bs, True, 0.0, eps).backward(dy)}
 
-    if _method_override is not None:
-        method = _method_override
-    else:
-        key = f"bn_relu|{tuple(x.shape)}|{str(x.dtype)[6:]}|t{torch.get_num_threads()}"
-        method = PLAN.kernel_or_aten(key, runs, _time_methods)
-    if method != "kernel":
+    key = f"bn_relu|{tuple(x.shape)}|{str(x.dtype)[6:]}|t{torch.get_num_threads()}"
+    if PLAN.kernel_or_aten(key, runs, _time_methods) != "kernel":
         return _aten(x, *args)
     y, mean, var = _BatchNormReluFn.apply(x, w, b, eps)
     update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum)

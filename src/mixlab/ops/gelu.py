@@ -219,17 +219,13 @@ class _GeluFn(torch.autograd.Function):
 # Timed once per (shape, strides, dtype, threads) on first use, as the depthwise op's weight
 # gradient is; the verdict is kept in PLAN (per CPU, torch version and kernel source).
 
-_method_override: str | None = None
 PLAN = Plan("gelu_bn_plan", identity=lambda: LIBRARY.source_text())
 
 
 def set_gelu_method(method: str | None) -> None:
     """Force 'kernel' or 'aten' for every GELU and GELU + BatchNorm call; None (default)
     times both per shape."""
-    global _method_override
-    if method not in (None, "kernel", "aten"):
-        raise ValueError(f"GELU method must be 'kernel', 'aten' or None, got {method!r}")
-    _method_override = method
+    PLAN.force(method, "GELU")
 
 
 def _aten(x, weight, bias, eps):
@@ -256,8 +252,6 @@ _time_methods = time_training_calls  # (a module global: tests replace it)
 def _method(kind: str, x: torch.Tensor, make_runs) -> str:
     """'kernel' or 'aten' for ``kind`` ('gelu_bn' or 'gelu') on ``x``'s shape; ``make_runs()``
     gives the two forward + backward calls to time on first use."""
-    if _method_override is not None:
-        return _method_override
     key = f"{kind}|{tuple(x.shape)}|{list(x.stride())}|{str(x.dtype)[6:]}|t{torch.get_num_threads()}"
     return PLAN.kernel_or_aten(key, make_runs, _time_methods)
 

@@ -189,6 +189,14 @@ class Plan:
     def __init__(self, stem: str, identity=None):
         self.stem, self.identity = stem, identity
         self._choices: dict[str, str] | None = None
+        self.forced: str | None = None  # force(): every kernel_or_aten answers this, nothing timed or stored
+
+    def force(self, method: str | None, what: str) -> None:
+        """Make :meth:`kernel_or_aten` answer ``method`` ('kernel' or 'aten') for every key; None
+        (default) times both per key. ``what``: the op's name in the error message."""
+        if method not in (None, "kernel", "aten"):
+            raise ValueError(f"{what} method must be 'kernel', 'aten' or None, got {method!r}")
+        self.forced = method
 
     def path(self) -> Path:
         import torch
@@ -210,9 +218,11 @@ class Plan:
     def kernel_or_aten(self, key: str, make_runs, time_methods=time_training_calls) -> str:
         """'kernel' or 'aten' for ``key``: the stored choice, else the faster of ``make_runs()``'s
         two calls, timed now by ``time_methods`` and stored. Under inference mode (no backward to
-        time) 'kernel', until a training call times it."""
+        time) 'kernel', until a training call times it. A method set by :meth:`force` wins."""
         import torch
 
+        if self.forced is not None:
+            return self.forced
         method = self.get(key)
         if method not in ("kernel", "aten"):
             if torch.is_inference_mode_enabled():

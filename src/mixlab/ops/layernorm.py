@@ -137,17 +137,13 @@ class _LayerNormFn(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- kernel or aten, per shape
 
-_method_override: str | None = None
 _time_methods = time_training_calls  # (a module global: tests replace it)
 PLAN = Plan("layernorm_plan", identity=lambda: LIBRARY.source_text())
 
 
 def set_layernorm_method(method: str | None) -> None:
     """Force 'kernel' or 'aten' for every call; None (default) times both per shape."""
-    global _method_override
-    if method not in (None, "kernel", "aten"):
-        raise ValueError(f"LayerNorm method must be 'kernel', 'aten' or None, got {method!r}")
-    _method_override = method
+    PLAN.force(method, "LayerNorm")
 
 
 def _runs(x: torch.Tensor, weight, bias, eps: float) -> dict:
@@ -161,8 +157,6 @@ def _runs(x: torch.Tensor, weight, bias, eps: float) -> dict:
 
 
 def _method(x: torch.Tensor, weight, bias, eps: float) -> str:
-    if _method_override is not None:
-        return _method_override
     wdt = str(weight.dtype)[6:] if weight is not None else "none"
     key = f"ln|{tuple(x.shape)}|{str(x.dtype)[6:]}|w{wdt}|t{torch.get_num_threads()}"
     return PLAN.kernel_or_aten(key, lambda: _runs(x, weight, bias, eps), _time_methods)

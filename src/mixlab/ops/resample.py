@@ -354,22 +354,16 @@ class _UpsampleReluConvFn(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- kernel or aten, per shape
 
-_method_override: str | None = None
 PLAN = Plan("resample_plan", identity=lambda: LIBRARY.source_text())
 _time_methods = time_training_calls  # (a module global: tests replace it)
 
 
 def set_resample_method(method: str | None) -> None:
     """Force 'kernel' or 'aten' for every call; None (default) times both per shape."""
-    global _method_override
-    if method not in (None, "kernel", "aten"):
-        raise ValueError(f"resample method must be 'kernel', 'aten' or None, got {method!r}")
-    _method_override = method
+    PLAN.force(method, "resample")
 
 
 def _method(kind: str, x: torch.Tensor, extra: str, make_runs) -> str:
-    if _method_override is not None:
-        return _method_override
     key = f"{kind}|{tuple(x.shape)}|{str(x.dtype)[6:]}|{extra}|t{torch.get_num_threads()}"
     return PLAN.kernel_or_aten(key, make_runs, _time_methods)
 
