@@ -22,6 +22,20 @@ inline float stored_value(float v) {
     return v;
 }
 
+// The two per-channel sums of every thread, kept as nthreads blocks of [C sums, C sums] in buf,
+// added up into out1 and out2
+inline void fold_thread_sums(const double* buf, long C, int nthreads, double* out1, double* out2) {
+    for (long c = 0; c < C; ++c) {
+        double a = 0.0, b = 0.0;
+        for (int t = 0; t < nthreads; ++t) {
+            a += buf[static_cast<size_t>(t) * 2 * C + c];
+            b += buf[static_cast<size_t>(t) * 2 * C + C + c];
+        }
+        out1[c] = a;
+        out2[c] = b;
+    }
+}
+
 constexpr long ROWS = 64;  // rows summed in fp32 (in registers) before they are added to the fp64 sums
 constexpr long CB = 32;    // channels per register block: two sums of 32 fp32 = 4 AVX-512 registers
 
@@ -64,15 +78,7 @@ int channel_sums(const Terms& terms, long M, long C, double* out1, double* out2,
             }
         }
     }
-    for (long c = 0; c < C; ++c) {
-        double a = 0.0, b = 0.0;
-        for (int t = 0; t < nthreads; ++t) {
-            a += dbuf[static_cast<size_t>(t) * 2 * C + c];
-            b += dbuf[static_cast<size_t>(t) * 2 * C + C + c];
-        }
-        out1[c] = a;
-        out2[c] = b;
-    }
+    fold_thread_sums(dbuf, C, nthreads, out1, out2);
     std::free(dbuf);
     return 0;
 }

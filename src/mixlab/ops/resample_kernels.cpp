@@ -528,15 +528,7 @@ int bn_up_add_bwd(const T* x, const T* gy, float* dz, const float* center, const
         }
         std::free(acc);
     }
-    for (long c = 0; c < C; ++c) {
-        double a = 0.0, b = 0.0;
-        for (int t = 0; t < nthreads; ++t) {
-            a += sums[static_cast<size_t>(t) * 2 * C + c];
-            b += sums[static_cast<size_t>(t) * 2 * C + C + c];
-        }
-        sum_dz[c] = a;
-        sum_dz_x[c] = b;
-    }
+    mixlab_sums::fold_thread_sums(sums, C, nthreads, sum_dz, sum_dz_x);
     std::free(sums);
     std::free(tx_all);
     return failed;
