@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from mixlab.ops import resample as rs
+from mixlab.ops.kernel_build import time_each
 from mixlab.runtime import flush_denormals, tune_malloc
 from text_report import provenance_fields  # benchmarks/text_report.py (run as python benchmarks/...)
 
@@ -32,15 +32,8 @@ LAYERS = [
 
 
 def best_ms(fns: dict, repeats: int) -> dict:
-    for fn in fns.values():
-        fn()
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return {k: 1000 * v for k, v in best.items()}
+    """Best of ``repeats`` calls of each, in ms, taken in turn (one untimed call each first)."""
+    return {k: 1000 * v for k, v in time_each(fns, rounds=repeats).items()}
 
 
 def calls(op: str, c: int, hw: int, dtype: torch.dtype) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
@@ -22,18 +21,8 @@ from torch import nn
 
 import mixlab
 from mixlab.runtime import flush_denormals, tune_malloc
-from text_report import provenance_fields  # benchmarks/text_report.py (run as python benchmarks/...)
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return 1000 * best
+from bench_layernorm import best_ms  # benchmarks/ (run as python benchmarks/...)
+from text_report import provenance_fields
 
 
 def layer_inputs(model: nn.Module, x: torch.Tensor) -> list:
