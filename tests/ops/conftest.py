@@ -49,3 +49,19 @@ def bn_relu_kernel(monkeypatch, kernel_cache):
     from mixlab.ops import bn_relu as br
 
     yield from _kernel_for_every_call(monkeypatch, kernel_cache, br.LIBRARY, br.set_bn_relu_method)
+
+
+@pytest.fixture
+def pointwise_kernel(monkeypatch, kernel_cache):
+    """mixlab's compiled 1x1 weight-gradient kernel for every call where it applies (skipped on a CPU
+    without AVX512-BF16)."""
+    from mixlab.ops import pointwise as pw
+
+    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
+    pw.LIBRARY.reset()
+    if not pw.fast_pointwise_available():
+        pytest.skip(f"kernel not run here: {pw.LIBRARY.unavailable_reason() or 'this CPU has no AVX512-BF16'}")
+    pw.set_pointwise_method("kernel")
+    yield
+    pw.set_pointwise_method(None)
+    pw.LIBRARY.reset()

@@ -114,7 +114,7 @@ def test_method_is_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
     x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
     for _ in range(3):
         conv(x).sum().backward()
-    assert calls == [sorted(pw.METHODS)]
+    assert calls == [["aten", "mm"]]  # fp32 and 6 channels: not the kernel's
     plan = json.loads(pw.PLAN.path().read_text())
     assert list(plan.values()) == ["mm"] and list(plan)[0].startswith("(2, 4, 3, 3)|(6, 4, 1, 1)|float32")
     monkeypatch.setattr(pw.PLAN, "_choices", None)  # a new process reads the verdict
@@ -143,3 +143,115 @@ def test_swapped_model_trains_as_the_original():
             opt.step()
             losses.append(loss.item())
         assert abs(losses[0] - losses[1]) < 1e-5, losses
+
+
+def _bf16_rows(m, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, c, generator=g) * 2).bfloat16()
+
+
+# rows: one pair, an odd count, under one chunk, several chunks with an odd tail; channels: one
+# 16-wide block, register-tile tails in both directions (48 = 8 tiles of 6; 80 = 64 + 16; 16 = 6+6+4)
+@pytest.mark.parametrize("m", [1, 2, 75, 256, 1033])
+@pytest.mark.parametrize("ci,co", [(16, 16), (80, 48), (48, 80), (64, 64)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernel_weight_grad_against_fp64(pointwise_kernel, m, ci, co, threads):
+    x, g = _bf16_rows(m, ci, 0), _bf16_rows(m, co, 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gw, gb = pw.pointwise_weight_grad(x, g)
+        gw_only, none = pw.pointwise_weight_grad(x, g, with_bias=False)
+    finally:
+        torch.set_num_threads(before)
+    assert gw.dtype == gb.dtype == torch.float32 and gw.shape == (co, ci) and gb.shape == (co,) and none is None
+    assert torch.equal(gw, gw_only)
+    # bf16 values are exact in fp64: the only error allowed is fp32 accumulation, bounded by the
+    # sum of the products' sizes
+    want = g.double().t() @ x.double()
+    bound = g.double().abs().t() @ x.double().abs()
+    assert ((gw.double() - want).abs() <= 1e-5 * bound + 1e-30).all()
+    bsum = g.double().sum(0)
+    assert ((gb.double() - bsum).abs() <= 1e-6 * g.double().abs().sum(0) + 1e-30).all()
+
+
+def test_kernel_weight_grad_refuses_what_it_does_not_run(pointwise_kernel):
+    x = _bf16_rows(10, 16, 0)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        pw.pointwise_weight_grad(x, _bf16_rows(10, 24, 1))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        pw.pointwise_weight_grad(x.float(), _bf16_rows(10, 16, 1).float())
+    with pytest.raises(ValueError, match=r"\(M, C_in\) and \(M, C_out\)"):
+        pw.pointwise_weight_grad(x, _bf16_rows(12, 16, 1))
+
+
+def test_kernel_in_a_layer_under_autocast(pointwise_kernel, monkeypatch):
+    """The layer's gradients under bf16 autocast with the kernel: the forward and input gradient are
+    aten's bit for bit, the weight and bias gradients far closer to fp64 than aten's."""
+    calls = []
+    real = pw.pointwise_weight_grad
+    monkeypatch.setattr(pw, "pointwise_weight_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(3)
+    ref = nn.Conv2d(64, 32, 1)
+    fast = copy.deepcopy(ref)
+    use_fast_pointwise(fast)
+    x = torch.randn(4, 64, 9, 7).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(4, 32, 9, 7).bfloat16()
+    got, want = _grads(fast, x, dy, autocast=True), _grads(ref, x, dy, autocast=True)
+    assert calls == [1]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    gw64 = torch.einsum("nohw,nihw->oi", dy.double(), x.bfloat16().double())
+    err = (got[2].double().view(32, 64) - gw64).abs().max().item()
+    err_aten = (want[2].double().view(32, 64) - gw64).abs().max().item()
+    assert err < err_aten / 20, (err, err_aten)
+    torch.testing.assert_close(got[3].double(), dy.double().sum((0, 2, 3)), rtol=1e-6, atol=1e-5)
+
+
+def test_kernel_trains_conv2former_as_aten_does(pointwise_kernel, monkeypatch):
+    """Three AdamW steps of a Conv2Former under bf16 autocast, the kernel computing every 1x1 weight
+    gradient it can against aten computing them all: the losses agree to bf16's precision."""
+    import mixlab
+
+    calls = []
+    real = pw.pointwise_weight_grad
+    monkeypatch.setattr(pw, "pointwise_weight_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    a = mixlab.create_model("conv2former_n_cifar", num_classes=4).to(memory_format=torch.channels_last)
+    b = copy.deepcopy(a)
+    use_fast_pointwise(a)
+    use_fast_pointwise(b)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (4,))
+    losses = {}
+    for name, model in (("aten", a), ("kernel", b)):
+        pw.set_pointwise_method(name)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[name] = []
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    pw.set_pointwise_method("kernel")
+    assert len(calls) >= 3 * 40  # Conv2Former-N's 1x1 layers have channel counts of multiples of 16
+    torch.testing.assert_close(losses["kernel"], losses["aten"], rtol=2e-2, atol=0)
+
+
+def test_kernel_is_timed_where_it_applies(pointwise_kernel, monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(pw.PLAN, "_choices", None)
+    pw.set_pointwise_method(None)
+    calls = []
+    monkeypatch.setattr(pw, "time_each", lambda runs: calls.append(sorted(runs)) or
+                        {"aten": 3.0, "mm": 2.0, "kernel": 1.0})
+    conv = nn.Conv2d(16, 32, 1)
+    use_fast_pointwise(conv)
+    x = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+        y.float().sum().backward()
+    assert calls == [["aten", "kernel", "mm"]]
+    assert list(pw.PLAN.choices().values()) == ["kernel"]

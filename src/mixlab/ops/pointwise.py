@@ -1,18 +1,24 @@
-"""A 1x1 convolution whose weight gradient is a matrix product on the CPU.
+"""A 1x1 convolution whose weight gradient is mixlab's kernel or a matrix product on the CPU.
 
 The weight gradient of a 1x1 convolution on a channels_last map is one matrix product: the
-output gradient (N*H*W, C_out) transposed times the input (N*H*W, C_in). aten computes it (with
-the bias gradient) through oneDNN's convolution backward, which on small maps runs well below
-the product's speed: bf16, 2 EPYC cores, Conv2Former-N's last stage (256 x 512 x 4 x 4) 3.7
-against 2.7 ms for 512 -> 512, 7.5 against 5.6 ms for 512 -> 1024 (``torch.mm``, and the bias
-gradient as a matrix-vector product); on 8x8 and larger maps aten was faster
-(``benchmarks/bench_pointwise.py``). So the first backward of each shape times both and keeps
-the faster (stored per CPU, torch version and threads in the kernel cache folder, as the
-depthwise op's choices are).
+output gradient (N*H*W, C_out) transposed times the input (N*H*W, C_in), summed over the long
+dimension. aten computes it (with the bias gradient) through oneDNN's convolution backward at
+well below the speed of the layer's forward: bf16, 2 EPYC cores, Conv2Former-N's layers at
+490-820 GFLOP/s where their forwards run at 820-930. Three methods, the first backward of each
+shape timing them and keeping the fastest (stored per CPU, torch version and threads in the
+kernel cache folder, as the other ops' choices are):
 
-The forward and the input gradient are aten's, unchanged. The product runs in the computation's
-dtype (bf16 under autocast) with fp32 accumulation and one rounding, as aten's does (a product
-split in two halves was as fast but rounded twice: twice aten's error; not used).
+* ``aten``: oneDNN's convolution backward;
+* ``mm``: ``torch.mm`` (and the bias gradient as a matrix-vector product): faster than aten's on
+  4x4 maps (Conv2Former-N's last stage);
+* ``kernel``: ``pointwise_kernels.cpp`` (bf16 with AVX512-BF16, channel counts multiples of 16):
+  both operands packed a chunk of rows at a time into the layout of the CPU's bf16 dot-product
+  instruction while the next chunk is prefetched, the bias gradient summed from the packed rows,
+  fp32 accumulation and an fp32 result (aten's and ``mm``'s are rounded to bf16): 1.2-1.4x
+  aten's speed on Conv2Former-N's layers (``benchmarks/bench_pointwise.py``). Built at first use
+  as the other kernels are; where it cannot be built or run, the other two remain.
+
+The forward and the input gradient are aten's, unchanged.
 
 :func:`use_fast_pointwise` switches a model's 1x1 ``nn.Conv2d`` layers (stride 1, no padding,
 one group, zero padding mode, no hooks) to :class:`PointwiseConv2d` in place (same parameters
@@ -21,25 +27,78 @@ channels_last of fp32 or bf16 that needs a gradient runs ``F.conv2d`` unchanged.
 """
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .depthwise import _is_nhwc
-from .kernel_build import Plan, time_each
+from .kernel_build import KernelLibrary, Plan, time_each
 from .module_swap import by_exact_type, swap_classes
 
-__all__ = ["PointwiseConv2d", "use_fast_pointwise", "restore_pointwise", "set_pointwise_method"]
+__all__ = ["PointwiseConv2d", "use_fast_pointwise", "restore_pointwise", "set_pointwise_method",
+           "pointwise_weight_grad", "fast_pointwise_available"]
+
+_P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+LIBRARY = KernelLibrary(
+    Path(__file__).with_name("pointwise_kernels.cpp"), "mixlab_pointwise", "1x1 convolution weight-gradient",
+    ("mixlab_pointwise_abi_version", 1),
+    {"mixlab_pointwise_has_dot": (_I, []),
+     "mixlab_pointwise_weight_grad_bf16": (_I, [_P, _P, _P, _P, _L, _L, _L, _I])},
+    "MIXLAB_FAST_POINTWISE_BUILD", "the 1x1 convolutions' weight gradients run as aten's or torch.mm's products")
 
 _DTYPES = (torch.float32, torch.bfloat16)
-PLAN = Plan("pointwise_plan")
+PLAN = Plan("pointwise_plan", identity=lambda: LIBRARY.source_text())
 _method_override: str | None = None
-METHODS = ("aten", "mm")
+METHODS = ("aten", "mm", "kernel")
+
+
+def fast_pointwise_available() -> bool:
+    """Whether the compiled weight-gradient kernel is loaded (building it on first call) and this
+    CPU runs it (AVX512-BF16)."""
+    lib = LIBRARY.load()
+    return lib is not None and bool(lib.mixlab_pointwise_has_dot())
+
+
+def _kernel_applies(x: torch.Tensor, g: torch.Tensor) -> bool:
+    return (x.dtype == g.dtype == torch.bfloat16 and x.shape[1] % 16 == 0 and g.shape[1] % 16 == 0
+            and fast_pointwise_available())
+
+
+def pointwise_weight_grad(x_rows: torch.Tensor, g_rows: torch.Tensor, with_bias: bool = True
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel's ``(g_rows^T @ x_rows, g_rows.sum(0))`` in fp32 for bf16 rows ``x_rows`` (M, C_in) and
+    ``g_rows`` (M, C_out), channel counts multiples of 16, on a CPU with AVX512-BF16 (see
+    :func:`fast_pointwise_available`)."""
+    if x_rows.dim() != 2 or g_rows.dim() != 2 or x_rows.shape[0] != g_rows.shape[0]:
+        raise ValueError(f"pointwise_weight_grad wants (M, C_in) and (M, C_out) rows, got "
+                         f"{tuple(x_rows.shape)} and {tuple(g_rows.shape)}")
+    if not _kernel_applies(x_rows, g_rows):
+        raise ValueError("pointwise_weight_grad runs bf16 rows with channel counts that are multiples of 16 on a "
+                         "CPU with AVX512-BF16 and a built kernel; got "
+                         f"{x_rows.dtype} {tuple(x_rows.shape)} and {g_rows.dtype} {tuple(g_rows.shape)} "
+                         f"(kernel: {LIBRARY.unavailable_reason() or 'built'})")
+    x_rows, g_rows = x_rows.contiguous(), g_rows.contiguous()
+    m, ci = x_rows.shape
+    co = g_rows.shape[1]
+    gw = torch.empty(co, ci)
+    gb = torch.empty(co) if with_bias else None
+    rc = LIBRARY.load().mixlab_pointwise_weight_grad_bf16(
+        x_rows.data_ptr(), g_rows.data_ptr(), gw.data_ptr(), gb.data_ptr() if with_bias else None, m, ci, co,
+        torch.get_num_threads())
+    if rc == 1:
+        raise MemoryError("the 1x1 weight-gradient kernel could not allocate its buffers")
+    if rc != 0:
+        raise RuntimeError(f"the 1x1 weight-gradient kernel refused its arguments (code {rc})")
+    return gw, gb
 
 
 def set_pointwise_method(method: str | None) -> None:
-    """Force one weight-gradient method ('aten' or 'mm') for every call; None
-    (default) times them per shape."""
+    """Force one weight-gradient method ('aten', 'mm' or 'kernel') for every call; None
+    (default) times them per shape. 'kernel' where the kernel does not apply (see
+    :func:`pointwise_weight_grad`) runs 'aten'."""
     global _method_override
     if method is not None and method not in METHODS:
         raise ValueError(f"pointwise method must be one of {METHODS} or None, got {method!r}")
@@ -58,24 +117,29 @@ def _weight_grad(method: str, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
                                                         [1, 1], False, [0, 0], 1, [False, True, with_bias])
         return gw, gb
     g2, x2 = _rows(g), _rows(x)
+    if method == "kernel":
+        gw, gb = pointwise_weight_grad(x2, g2, with_bias)
+        return gw.view(w.shape), gb
     gw = g2.t() @ x2
     gb = torch.mv(g2.t(), g2.new_ones(g2.shape[0])) if with_bias else None
     return gw.view(w.shape), gb
 
 
 def _choose(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, with_bias: bool) -> str:
-    if _method_override is not None:
-        return _method_override
     if torch.compiler.is_compiling():
         return "aten"
+    if _method_override is not None:
+        return "aten" if _method_override == "kernel" and not _kernel_applies(x, g) else _method_override
+    kernel_ok = _kernel_applies(x, g)
     key = (f"{tuple(x.shape)}|{tuple(w.shape)}|{str(x.dtype)[6:]}|bias{int(with_bias)}|"
            f"t{torch.get_num_threads()}")
     method = PLAN.get(key)
     if method not in METHODS:
-        times = time_each({m: (lambda m=m: _weight_grad(m, x, g, w, with_bias)) for m in METHODS})
+        times = time_each({m: (lambda m=m: _weight_grad(m, x, g, w, with_bias)) for m in METHODS
+                           if m != "kernel" or kernel_ok})
         method = min(times, key=times.get)
         PLAN.set(key, method)
-    return method
+    return "aten" if method == "kernel" and not kernel_ok else method  # a stored choice this process cannot run
 
 
 class _PointwiseConv2dFn(torch.autograd.Function):
