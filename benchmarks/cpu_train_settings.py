@@ -2,7 +2,8 @@
 
 For each combination of precision (bf16 / fp32), layout (channels_last / NCHW) and mixlab's CPU
 ops or aten's (the fast depthwise convolution, the GELU kernels, GELU + BatchNorm fused where
-the model has such pairs, the LayerNorm kernel, the 1x1 convolution's weight gradient, BatchNorm + ReLU and the fused resampling layers, as `mixlab train` uses them), the same model, batch and task loss; the settings are
+the model has such pairs, the LayerNorm kernel, the 1x1 convolution's weight gradient, BatchNorm + ReLU and the
+fused resampling layers, and torch's fused AdamW, as `mixlab train` uses them), the same model, batch and task loss; the settings are
 timed in turn, one window each per round, so drift in the machine falls on all alike. Prints
 images/s (median over rounds) and the ratio of each to the best plain-torch setting (aten's
 depthwise convolution), and writes a JSON with the command, commit, CPU, torch and date.
@@ -62,8 +63,12 @@ def main() -> None:
         y, loss_fn = (torch.rand(args.batch_size, 1, size, size) > 0.5).float(), build_loss("bce_dice")
     else:
         y, loss_fn = torch.randint(0, args.num_classes, (args.batch_size,)), nn.CrossEntropyLoss()
-    settings = [dict(precision=p, channels_last=cl, fast_depthwise=fd)
+    # the optimizer (AdamW) as each side builds it: mixlab's settings torch's fused form, as `mixlab train`
+    # builds it on the CPU (optimizer.fused=auto); plain torch's its default loop. One more row gives
+    # mixlab's ops with torch's default loop, to tell the two apart.
+    settings = [dict(precision=p, channels_last=cl, fast_depthwise=fd, fused_optimizer=fd)
                 for p, cl, fd in itertools.product(("bf16", "fp32"), (True, False), (True, False))]
+    settings.insert(1, dict(precision="bf16", channels_last=True, fast_depthwise=True, fused_optimizer=False))
     steps, runs = [], []
     for s in settings:
         m = __import__("copy").deepcopy(base)
@@ -73,7 +78,8 @@ def main() -> None:
         fmt = torch.channels_last if s["channels_last"] else torch.contiguous_format
         m = m.to(memory_format=fmt).train()
         xs = x.contiguous(memory_format=fmt)
-        step = TrainStep(m, torch.optim.AdamW(m.parameters(), lr=1e-6), loss_fn, "cpu", s["precision"])
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-6, **({"fused": True} if s["fused_optimizer"] else {}))
+        step = TrainStep(m, opt, loss_fn, "cpu", s["precision"])
         for _ in range(2):
             step(xs, y)
         t0 = time.perf_counter()
@@ -95,7 +101,7 @@ def main() -> None:
           f"{cpu_model_name()}, torch {torch.__version__}")
     for r in sorted(rows, key=lambda r: -r["images_per_sec"]):
         r["ratio_to_best_plain"] = r["images_per_sec"] / plain
-        print(f"  {r['label']:32s} {r['images_per_sec']:8.1f} images/s (min {r['min']:.1f}, max {r['max']:.1f})  "
+        print(f"  {r['label']:52s} {r['images_per_sec']:8.1f} images/s (min {r['min']:.1f}, max {r['max']:.1f})  "
               f"{r['ratio_to_best_plain']:.2f}x the best plain-torch setting")
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -107,8 +113,10 @@ def main() -> None:
 
 
 def label(s: dict) -> dict:
-    return dict(label=f"{s['precision']}, {'channels_last' if s['channels_last'] else 'NCHW'}, "
-                      f"{'mixlab ops' if s['fast_depthwise'] else 'aten'}")
+    ops = "mixlab ops" if s["fast_depthwise"] else "aten"
+    if s["fast_depthwise"] and not s["fused_optimizer"]:
+        ops += ", torch's default AdamW"
+    return dict(label=f"{s['precision']}, {'channels_last' if s['channels_last'] else 'NCHW'}, {ops}")
 
 
 if __name__ == "__main__":

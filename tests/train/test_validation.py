@@ -50,6 +50,8 @@ def refused(match: str, **kw) -> str:
     (["schedule.warmup_epochs=-1"], "schedule.warmup_epochs must be a number >= 0, got -1"),
     (["loss.label_smoothing=1"], "loss.label_smoothing must be a number in [0, 1), got 1"),
     (["num_threads=0"], "num_threads must be null or a whole number >= 1, got 0"),
+    (["optimizer.fused=maybe"], "optimizer.fused must be auto, true or false, got 'maybe'"),
+    (["optimizer.name=adamw_tfa", "optimizer.fused=true"], "optimizer.fused=true: adamw_tfa"),
 ])
 def test_a_bad_value_names_the_key_the_value_and_the_range(overrides, expected):
     refused(expected, overrides=overrides)

@@ -46,7 +46,7 @@ DET_DEFAULTS: dict = {
     # union_batch: images pooled per batch in the paper's IoU/Dice (8: the unext-busi recipe's)
     "eval": {"union_score": 0.5, "union_batch": 8, "mask_threshold": 0.5},
     "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": False,
-                  "betas": [0.9, 0.999], "eps": 1e-8},
+                  "betas": [0.9, 0.999], "eps": 1e-8, "fused": "auto"},
     "schedule": {"name": "cosine", "warmup_epochs": 0.0, "min_lr": 0.0, "per_epoch": False},
     "augment": {"hflip": 0.5, "vflip": 0.0, "rot90": False, "brightness": 0.0, "contrast": 0.0},
     # select: best_val (highest validation mask AP) | last; freeze_backbone is not for detection

@@ -52,7 +52,7 @@ REFINE_DEFAULTS: dict = {
     "patch": {"size": 64, "input_size": 128, "nms_iou_train": 0.25, "nms_iou": 0.55},
     "boundary_tolerance": 2,  # pixels, of the boundary F-score
     "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": False,
-                  "betas": [0.9, 0.999], "eps": 1e-8},
+                  "betas": [0.9, 0.999], "eps": 1e-8, "fused": "auto"},
     "schedule": {"name": "cosine", "warmup_epochs": 0.0, "min_lr": 0.0, "per_epoch": False},
     "loss": {"name": "bce"},  # the official refiner's loss is cross-entropy
     # the official refiner's augmentation: horizontal flips and photometric changes

@@ -81,17 +81,33 @@ class AdamWAbsoluteDecay(torch.optim.Adam):
         return loss
 
 
+def uses_fused(opt: dict, params: list[torch.Tensor]) -> bool:
+    """Whether :func:`build_optimizer` builds torch's fused (one kernel per step) form: ``opt['fused']``
+    true, or ``auto`` (the default) with every parameter a dense floating-point CPU tensor. On the CPU
+    torch's default is a loop over the parameters, a few operations each: 14.1 against 4.6 ms a
+    step for Conv2Former-N's 8.8M parameters (2 EPYC cores), with equal results. adamw_tfa has no
+    fused form."""
+    setting = opt.get("fused", "auto")
+    if opt["name"] == "adamw_tfa" or setting is False:
+        return False
+    return setting is True or (bool(params) and all(
+        p.device.type == "cpu" and p.is_floating_point() and p.layout == torch.strided for p in params))
+
+
 def build_optimizer(model: nn.Module, opt: dict) -> torch.optim.Optimizer:
     name, lr, wd = opt["name"], float(opt["lr"]), float(opt["weight_decay"])
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if uses_fused(opt, params) else {}
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]))
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]),
+                                 **fused)
     if name == "adamw_tfa":  # decay of weight_decay per step whatever the lr (TensorFlow Addons' AdamW)
         return AdamWAbsoluteDecay(params, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]))
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]))
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(opt["betas"]), eps=float(opt["eps"]),
+                                **fused)
     return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(opt["momentum"]),
-                           nesterov=bool(opt["nesterov"]))
+                           nesterov=bool(opt["nesterov"]), **fused)
 
 
 def lr_factor(sched: dict, epochs: int, progress: float, base_lr: float | None = None) -> float:

@@ -257,7 +257,7 @@ _COMMON: dict[str, Callable] = {
     "optimizer.name": choice("adamw", "adamw_tfa", "adam", "sgd"), "optimizer.lr": number(0, lo_open=True),
     "optimizer.weight_decay": number(0), "optimizer.momentum": number(0, 1), "optimizer.nesterov": boolean,
     "optimizer.betas": pair(number(0, 1, hi_open=True), ordered=False, what="[beta1, beta2]"),
-    "optimizer.eps": number(0, lo_open=True),
+    "optimizer.eps": number(0, lo_open=True), "optimizer.fused": auto_bool,
     "schedule.name": choice("constant", "cosine", "onecycle"), "schedule.warmup_epochs": number(0),
     "schedule.min_lr": number(0), "schedule.per_epoch": boolean,
     "drop_path_rate": number(0, 1, hi_open=True, null=True), "clip_grad": number(0, lo_open=True, null=True),
