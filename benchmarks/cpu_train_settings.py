@@ -3,7 +3,8 @@
 For each combination of precision (bf16 / fp32), layout (channels_last / NCHW) and mixlab's CPU
 ops or aten's (the fast depthwise convolution, the GELU kernels, GELU + BatchNorm fused where
 the model has such pairs, the LayerNorm kernel, the 1x1 convolution's weight gradient, BatchNorm + ReLU and the
-fused resampling layers, and torch's fused AdamW, as `mixlab train` uses them), the same model, batch and task loss; the settings are
+fused resampling layers, the BCE + Dice loss kernel of segmentation models, and torch's fused AdamW, as
+`mixlab train` uses them), the same model, batch and task loss; the settings are
 timed in turn, one window each per round, so drift in the machine falls on all alike. Prints
 images/s (median over rounds) and the ratio of each to the best plain-torch setting (aten's
 depthwise convolution), and writes a JSON with the command, commit, CPU, torch and date.
@@ -58,11 +59,14 @@ def main() -> None:
     base = mixlab.create_model(args.model, num_classes=1 if seg else args.num_classes)
     x = torch.randn(args.batch_size, getattr(base, "in_chans", 3), size, size)
     if seg:
-        from mixlab.seg.losses import build_loss
+        from mixlab.seg.losses import BCEDiceLoss
 
-        y, loss_fn = (torch.rand(args.batch_size, 1, size, size) > 0.5).float(), build_loss("bce_dice")
+        # mixlab's settings its BCE + Dice kernel (as `mixlab seg train` computes the loss), plain torch aten's
+        y = (torch.rand(args.batch_size, 1, size, size) > 0.5).float()
+        losses = {True: BCEDiceLoss(), False: BCEDiceLoss(fast=False)}
     else:
-        y, loss_fn = torch.randint(0, args.num_classes, (args.batch_size,)), nn.CrossEntropyLoss()
+        y = torch.randint(0, args.num_classes, (args.batch_size,))
+        losses = {True: nn.CrossEntropyLoss(), False: nn.CrossEntropyLoss()}
     # the optimizer (AdamW) as each side builds it: mixlab's settings torch's fused form, as `mixlab train`
     # builds it on the CPU (optimizer.fused=auto); plain torch's its default loop. One more row gives
     # mixlab's ops with torch's default loop, to tell the two apart.
@@ -79,7 +83,7 @@ def main() -> None:
         m = m.to(memory_format=fmt).train()
         xs = x.contiguous(memory_format=fmt)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-6, **({"fused": True} if s["fused_optimizer"] else {}))
-        step = TrainStep(m, opt, loss_fn, "cpu", s["precision"])
+        step = TrainStep(m, opt, losses[s["fast_depthwise"]], "cpu", s["precision"])
         for _ in range(2):
             step(xs, y)
         t0 = time.perf_counter()

@@ -65,3 +65,11 @@ def pointwise_kernel(monkeypatch, kernel_cache):
     yield
     pw.set_pointwise_method(None)
     pw.LIBRARY.reset()
+
+
+@pytest.fixture
+def seg_loss_kernel(monkeypatch, kernel_cache):
+    """mixlab's compiled BCE + Dice loss kernel for every call."""
+    from mixlab.ops import seg_loss as sl
+
+    yield from _kernel_for_every_call(monkeypatch, kernel_cache, sl.LIBRARY, sl.set_seg_loss_method)

@@ -44,6 +44,7 @@
 
 #include "bf16_scalar.h"
 #include "channel_sums.h"
+#include "fast_math.h"
 
 namespace {
 
@@ -53,31 +54,7 @@ using mixlab_bf16::widen;
 using mixlab_sums::channel_sums;
 using mixlab_sums::imin;
 using mixlab_sums::stored_value;
-
-// exp(w) for w <= 0 (clamped to -80: exp(-80) times the erf polynomial and the density's
-// constant are still normal floats). Lite: a degree-5
-// polynomial (relative error below 3e-6), enough for bf16 results, which keep 8 bits.
-template <bool Lite>
-inline float exp_nonpos(float w) {
-    w = w > -80.0f ? w : -80.0f;  // a select, not std::fmax (which GCC 12 leaves scalar)
-    // n = round(w / ln 2) by the 1.5 * 2^23 trick (std::floor keeps GCC 12 from vectorising)
-    const float n = (w * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float r = (w - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-    float p;
-    if (Lite) {
-        p = 1.0f / 120.0f;
-    } else {
-        p = 1.0f / 5040.0f;
-        p = p * r + 1.0f / 720.0f;
-        p = p * r + 1.0f / 120.0f;
-    }
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-}
+using mixlab_math::exp_nonpos;
 
 struct Phi {
     float cdf, pdf;

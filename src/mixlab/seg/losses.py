@@ -4,7 +4,9 @@
 from pytorch-nested-unet): ``0.5 * BCE + (1 - Dice)``, the BCE averaged over every pixel and the
 soft Dice computed per image over all its classes and pixels,
 ``(2 * sum(p * t) + 1e-5) / (sum(p) + sum(t) + 1e-5)`` with ``p = sigmoid(logits)``, then
-averaged over the batch. Every loss computes in float32 (also under bf16 autocast).
+averaged over the batch. Every loss computes in float32 (also under bf16 autocast). On the CPU
+``bce_dice`` runs as mixlab's kernel (:mod:`mixlab.ops.seg_loss`: one pass forward, one backward)
+where it was timed faster than aten's operations; ``BCEDiceLoss(fast=False)`` keeps aten's.
 """
 from __future__ import annotations
 
@@ -31,14 +33,19 @@ def soft_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) 
 
 
 class BCEDiceLoss(nn.Module):
-    """``bce_weight * BCE + dice_weight * (1 - mean per-image soft Dice)``; 0.5 and 1 as the paper's code."""
+    """``bce_weight * BCE + dice_weight * (1 - mean per-image soft Dice)``; 0.5 and 1 as the paper's code.
+    ``fast``: mixlab's CPU kernel where it applies (:mod:`mixlab.ops.seg_loss`); False: aten's operations."""
 
-    def __init__(self, bce_weight: float = 0.5, dice_weight: float = 1.0, smooth: float = 1e-5):
+    def __init__(self, bce_weight: float = 0.5, dice_weight: float = 1.0, smooth: float = 1e-5, fast: bool = True):
         super().__init__()
-        self.bce_weight, self.dice_weight, self.smooth = bce_weight, dice_weight, smooth
+        self.bce_weight, self.dice_weight, self.smooth, self.fast = bce_weight, dice_weight, smooth, fast
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = _check(logits, target)
+        if self.fast:
+            from ..ops.seg_loss import bce_dice
+
+            return bce_dice(logits, target, self.bce_weight, self.dice_weight, self.smooth)
         bce = F.binary_cross_entropy_with_logits(logits, target)
         dice = soft_dice(logits, target, self.smooth).mean()
         return self.bce_weight * bce + self.dice_weight * (1 - dice)
