@@ -256,11 +256,12 @@ def test_upsample_kernel_equals_fp64_reference_fp32(resample_kernel, shape, k, w
         assert _err(a, r) <= 1e-5 * max(1.0, r.abs().max().item()), (i, _err(a, r))
 
 
-def test_upsample_kernel_under_autocast_is_as_close_as_aten(resample_kernel):
+@pytest.mark.parametrize("k", [1, 2])  # 16 channels to one output: the bf16 head's own register form
+def test_upsample_kernel_under_autocast_is_as_close_as_aten(resample_kernel, k):
     g = torch.Generator().manual_seed(3)
     x = _cl(torch.randn(2, 16, 12, 10, generator=g)).bfloat16()
-    conv = nn.Conv2d(16, 2, 1)
-    dy = torch.randn(2, 2, 24, 20, generator=g).bfloat16()
+    conv = nn.Conv2d(16, k, 1)
+    dy = torch.randn(2, k, 24, 20, generator=g).bfloat16()
     fused = copy.deepcopy(conv)
     fused.__class__ = UpsamplingConv2d
     outs = []

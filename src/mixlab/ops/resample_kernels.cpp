@@ -254,6 +254,53 @@ inline Tap* taps_of(long in) {
     return t;
 }
 
+#if defined(__AVX512BF16__)
+// The head's per-pixel work for 16 bf16 channels and one output (UNeXt's): the upsampled values,
+// rounded as bf16 and through ReLU, in one register (the portable loops keep them in memory and
+// round by six operations a value): forward + backward 5.6 -> 3.4 ms at batch 8 on 2 EPYC cores.
+// v: the output row's vertical interpolation (w x 16 fp32).
+inline __m512 head_u16(const float* v, const Tap& tx) {
+    const __m512 uv = rounded16(_mm512_fmadd_ps(_mm512_set1_ps(tx.l0), _mm512_loadu_ps(v + tx.i0 * 16),
+                                                _mm512_mul_ps(_mm512_set1_ps(tx.l1), _mm512_loadu_ps(v + tx.i1 * 16))));
+    return _mm512_max_ps(_mm512_setzero_ps(), uv);  // ReLU; a NaN (the second operand) passes, as aten's
+}
+
+inline void up_conv_fwd_row16(const float* v, const Tap* tx_all, long Wo, const float* weight, float bias,
+                              uint16_t* yr) {
+    const __m512 wv = _mm512_loadu_ps(weight);
+    for (long ox = 0; ox < Wo; ++ox)
+        yr[ox] = mixlab_bf16::to_bf16(_mm512_reduce_add_ps(_mm512_mul_ps(wv, head_u16(v, tx_all[ox]))) + bias);
+}
+
+// the pixel's gradient through the horizontal transpose into hr; the row's weight and bias sums into
+// rw (16 + 1 values, zeroed by the caller) where the band owns the row
+inline void up_conv_bwd_row16(const float* v, float* hr, float* rw, const Tap* tx_all, long Wo, const float* weight,
+                              const uint16_t* gr, bool own) {
+    const __m512 wv = _mm512_loadu_ps(weight);
+    __m512 rwv = _mm512_setzero_ps();
+    float rb = 0.f;
+    for (long ox = 0; ox < Wo; ++ox) {
+        const Tap tx = tx_all[ox];
+        const float gk = widen(gr[ox]);
+        const __m512 u = head_u16(v, tx);
+        const __mmask16 pass = ~_mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LE_OQ);
+        const __m512 d = _mm512_maskz_mul_ps(pass, _mm512_set1_ps(gk), wv);
+        if (own) {
+            rwv = _mm512_fmadd_ps(_mm512_set1_ps(gk), u, rwv);
+            rb += gk;
+        }
+        float* h0 = hr + tx.i0 * 16;
+        float* h1 = hr + tx.i1 * 16;
+        _mm512_storeu_ps(h0, _mm512_fmadd_ps(_mm512_set1_ps(tx.l0), d, _mm512_loadu_ps(h0)));
+        _mm512_storeu_ps(h1, _mm512_fmadd_ps(_mm512_set1_ps(tx.l1), d, _mm512_loadu_ps(h1)));
+    }
+    if (own) {
+        _mm512_storeu_ps(rw, rwv);
+        rw[16] = rb;
+    }
+}
+#endif
+
 // x (N, h, w, C); weight (K, C) and bias (K) fp32 (as the computation's dtype rounds them);
 // y (N, 2h, 2w, K). Per output row: the vertical interpolation of the two input rows (w*C values,
 // one contiguous loop), then per output pixel the horizontal one, rounding, ReLU and the K dot
@@ -284,6 +331,14 @@ int up_conv_fwd(const T* x, const float* weight, const float* bias, T* y, long N
 #pragma omp simd
             for (long i = 0; i < w * C; ++i) v[i] = ty.l0 * widen(a[i]) + ty.l1 * widen(b[i]);
             T* yr = y + row * Wo * K;
+#if defined(__AVX512BF16__)
+            if constexpr (std::is_same<T, uint16_t>::value) {
+                if (C == 16 && K == 1) {  // UNeXt's head: one register per pixel
+                    up_conv_fwd_row16(v, tx_all, Wo, weight, bias ? bias[0] : 0.f, yr);
+                    continue;
+                }
+            }
+#endif
             for (long ox = 0; ox < Wo; ++ox) {
                 const Tap tx = tx_all[ox];
                 const float* v0 = v + tx.i0 * C;
@@ -360,6 +415,14 @@ int up_conv_bwd(const T* x, const T* gy, const float* weight, T* dx, double* dwe
                     hr[i] = 0.f;
                 }
                 if (own) std::memset(rw, 0, sizeof(float) * K * (C + 1));
+#if defined(__AVX512BF16__)
+                if constexpr (std::is_same<T, uint16_t>::value) {
+                    if (C == 16 && K == 1) {
+                        up_conv_bwd_row16(v, hr, rw, tx_all, Wo, weight, gr, own);
+                        goto row_done;
+                    }
+                }
+#endif
                 for (long ox = 0; ox < Wo; ++ox) {
                     const Tap tx = tx_all[ox];
                     const float* v0 = v + tx.i0 * C;
@@ -389,6 +452,9 @@ int up_conv_bwd(const T* x, const T* gy, const float* weight, T* dx, double* dwe
 #pragma omp simd
                     for (long c = 0; c < C; ++c) h1[c] += tx.l1 * d[c];
                 }
+#if defined(__AVX512BF16__)
+            row_done:
+#endif
                 if (own)
                     for (long k = 0; k < K * (C + 1); ++k) dw_t[k] += rw[k];
                 // vertical transpose, into the rows this band owns
