@@ -59,11 +59,11 @@ using Sel = typename std::conditional<sizeof(T) == 2, int16_t, int32_t>::type;
 
 #if defined(__AVX512BF16__)
 // 16 bf16 channels at a time with the CPU's own fp32 -> bf16 conversion (AVX512-BF16: round to
-// nearest even in one instruction, where the portable rounding takes about six): the max-pool
-// layers' loops are compute-bound on UNeXt's 16-128 channel maps (encoder 1, batch 8, bf16, forward +
-// backward 4.6 -> 3.4 ms on 2 EPYC cores, benchmarks/bench_resample.py). Used for bf16 maps whose
-// channel count is a multiple of 16; NaN comes out as a NaN of the input's sign (the portable form's
-// is positive).
+// nearest even in one instruction, where the portable rounding takes about six): these layers'
+// loops are compute-bound on UNeXt's 16-160 channel maps (batch 8, bf16, forward + backward on 2 EPYC
+// cores, benchmarks/bench_resample.py: encoder 1 4.6 -> 3.4 ms, the three decoder layers 3.2 -> 2.5,
+// the head 5.6 -> 3.4). Used for bf16 maps whose channel count is a multiple of 16 (the head: 16
+// channels to one output); NaN comes out as a NaN of the input's sign (the portable form's is positive).
 inline __m512 ld16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
@@ -72,6 +72,12 @@ inline __m512 rounded16(__m512 v) {  // v as a stored bf16 holds it
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to16(v)), 16));
 }
 inline void st16(uint16_t* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to16(v)); }
+inline __mmask16 relu_pass16(__m512 u) { return ~_mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LE_OQ); }  // NaN passes
+inline __m512 relu16(__m512 u) { return _mm512_maskz_mov_ps(relu_pass16(u), u); }  // +0 where u <= 0, as aten's
+// a pixel's upsampled values from the vertical interpolation's row v (taps i0, i1), rounded as bf16
+inline __m512 upsampled16(const float* v0, const float* v1, float l0, float l1) {
+    return rounded16(_mm512_fmadd_ps(_mm512_set1_ps(l0), _mm512_loadu_ps(v0), _mm512_mul_ps(_mm512_set1_ps(l1), _mm512_loadu_ps(v1))));
+}
 
 // bn_pool_fwd's channel loop for 16 channels at c
 inline void bn_pool_fwd16(const uint16_t* p0, const uint16_t* p1, const uint16_t* p2, const uint16_t* p3,
@@ -260,9 +266,7 @@ inline Tap* taps_of(long in) {
 // round by six operations a value): forward + backward 5.6 -> 3.4 ms at batch 8 on 2 EPYC cores.
 // v: the output row's vertical interpolation (w x 16 fp32).
 inline __m512 head_u16(const float* v, const Tap& tx) {
-    const __m512 uv = rounded16(_mm512_fmadd_ps(_mm512_set1_ps(tx.l0), _mm512_loadu_ps(v + tx.i0 * 16),
-                                                _mm512_mul_ps(_mm512_set1_ps(tx.l1), _mm512_loadu_ps(v + tx.i1 * 16))));
-    return _mm512_max_ps(_mm512_setzero_ps(), uv);  // ReLU; a NaN (the second operand) passes, as aten's
+    return relu16(upsampled16(v + tx.i0 * 16, v + tx.i1 * 16, tx.l0, tx.l1));
 }
 
 inline void up_conv_fwd_row16(const float* v, const Tap* tx_all, long Wo, const float* weight, float bias,
@@ -283,7 +287,7 @@ inline void up_conv_bwd_row16(const float* v, float* hr, float* rw, const Tap* t
         const Tap tx = tx_all[ox];
         const float gk = widen(gr[ox]);
         const __m512 u = head_u16(v, tx);
-        const __mmask16 pass = ~_mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LE_OQ);
+        const __mmask16 pass = relu_pass16(u);
         const __m512 d = _mm512_maskz_mul_ps(pass, _mm512_set1_ps(gk), wv);
         if (own) {
             rwv = _mm512_fmadd_ps(_mm512_set1_ps(gk), u, rwv);
@@ -556,6 +560,16 @@ int bn_up_add_fwd(const T* x, const T* skip, T* y, const float* center, const fl
                 const Tap tx = tx_all[ox];
                 const float* v0 = v + tx.i0 * C;
                 const float* v1 = v + tx.i1 * C;
+#if defined(__AVX512BF16__)
+                if constexpr (std::is_same<T, uint16_t>::value) {
+                    if (C % 16 == 0) {  // registers and the CPU's bf16 conversion (see ld16)
+                        for (long c = 0; c < C; c += 16)
+                            st16(yr + ox * C + c, _mm512_add_ps(relu16(upsampled16(v0 + c, v1 + c, tx.l0, tx.l1)),
+                                                                ld16(sr + ox * C + c)));
+                        continue;
+                    }
+                }
+#endif
 #pragma omp simd
                 for (long c = 0; c < C; ++c) {
                     const float u = stored_value<T>(tx.l0 * v0[c] + tx.l1 * v1[c]);
@@ -624,6 +638,19 @@ int bn_up_add_bwd(const T* x, const T* gy, float* dz, const float* center, const
                     float* h0 = hr + tx.i0 * C;
                     float* h1 = hr + tx.i1 * C;
                     const T* go = gr + ox * C;
+#if defined(__AVX512BF16__)
+                    if constexpr (std::is_same<T, uint16_t>::value) {
+                        if (C % 16 == 0) {  // h0 is stored before h1 is read: one row at the right border
+                            for (long c = 0; c < C; c += 16) {
+                                const __m512 u = upsampled16(v0 + c, v1 + c, tx.l0, tx.l1);
+                                const __m512 dv = _mm512_maskz_mov_ps(relu_pass16(u), ld16(go + c));
+                                _mm512_storeu_ps(h0 + c, _mm512_fmadd_ps(_mm512_set1_ps(tx.l0), dv, _mm512_loadu_ps(h0 + c)));
+                                _mm512_storeu_ps(h1 + c, _mm512_fmadd_ps(_mm512_set1_ps(tx.l1), dv, _mm512_loadu_ps(h1 + c)));
+                            }
+                            continue;
+                        }
+                    }
+#endif
 #pragma omp simd
                     for (long c = 0; c < C; ++c) {
                         const float u = stored_value<T>(tx.l0 * v0[c] + tx.l1 * v1[c]);
