@@ -150,10 +150,13 @@ def _bf16_rows(m, c, seed):
     return (torch.randn(m, c, generator=g) * 2).bfloat16()
 
 
-# rows: one pair, an odd count, under one chunk, several chunks with an odd tail; channels: one
-# 16-wide block, register-tile tails in both directions (48 = 8 tiles of 6; 80 = 64 + 16; 16 = 6+6+4)
+# rows: one pair, an odd count, under one chunk, several chunks with an odd tail; channels (C_in, C_out):
+# one 16-wide block; output tiles of 6 with tails (16 = 6+6+4, 80, 144); vector blocks of 64 with tails of
+# 16 and 32 (80 = 64+16, 144, 272 = 4 x 64 + 16, 96 = 64+32); with at most 128 outputs and more inputs the
+# kernel swaps its operands ((80, 48), (160, 96), (96, 32)), from 144 outputs on it does not ((272, 144))
 @pytest.mark.parametrize("m", [1, 2, 75, 256, 1033])
-@pytest.mark.parametrize("ci,co", [(16, 16), (80, 48), (48, 80), (64, 64)])
+@pytest.mark.parametrize("ci,co", [(16, 16), (80, 48), (48, 80), (64, 64), (80, 144), (272, 144), (160, 96),
+                                   (96, 32)])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_kernel_weight_grad_against_fp64(pointwise_kernel, m, ci, co, threads):
     x, g = _bf16_rows(m, ci, 0), _bf16_rows(m, co, 1)
@@ -177,6 +180,9 @@ def test_kernel_weight_grad_against_fp64(pointwise_kernel, m, ci, co, threads):
 
 def test_kernel_weight_grad_refuses_what_it_does_not_run(pointwise_kernel):
     x = _bf16_rows(10, 16, 0)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CPU rows"):
+            pw.pointwise_weight_grad(x.cuda(), _bf16_rows(10, 16, 1).cuda())
     with pytest.raises(ValueError, match="multiples of 16"):
         pw.pointwise_weight_grad(x, _bf16_rows(10, 24, 1))
     with pytest.raises(ValueError, match="multiples of 16"):
@@ -244,8 +250,8 @@ def test_kernel_is_timed_where_it_applies(pointwise_kernel, monkeypatch, tmp_pat
     monkeypatch.setattr(pw.PLAN, "_choices", None)
     pw.set_pointwise_method(None)
     calls = []
-    monkeypatch.setattr(pw, "time_each", lambda runs: calls.append(sorted(runs)) or
-                        {"aten": 3.0, "mm": 2.0, "kernel": 1.0})
+    times = {"aten": 3.0, "mm": 2.0, "kernel": 1.0}
+    monkeypatch.setattr(pw, "time_each", lambda runs: calls.append(sorted(runs)) or {m: times[m] for m in runs})
     conv = nn.Conv2d(16, 32, 1)
     use_fast_pointwise(conv)
     x = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -255,3 +261,10 @@ def test_kernel_is_timed_where_it_applies(pointwise_kernel, monkeypatch, tmp_pat
         y.float().sum().backward()
     assert calls == [["aten", "kernel", "mm"]]
     assert list(pw.PLAN.choices().values()) == ["kernel"]
+    # where the kernel cannot run (here: not built), the shape is timed again without it, under its own key
+    monkeypatch.setattr(pw, "fast_pointwise_available", lambda: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    y.float().sum().backward()
+    assert calls[1] == ["aten", "mm"] and sorted(pw.PLAN.choices().values()) == ["kernel", "mm"]
+    assert sorted(k[-2:] for k in pw.PLAN.choices()) == ["k0", "k1"]

@@ -472,6 +472,29 @@ def test_kernels_split_over_threads_equal_the_reference(resample_kernel, three_t
         assert _err(k, r) <= 1e-5 * max(1.0, r.abs().max().item())
 
 
+def test_bf16_register_paths_over_threads_and_bands(resample_kernel, three_threads):
+    # bf16, 16 channels: the AVX-512 register forms (where the CPU has them), rows split over 3 threads and
+    # the backward over three bands of 16 input rows (34 rows), each as close to fp64 as aten's
+    g = torch.Generator().manual_seed(13)
+    x = _cl(torch.randn(3, 16, 34, 20, generator=g) * 2 + 0.5).bfloat16()
+    w, b = torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g)
+    dy = _cl(torch.randn(3, 16, 17, 10, generator=g)).bfloat16()
+    cases = [(lambda x, w, b: batch_norm_max_pool_relu(x, None, None, w, b, True, 0.1, 1e-5),
+              lambda x, w, b: rs._aten_pool(x, None, None, w, b, True, 0.1, 1e-5), (x, w, b), dy,
+              _pool_ref(x, w, b, dy))]
+    skip, dy2 = _cl(torch.randn(3, 16, 68, 40, generator=g)).bfloat16(), _cl(torch.randn(3, 16, 68, 40, generator=g)).bfloat16()
+    cases.append((lambda x, s, w, b: batch_norm_upsample_relu_add(x, s, None, None, w, b, True, 0.1, 1e-5),
+                  lambda x, s, w, b: rs._aten_up_add(x, s, None, None, w, b, True, 0.1, 1e-5), (x, skip, w, b), dy2,
+                  _up_add_ref(x, skip, w, b, dy2)))
+    hw, hb = torch.randn(1, 16, 1, 1, generator=g).bfloat16(), torch.randn(1, generator=g).bfloat16()
+    dy3 = _cl(torch.randn(3, 1, 68, 40, generator=g)).bfloat16()
+    cases.append((rs._UpsampleReluConvFn.apply, rs._aten_up, (x, hw, hb), dy3, _up_ref(x, hw, hb, dy3)))
+    for n, (fast, plain, args, d, want) in enumerate(cases):
+        got, aten = _grads(fast, *args, dy=d), _grads(plain, *args, dy=d)
+        for i, (k, a, r) in enumerate(zip(got, aten, want)):
+            assert _err(k, r) <= 2 * _err(a, r) + 1e-2 * max(1.0, r.abs().max().item()), (n, i, _err(k, r), _err(a, r))
+
+
 def test_fx_traces_a_switched_unext_through_aten(resample_kernel):
     import sys
     from pathlib import Path

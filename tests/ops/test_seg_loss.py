@@ -93,3 +93,15 @@ def test_choice_is_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
     sl.bce_dice(x, t)
     assert len(timed) == 1
     sl.LIBRARY.reset()
+
+
+def test_nan_and_infinite_logits_as_aten(seg_loss_kernel):
+    x, t = _inputs((2, 1, 8, 8), 3)
+    x[0, 0, 1, 1] = float("nan")
+    got = _loss_and_grad(sl._BceDiceFn.apply, x, t, 0.5, 1.0, 1e-5)
+    assert got[0].isnan() and got[1][0, 0, 1, 1].isnan()  # a NaN logit: a NaN loss and a NaN gradient there
+    x, t = _inputs((2, 1, 8, 8), 4)
+    x[0, 0, 1, 1], t[0, 0, 1, 1] = float("inf"), 0.0
+    got = _loss_and_grad(sl._BceDiceFn.apply, x, t, 0.5, 1.0, 1e-5)
+    aten = _loss_and_grad(sl.bce_dice_reference, x, t, 0.5, 1.0, 1e-5)
+    assert got[0].item() == aten[0].item() == float("inf")

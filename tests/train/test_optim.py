@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mixlab.train.config import DEFAULTS
-from mixlab.train.optim import AdamWAbsoluteDecay, build_optimizer, uses_fused
+from mixlab.train.optim import AdamWAbsoluteDecay, build_optimizer, load_optimizer_state, uses_fused
 
 
 def _opt(name, **kw):
@@ -35,8 +35,15 @@ def test_fused_on_the_cpu_by_default_and_equal_to_the_loop(name):
             o.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    # the state is the loop's too: a checkpoint of one resumes in the other
-    loop.load_state_dict(fused.state_dict())
+    # the state is the loop's too: a checkpoint of one resumes in the other, each keeping its own form
+    # (torch's load_state_dict alone would copy the saved group's `fused` over the built one)
+    load_optimizer_state(loop, fused.state_dict())
+    assert not loop.param_groups[0]["fused"]
+    saved_by_loop = loop.state_dict()
+    load_optimizer_state(fused, saved_by_loop)
+    assert fused.param_groups[0]["fused"] is True
+    for o in (loop, fused):
+        o.step()
 
 
 def test_what_is_not_fused():

@@ -63,8 +63,8 @@ def fast_pointwise_available() -> bool:
 
 
 def _kernel_applies(x: torch.Tensor, g: torch.Tensor) -> bool:
-    return (x.dtype == g.dtype == torch.bfloat16 and x.shape[1] % 16 == 0 and g.shape[1] % 16 == 0
-            and fast_pointwise_available())
+    return (x.device.type == g.device.type == "cpu" and x.dtype == g.dtype == torch.bfloat16
+            and x.shape[1] % 16 == 0 and g.shape[1] % 16 == 0 and fast_pointwise_available())
 
 
 def pointwise_weight_grad(x_rows: torch.Tensor, g_rows: torch.Tensor, with_bias: bool = True
@@ -76,15 +76,16 @@ def pointwise_weight_grad(x_rows: torch.Tensor, g_rows: torch.Tensor, with_bias:
         raise ValueError(f"pointwise_weight_grad wants (M, C_in) and (M, C_out) rows, got "
                          f"{tuple(x_rows.shape)} and {tuple(g_rows.shape)}")
     if not _kernel_applies(x_rows, g_rows):
-        raise ValueError("pointwise_weight_grad runs bf16 rows with channel counts that are multiples of 16 on a "
-                         "CPU with AVX512-BF16 and a built kernel; got "
-                         f"{x_rows.dtype} {tuple(x_rows.shape)} and {g_rows.dtype} {tuple(g_rows.shape)} "
+        raise ValueError("pointwise_weight_grad runs bf16 CPU rows with channel counts that are multiples of 16 on "
+                         "a CPU with AVX512-BF16 and a built kernel; got "
+                         f"{x_rows.dtype} {tuple(x_rows.shape)} on {x_rows.device} and {g_rows.dtype} "
+                         f"{tuple(g_rows.shape)} on {g_rows.device} "
                          f"(kernel: {LIBRARY.unavailable_reason() or 'built'})")
     x_rows, g_rows = x_rows.contiguous(), g_rows.contiguous()
     m, ci = x_rows.shape
     co = g_rows.shape[1]
-    gw = torch.empty(co, ci)
-    gb = torch.empty(co) if with_bias else None
+    gw = torch.empty(co, ci, dtype=torch.float32)
+    gb = torch.empty(co, dtype=torch.float32) if with_bias else None
     rc = LIBRARY.load().mixlab_pointwise_weight_grad_bf16(
         x_rows.data_ptr(), g_rows.data_ptr(), gw.data_ptr(), gb.data_ptr() if with_bias else None, m, ci, co,
         torch.get_num_threads())
@@ -131,15 +132,16 @@ def _choose(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, with_bias: bool) 
     if _method_override is not None:
         return "aten" if _method_override == "kernel" and not _kernel_applies(x, g) else _method_override
     kernel_ok = _kernel_applies(x, g)
+    # whether the kernel could run is part of the key: a choice made without it is timed again where it can
     key = (f"{tuple(x.shape)}|{tuple(w.shape)}|{str(x.dtype)[6:]}|bias{int(with_bias)}|"
-           f"t{torch.get_num_threads()}")
+           f"t{torch.get_num_threads()}|k{int(kernel_ok)}")
     method = PLAN.get(key)
     if method not in METHODS:
         times = time_each({m: (lambda m=m: _weight_grad(m, x, g, w, with_bias)) for m in METHODS
                            if m != "kernel" or kernel_ok})
         method = min(times, key=times.get)
         PLAN.set(key, method)
-    return "aten" if method == "kernel" and not kernel_ok else method  # a stored choice this process cannot run
+    return method
 
 
 class _PointwiseConv2dFn(torch.autograd.Function):

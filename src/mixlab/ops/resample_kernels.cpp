@@ -84,22 +84,25 @@ inline void bn_pool_fwd16(const uint16_t* p0, const uint16_t* p1, const uint16_t
                           uint16_t* yo, int16_t* so, uint16_t* xo, const float* center, const float* scale,
                           const float* shift, long c) {
     const __m512 cen = _mm512_loadu_ps(center + c), sc = _mm512_loadu_ps(scale + c), sh = _mm512_loadu_ps(shift + c);
-    const __m512 a0 = ld16(p0 + c), a1 = ld16(p1 + c), a2 = ld16(p2 + c), a3 = ld16(p3 + c);
-    __m512 best = rounded16(_mm512_fmadd_ps(_mm512_sub_ps(a0, cen), sc, sh)), bx = a0;
-    __m512i k = _mm512_setzero_si512();
-    const __m512 as[3] = {a1, a2, a3};
-    for (int q = 0; q < 3; ++q) {  // a later value replaces the maximum when larger or NaN (aten's order)
-        const __m512 v = rounded16(_mm512_fmadd_ps(_mm512_sub_ps(as[q], cen), sc, sh));
+    const uint16_t* src[4] = {p0 + c, p1 + c, p2 + c, p3 + c};
+    // the input's own 16 bits (widened) are kept for xsel: converting its fp32 value back would flush a
+    // subnormal bf16 input to zero
+    __m512i raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[0])));
+    __m512 best = rounded16(_mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)), cen), sc, sh));
+    __m512i bx = raw, k = _mm512_setzero_si512();
+    for (int q = 1; q < 4; ++q) {  // a later value replaces the maximum when larger or NaN (aten's order)
+        raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[q])));
+        const __m512 v = rounded16(_mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)), cen), sc, sh));
         const __mmask16 t = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         best = _mm512_mask_blend_ps(t, best, v);
-        bx = _mm512_mask_blend_ps(t, bx, as[q]);
-        k = _mm512_mask_blend_epi32(t, k, _mm512_set1_epi32(q + 1));
+        bx = _mm512_mask_blend_epi32(t, bx, raw);
+        k = _mm512_mask_blend_epi32(t, k, _mm512_set1_epi32(q));
     }
     const __mmask16 pass = ~_mm512_cmp_ps_mask(best, _mm512_setzero_ps(), _CMP_LE_OQ);  // NaN passes
     st16(yo + c, _mm512_maskz_mov_ps(pass, best));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(so + c),
                         _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(pass, _mm512_set1_epi32(CUT), k)));
-    st16(xo + c, bx);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xo + c), _mm512_cvtepi32_epi16(bx));
 }
 
 // bn_pool_bwd_apply's channel loop for 16 channels at c

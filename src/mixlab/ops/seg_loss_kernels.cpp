@@ -51,8 +51,9 @@ int mixlab_bce_dice_fwd(const float* x, const float* t, long B, long n, double* 
                 const float v = xi[j], tv = ti[j];
                 const float a = v < 0.f ? -v : v;
                 const float e = exp_nonpos<false>(-a);
-                const float p = (v >= 0.f ? 1.0f : e) / (1.0f + e);
-                sb += (v > 0.f ? v : 0.f) - v * tv + log1p_unit(e);
+                const float p = v != v ? v : (v >= 0.f ? 1.0f : e) / (1.0f + e);  // NaN stays NaN
+                // max(v, 0) - v t written so that v = +inf, t = 0 gives inf (as aten's), not inf - inf * 0
+                sb += (v > 0.f ? v * (1.0f - tv) : -v * tv) + log1p_unit(e);
                 si += p * tv;
                 sp += p;
                 st += tv;
@@ -89,7 +90,7 @@ int mixlab_bce_dice_bwd(const float* x, const float* t, long B, long n, float cb
             const float v = xi[j], tv = ti[j];
             const float a = v < 0.f ? -v : v;
             const float e = exp_nonpos<false>(-a);
-            const float p = (v >= 0.f ? 1.0f : e) / (1.0f + e);
+            const float p = v != v ? v : (v >= 0.f ? 1.0f : e) / (1.0f + e);  // NaN stays NaN
             di[j] = cb * (p - tv) + (a1 * tv - a2) * p * (1.0f - p);
         }
     }

@@ -94,6 +94,18 @@ def uses_fused(opt: dict, params: list[torch.Tensor]) -> bool:
         p.device.type == "cpu" and p.is_floating_point() and p.layout == torch.strided for p in params))
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)`` keeping the optimizer's own ``fused`` setting: torch copies
+    each saved param group over the built one, ``fused`` included, so a run saved before (or with)
+    another setting would otherwise run on in the saved form. The state itself (step, moments) is
+    the same in both forms on the CPU."""
+    fused = optimizer.defaults.get("fused")
+    optimizer.load_state_dict(state)
+    if "fused" in optimizer.defaults:
+        for group in optimizer.param_groups:
+            group["fused"] = fused
+
+
 def build_optimizer(model: nn.Module, opt: dict) -> torch.optim.Optimizer:
     name, lr, wd = opt["name"], float(opt["lr"]), float(opt["weight_decay"])
     params = [p for p in model.parameters() if p.requires_grad]

@@ -39,6 +39,7 @@ import yaml
 from ..errors import CheckpointWriteError, MissingFileError, UsageError
 from ..io import (atomic_path, atomic_write_json, atomic_write_text, read_state_dict, safe_torch_load,
                   safetensors_metadata)
+from .optim import load_optimizer_state
 
 CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
 LAST, LAST_STATE, BEST, CURVES = "last.safetensors", "last_state.pt", "best.safetensors", "curves.png"
@@ -368,7 +369,7 @@ def restore_checkpoint(run_dir: Path, model, optimizer, ema=None) -> dict:
                              "changed by hand?); nothing was changed")
         check_last_matches_state(run_dir, state, last)
     load_weights(model, read_state_dict(last))
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     if ema is not None and "ema" in state:
         ema.module.load_state_dict(state["ema"])
     epoch = int(state["epoch"])
