@@ -25,35 +25,15 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#endif
 
 #include "bf16_scalar.h"
 
 namespace {
 
 using mixlab_bf16::store;
+using mixlab_bf16::store_row;
 using mixlab_bf16::to_bf16;
 using mixlab_bf16::widen;
-
-// a row of fp32 values stored as T: bf16 rounded to nearest even, by the CPU's own conversion
-// where it has one (the portable loop above vectorises poorly: it made bf16 rows slower than fp32)
-inline void store_row(float* dst, const float* src, long n) { std::memcpy(dst, src, n * sizeof(float)); }
-inline void store_row(uint16_t* dst, const float* src, long n) {
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    long c = 0;
-    for (; c + 16 <= n; c += 16)  // plain stores: masked ones are slow on AMD's AVX-512
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + c)));
-    if (c < n) {
-        const __mmask16 m = static_cast<__mmask16>((1u << (n - c)) - 1);
-        _mm256_mask_storeu_epi16(dst + c, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + c)));
-    }
-#else
-#pragma omp simd
-    for (long i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
-#endif
-}
 
 template <typename T, long CC>
 void ln_fwd(const T* x, const float* gamma, const float* beta, T* y, float* mean_out, float* rstd_out, long M,
