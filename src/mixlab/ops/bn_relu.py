@@ -35,7 +35,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .gelu import batch_norm_args, update_running_stats
-from .kernel_build import KernelLibrary, Plan, time_training_calls
+from .kernel_build import KernelLibrary, Plan, dtype_suffix, time_training_calls
 from .module_swap import fx_tracing, hooked
 from .resample import _affine, _batch_stats, _bn_grad_terms
 
@@ -61,13 +61,6 @@ def fast_bn_relu_available() -> bool:
     return LIBRARY.load() is not None
 
 
-def _sfx(x: torch.Tensor) -> str:
-    return "bf16" if x.dtype == torch.bfloat16 else "f32"
-
-
-def _check(rc: int) -> None:
-    if rc != 0:
-        raise MemoryError("the BatchNorm + ReLU kernel could not allocate its per-thread sums")
 
 
 def _cl(t: torch.Tensor) -> torch.Tensor:
@@ -82,7 +75,7 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     n, c, h, w = x.shape
     mean, var, (center, scale, beta) = _batch_stats(lib, x, weight, bias, eps, stats="mixlab_bn_relu_stats")
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    _check(getattr(lib, f"mixlab_bn_relu_fwd_{_sfx(x)}")(x.data_ptr(), y.data_ptr(), center.data_ptr(),
+    LIBRARY.check(getattr(lib, f"mixlab_bn_relu_fwd_{dtype_suffix(x)}")(x.data_ptr(), y.data_ptr(), center.data_ptr(),
                                                          scale.data_ptr(), beta.data_ptr(), n * h * w, c,
                                                          torch.get_num_threads()))
     return y, mean, var
@@ -107,12 +100,12 @@ def _backward_op(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, 
     center, scale, beta = _affine(mean, var, weight, bias, eps)
     sd = torch.empty(c, dtype=torch.float64)
     sdx = torch.empty(c, dtype=torch.float64)
-    _check(getattr(lib, f"mixlab_bn_relu_bwd_stats_{_sfx(x)}")(x.data_ptr(), dy.data_ptr(), center.data_ptr(),
+    LIBRARY.check(getattr(lib, f"mixlab_bn_relu_bwd_stats_{dtype_suffix(x)}")(x.data_ptr(), dy.data_ptr(), center.data_ptr(),
                                                                scale.data_ptr(), beta.data_ptr(), m, c, sd.data_ptr(),
                                                                sdx.data_ptr(), threads))
     (k1, k2, k3), dw, db = _bn_grad_terms(mean, var, weight, eps, sd, sdx, m)
     dx = torch.empty_like(x, memory_format=torch.channels_last)
-    _check(getattr(lib, f"mixlab_bn_relu_bwd_apply_{_sfx(x)}")(x.data_ptr(), dy.data_ptr(), dx.data_ptr(),
+    LIBRARY.check(getattr(lib, f"mixlab_bn_relu_bwd_apply_{dtype_suffix(x)}")(x.data_ptr(), dy.data_ptr(), dx.data_ptr(),
                                                                center.data_ptr(), scale.data_ptr(), beta.data_ptr(), m,
                                                                c, k1.data_ptr(), k2.data_ptr(), k3.data_ptr(), threads))
     return dx, dw, db

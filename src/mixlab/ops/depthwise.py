@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .depthwise_build import LIBRARY, load_kernel
-from .kernel_build import Plan, time_each
+from .kernel_build import Plan, dtype_suffix, time_each
 from .module_swap import by_exact_type, swap_classes
 
 __all__ = ["depthwise_conv2d", "depthwise_weight_grad", "DepthwiseConv2d", "use_fast_depthwise",
@@ -109,11 +109,10 @@ def _kernel_weight_grad(lib, x, grad_out, kernel, padding, dilation, with_bias: 
     gs = grad_out.to(x.dtype).contiguous(memory_format=fmt)
     gw = torch.empty((c, 1, *kernel), dtype=torch.float32)
     gb = torch.empty((c,), dtype=torch.float32) if with_bias else None
-    name = f"mixlab_dw_wgrad_{'nhwc' if nhwc else 'nchw'}_{'bf16' if x.dtype == torch.bfloat16 else 'f32'}"
+    name = f"mixlab_dw_wgrad_{'nhwc' if nhwc else 'nchw'}_{dtype_suffix(x)}"
     rc = getattr(lib, name)(xs.data_ptr(), gs.data_ptr(), gw.data_ptr(), gb.data_ptr() if with_bias else None,
                             n, c, h, w, ho, wo, *kernel, *padding, *dilation, torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("the depthwise weight-gradient kernel could not allocate its accumulators")
+    LIBRARY.check(rc)
     return gw, gb
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernel_build import KernelLibrary, Plan, time_training_calls
+from .kernel_build import KernelLibrary, Plan, dtype_suffix, time_training_calls
 from .module_swap import by_exact_type, swap_classes
 
 __all__ = ["gelu", "gelu_batch_norm", "FastGELU", "GeluBatchNorm2d", "use_fast_gelu", "restore_gelu",
@@ -65,13 +65,6 @@ def _is_nhwc(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _sfx(x: torch.Tensor) -> str:
-    return "bf16" if x.dtype == torch.bfloat16 else "f32"
-
-
-def _check(rc: int) -> None:
-    if rc != 0:
-        raise MemoryError("the GELU + BatchNorm kernel could not allocate its per-thread sums")
 
 
 # ----------------------------------------------------------------------------- the two ops
@@ -93,7 +86,7 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     # sums about a pivot near each channel's mean (its first value), not about 0: a channel whose
     # mean is large next to its spread keeps its variance in fp32
     pivot = F.gelu(x[0, :, 0, 0].float()).contiguous()
-    _check(getattr(lib, f"mixlab_gelu_bn_fwd_stats_{_sfx(x)}")(x.data_ptr(), g.data_ptr(), pivot.data_ptr(), m, c,
+    LIBRARY.check(getattr(lib, f"mixlab_gelu_bn_fwd_stats_{dtype_suffix(x)}")(x.data_ptr(), g.data_ptr(), pivot.data_ptr(), m, c,
                                                                  s.data_ptr(), ss.data_ptr(), threads))
     shift_mean = s / m
     mean = pivot.double() + shift_mean
@@ -106,7 +99,7 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         residual = residual.to(x.dtype).contiguous(memory_format=torch.channels_last)
-    _check(getattr(lib, f"mixlab_gelu_bn_fwd_apply_{_sfx(x)}")(g.data_ptr(),
+    LIBRARY.check(getattr(lib, f"mixlab_gelu_bn_fwd_apply_{dtype_suffix(x)}")(g.data_ptr(),
                                                                  residual.data_ptr() if residual is not None else None,
                                                                  y.data_ptr(), center.data_ptr(), m, c,
                                                                  scale.data_ptr(), beta.data_ptr(), threads))
@@ -132,7 +125,7 @@ def _backward_op(x: torch.Tensor, g: torch.Tensor, grad_out: torch.Tensor, weigh
     sdg = torch.empty(c, dtype=torch.float64)
     center = mean.float().contiguous()  # sums and the map about the mean (as rounded to fp32)
     off = mean - center.double()  # what that rounding left: xhat = ((g - center) - off) * rstd
-    _check(getattr(lib, f"mixlab_gelu_bn_bwd_stats_{_sfx(x)}")(g.data_ptr(), dy.data_ptr(), center.data_ptr(), m, c,
+    LIBRARY.check(getattr(lib, f"mixlab_gelu_bn_bwd_stats_{dtype_suffix(x)}")(g.data_ptr(), dy.data_ptr(), center.data_ptr(), m, c,
                                                                  sd.data_ptr(), sdg.data_ptr(), threads))
     rstd = (var + eps).rsqrt()
     sum_dy_xhat = rstd * (sdg - off * sd)  # sum of dy * (g - mean) * rstd
@@ -142,7 +135,7 @@ def _backward_op(x: torch.Tensor, g: torch.Tensor, grad_out: torch.Tensor, weigh
     k2 = (-a * rstd * sum_dy_xhat / m).float().contiguous()
     k3 = (-a * sd / m + a * rstd * off * sum_dy_xhat / m).float().contiguous()
     dx = torch.empty_like(x, memory_format=torch.channels_last)
-    _check(getattr(lib, f"mixlab_gelu_bn_bwd_apply_{_sfx(x)}")(x.data_ptr(), g.data_ptr(), dy.data_ptr(),
+    LIBRARY.check(getattr(lib, f"mixlab_gelu_bn_bwd_apply_{dtype_suffix(x)}")(x.data_ptr(), g.data_ptr(), dy.data_ptr(),
                                                                  dx.data_ptr(), center.data_ptr(), m, c,
                                                                  k1.data_ptr(), k2.data_ptr(), k3.data_ptr(),
                                                                  threads))
@@ -176,7 +169,7 @@ class _GeluBatchNormFn(torch.autograd.Function):
 @torch.library.custom_op("mixlab::gelu_forward", mutates_args=())
 def _gelu_forward_op(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)  # the same strides: the kernel runs over the dense memory of both
-    _check(getattr(LIBRARY.load(), f"mixlab_gelu_fwd_{_sfx(x)}")(x.data_ptr(), y.data_ptr(), x.numel(),
+    LIBRARY.check(getattr(LIBRARY.load(), f"mixlab_gelu_fwd_{dtype_suffix(x)}")(x.data_ptr(), y.data_ptr(), x.numel(),
                                                                    torch.get_num_threads()))
     return y
 
@@ -192,7 +185,7 @@ def _gelu_backward_op(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)
     dx = torch.empty_like(x)
-    _check(getattr(LIBRARY.load(), f"mixlab_gelu_bwd_{_sfx(x)}")(x.data_ptr(), dy.data_ptr(), dx.data_ptr(),
+    LIBRARY.check(getattr(LIBRARY.load(), f"mixlab_gelu_bwd_{dtype_suffix(x)}")(x.data_ptr(), dy.data_ptr(), dx.data_ptr(),
                                                                    x.numel(), torch.get_num_threads()))
     return dx
 

@@ -52,6 +52,13 @@ def say(msg: str) -> None:
     print(f"mixlab: {msg}", file=sys.stderr, flush=True)
 
 
+def dtype_suffix(x) -> str:
+    """The kernels' name suffix for a tensor's dtype: 'bf16' or 'f32' (the only two they take)."""
+    import torch
+
+    return "bf16" if x.dtype == torch.bfloat16 else "f32"
+
+
 class KernelLibrary:
     """One kernel source, built at first use and loaded once per process.
 
@@ -133,6 +140,12 @@ class KernelLibrary:
         if self._status:
             say(f"{self.what} kernel unavailable: {self._status}; {self.fallback}")
         return self._lib
+
+    def check(self, rc: int) -> None:
+        """Raise MemoryError where a kernel call returned nonzero: the kernels return 1 only when
+        they could not allocate their working memory (per-thread sums, buffers, accumulators)."""
+        if rc != 0:
+            raise MemoryError(f"the {self.what} kernel could not allocate its working memory")
 
     def unavailable_reason(self) -> str | None:
         """None when the kernel is loaded, else why not (after :meth:`load` was tried)."""

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from .kernel_build import KernelLibrary, Plan, time_training_calls
+from .kernel_build import KernelLibrary, Plan, dtype_suffix, time_training_calls
 from .module_swap import by_exact_type, swap_classes
 
 __all__ = ["layer_norm", "FastLayerNorm", "FastLayerNorm2d", "use_fast_layernorm", "restore_layernorm",
@@ -59,9 +59,6 @@ def fast_layernorm_available() -> bool:
     return LIBRARY.load() is not None
 
 
-def _sfx(x: torch.Tensor) -> str:
-    return "bf16" if x.dtype == torch.bfloat16 else "f32"
-
 
 # ----------------------------------------------------------------------------- the two ops
 # Registered ops (not bare Python calls): one opaque node each for a tracer that reaches them (under
@@ -77,7 +74,7 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     y = torch.empty_like(x)
     mean = torch.empty(x.shape[:-1], dtype=torch.float32)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32)
-    getattr(LIBRARY.load(), f"mixlab_ln_fwd_{_sfx(x)}")(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+    getattr(LIBRARY.load(), f"mixlab_ln_fwd_{dtype_suffix(x)}")(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
                                                          mean.data_ptr(), rstd.data_ptr(), m, c, eps,
                                                          torch.get_num_threads())
     return y, mean, rstd
@@ -99,12 +96,11 @@ def _backward_op(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, 
     dx = torch.empty_like(x)
     dw = torch.empty(c, dtype=torch.float32)
     db = torch.empty(c, dtype=torch.float32)
-    rc = getattr(LIBRARY.load(), f"mixlab_ln_bwd_{_sfx(x)}")(x.data_ptr(), dy.data_ptr(), weight.data_ptr(),
+    rc = getattr(LIBRARY.load(), f"mixlab_ln_bwd_{dtype_suffix(x)}")(x.data_ptr(), dy.data_ptr(), weight.data_ptr(),
                                                               mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
                                                               dw.data_ptr(), db.data_ptr(), m, c,
                                                               torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("the LayerNorm kernel could not allocate its per-thread sums")
+    LIBRARY.check(rc)
     return dx, dw, db
 
 

@@ -89,10 +89,9 @@ def pointwise_weight_grad(x_rows: torch.Tensor, g_rows: torch.Tensor, with_bias:
     rc = LIBRARY.load().mixlab_pointwise_weight_grad_bf16(
         x_rows.data_ptr(), g_rows.data_ptr(), gw.data_ptr(), gb.data_ptr() if with_bias else None, m, ci, co,
         torch.get_num_threads())
-    if rc == 1:
-        raise MemoryError("the 1x1 weight-gradient kernel could not allocate its buffers")
-    if rc != 0:
+    if rc not in (0, 1):
         raise RuntimeError(f"the 1x1 weight-gradient kernel refused its arguments (code {rc})")
+    LIBRARY.check(rc)
     return gw, gb
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .gelu import batch_norm_args, update_running_stats
-from .kernel_build import KernelLibrary, Plan, time_training_calls
+from .kernel_build import KernelLibrary, Plan, dtype_suffix, time_training_calls
 from .module_swap import by_exact_type, fx_tracing, global_hooks, hooked, swap_classes
 
 __all__ = ["fast_resample_available", "batch_norm_max_pool_relu", "batch_norm_upsample_relu_add", "upsample_relu_conv1x1",
@@ -71,13 +71,6 @@ def fast_resample_available() -> bool:
     return LIBRARY.load() is not None
 
 
-def _sfx(x: torch.Tensor) -> str:
-    return "bf16" if x.dtype == torch.bfloat16 else "f32"
-
-
-def _check(rc: int) -> None:
-    if rc != 0:
-        raise MemoryError("the resampling kernel could not allocate its per-thread buffers")
 
 
 def _sel_dtype(x: torch.Tensor) -> torch.dtype:
@@ -107,7 +100,7 @@ def _batch_stats(lib, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     ss = torch.empty(c, dtype=torch.float64)
     # sums about a pivot near each channel's mean (its first value), as the GELU + BatchNorm kernel
     pivot = x[0, :, 0, 0].float().contiguous()
-    _check(getattr(lib, f"{stats}_{_sfx(x)}")(x.data_ptr(), pivot.data_ptr(), n * h * w, c, s.data_ptr(),
+    LIBRARY.check(getattr(lib, f"{stats}_{dtype_suffix(x)}")(x.data_ptr(), pivot.data_ptr(), n * h * w, c, s.data_ptr(),
                                                       ss.data_ptr(), torch.get_num_threads()))
     shift_mean = s / (n * h * w)
     mean = pivot.double() + shift_mean
@@ -148,7 +141,7 @@ def _pool_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     sel = torch.empty_like(y, dtype=_sel_dtype(x))
     xsel = torch.empty_like(y)
-    _check(getattr(lib, f"mixlab_bn_pool_fwd_{_sfx(x)}")(x.data_ptr(), y.data_ptr(), sel.data_ptr(), xsel.data_ptr(),
+    LIBRARY.check(getattr(lib, f"mixlab_bn_pool_fwd_{dtype_suffix(x)}")(x.data_ptr(), y.data_ptr(), sel.data_ptr(), xsel.data_ptr(),
                                                          center.data_ptr(), n, h, w, c, scale.data_ptr(),
                                                          beta.data_ptr(), torch.get_num_threads()))
     return y, sel, xsel, mean, var
@@ -174,12 +167,12 @@ def _pool_backward_op(x: torch.Tensor, sel: torch.Tensor, xsel: torch.Tensor, gr
     sd = torch.empty(c, dtype=torch.float64)
     sdx = torch.empty(c, dtype=torch.float64)
     center = mean.float().contiguous()
-    _check(getattr(lib, f"mixlab_bn_pool_bwd_stats_{_sfx(x)}")(g.data_ptr(), sel.data_ptr(), xsel.data_ptr(),
+    LIBRARY.check(getattr(lib, f"mixlab_bn_pool_bwd_stats_{dtype_suffix(x)}")(g.data_ptr(), sel.data_ptr(), xsel.data_ptr(),
                                                                center.data_ptr(), g.numel() // c, c, sd.data_ptr(),
                                                                sdx.data_ptr(), threads))
     (k1, k2, k3), dw, db = _bn_grad_terms(mean, var, weight, eps, sd, sdx, n * h * w)
     dx = torch.empty_like(x, memory_format=torch.channels_last)
-    _check(getattr(lib, f"mixlab_bn_pool_bwd_apply_{_sfx(x)}")(x.data_ptr(), g.data_ptr(), sel.data_ptr(),
+    LIBRARY.check(getattr(lib, f"mixlab_bn_pool_bwd_apply_{dtype_suffix(x)}")(x.data_ptr(), g.data_ptr(), sel.data_ptr(),
                                                                dx.data_ptr(), center.data_ptr(), n, h, w, c,
                                                                k1.data_ptr(), k2.data_ptr(), k3.data_ptr(), threads))
     return dx, dw, db
@@ -222,7 +215,7 @@ def _up_add_forward_op(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor
     mean, var, (center, scale, beta) = _batch_stats(lib, x, weight, bias, eps)
     skip = _cl(skip)
     y = torch.empty_like(skip, memory_format=torch.channels_last)
-    _check(getattr(lib, f"mixlab_bn_up_add_fwd_{_sfx(x)}")(x.data_ptr(), skip.data_ptr(), y.data_ptr(),
+    LIBRARY.check(getattr(lib, f"mixlab_bn_up_add_fwd_{dtype_suffix(x)}")(x.data_ptr(), skip.data_ptr(), y.data_ptr(),
                                                            center.data_ptr(), scale.data_ptr(), beta.data_ptr(), n, h,
                                                            w, c, torch.get_num_threads()))
     return y, mean, var
@@ -248,12 +241,12 @@ def _up_add_backward_op(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.T
     dz = torch.empty((n, h, w, c), dtype=torch.float32)
     sd = torch.empty(c, dtype=torch.float64)
     sdx = torch.empty(c, dtype=torch.float64)
-    _check(getattr(lib, f"mixlab_bn_up_add_bwd_{_sfx(x)}")(x.data_ptr(), g.data_ptr(), dz.data_ptr(),
+    LIBRARY.check(getattr(lib, f"mixlab_bn_up_add_bwd_{dtype_suffix(x)}")(x.data_ptr(), g.data_ptr(), dz.data_ptr(),
                                                            center.data_ptr(), scale.data_ptr(), beta.data_ptr(), n, h,
                                                            w, c, sd.data_ptr(), sdx.data_ptr(), threads))
     (k1, k2, k3), dw, db = _bn_grad_terms(mean, var, weight, eps, sd, sdx, n * h * w)
     dx = torch.empty_like(x, memory_format=torch.channels_last)
-    _check(getattr(lib, f"mixlab_bn_bwd_apply_{_sfx(x)}")(x.data_ptr(), dz.data_ptr(), dx.data_ptr(),
+    LIBRARY.check(getattr(lib, f"mixlab_bn_bwd_apply_{dtype_suffix(x)}")(x.data_ptr(), dz.data_ptr(), dx.data_ptr(),
                                                           center.data_ptr(), n * h * w, c, k1.data_ptr(),
                                                           k2.data_ptr(), k3.data_ptr(), threads))
     return dx, dw, db
@@ -296,7 +289,7 @@ def _up_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     n, c, h, w = x.shape
     k = weight.shape[0]
     y = torch.empty((n, k, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    _check(getattr(LIBRARY.load(), f"mixlab_up_conv_fwd_{_sfx(x)}")(
+    LIBRARY.check(getattr(LIBRARY.load(), f"mixlab_up_conv_fwd_{dtype_suffix(x)}")(
         x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), n, h, w, c, k,
         torch.get_num_threads()))
     return y
@@ -318,7 +311,7 @@ def _up_backward_op(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tenso
     dx = torch.empty_like(x, memory_format=torch.channels_last)
     dw = torch.empty((k, c), dtype=torch.float64)
     db = torch.empty(k, dtype=torch.float64)
-    _check(getattr(LIBRARY.load(), f"mixlab_up_conv_bwd_{_sfx(x)}")(
+    LIBRARY.check(getattr(LIBRARY.load(), f"mixlab_up_conv_bwd_{dtype_suffix(x)}")(
         x.data_ptr(), g.data_ptr(), weight.data_ptr(), dx.data_ptr(), dw.data_ptr(), db.data_ptr(), n, h, w, c, k,
         torch.get_num_threads()))
     return dx, dw.float(), db.float()

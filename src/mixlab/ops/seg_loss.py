@@ -64,9 +64,8 @@ class _BceDiceFn(torch.autograd.Function):
         x, t = x.contiguous(), t.contiguous()
         b, n = x.shape[0], x[0].numel()
         sums = torch.empty(b, 4, dtype=torch.float64)
-        if LIBRARY.load().mixlab_bce_dice_fwd(x.data_ptr(), t.data_ptr(), b, n, sums.data_ptr(),
-                                              torch.get_num_threads()):
-            raise MemoryError("the BCE + Dice kernel could not allocate its per-thread sums")
+        LIBRARY.check(LIBRARY.load().mixlab_bce_dice_fwd(x.data_ptr(), t.data_ptr(), b, n, sums.data_ptr(),
+                                                         torch.get_num_threads()))
         num = 2 * sums[:, 1] + smooth
         den = sums[:, 2] + sums[:, 3] + smooth
         loss = bce_weight * sums[:, 0].sum() / (b * n) + dice_weight * (1 - (num / den).mean())
