@@ -10,13 +10,16 @@ def kernel_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("kernels")  # built once for the whole session
 
 
-def _kernel_for_every_call(monkeypatch, kernel_cache, library, set_method):
-    """Build ``library`` in the session's kernel cache (skip where it cannot be built) and force
-    its kernel for every call (also where aten would be timed faster), until the test ends."""
+def _kernel_for_every_call(monkeypatch, kernel_cache, library, set_method, runs=None):
+    """Build ``library`` in the session's kernel cache (skip where it cannot be built, or where
+    ``runs()`` says this CPU cannot run it) and force its kernel for every call (also where aten
+    would be timed faster), until the test ends."""
     monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
     library.reset()
     if library.load() is None:
         pytest.skip(f"kernel not built here: {library.unavailable_reason()}")
+    if runs is not None and not runs():
+        pytest.skip("kernel not run here: this CPU lacks the instructions it needs")
     set_method("kernel")
     yield
     set_method(None)
@@ -57,14 +60,8 @@ def pointwise_kernel(monkeypatch, kernel_cache):
     without AVX512-BF16)."""
     from mixlab.ops import pointwise as pw
 
-    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
-    pw.LIBRARY.reset()
-    if not pw.fast_pointwise_available():
-        pytest.skip(f"kernel not run here: {pw.LIBRARY.unavailable_reason() or 'this CPU has no AVX512-BF16'}")
-    pw.set_pointwise_method("kernel")
-    yield
-    pw.set_pointwise_method(None)
-    pw.LIBRARY.reset()
+    yield from _kernel_for_every_call(monkeypatch, kernel_cache, pw.LIBRARY, pw.set_pointwise_method,
+                                      pw.fast_pointwise_available)
 
 
 @pytest.fixture
