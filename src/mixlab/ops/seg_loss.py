@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from .kernel_build import KernelLibrary, Plan, time_training_calls
 
-__all__ = ["bce_dice", "bce_dice_reference", "bce_dice_applies", "fast_seg_loss_available", "set_seg_loss_method"]
+__all__ = ["bce_dice", "bce_dice_reference", "bce_dice_applies", "soft_dice", "fast_seg_loss_available",
+           "set_seg_loss_method"]
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 LIBRARY = KernelLibrary(
@@ -48,14 +49,18 @@ def set_seg_loss_method(method: str | None) -> None:
     PLAN.force(method, "segmentation loss")
 
 
+def soft_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Per-image soft Dice ``(N,)`` of ``sigmoid(logits)`` against ``target``."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    return (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+
+
 def bce_dice_reference(logits: torch.Tensor, target: torch.Tensor, bce_weight: float, dice_weight: float,
                        smooth: float) -> torch.Tensor:
     """The loss by aten's operations (what the kernel computes)."""
     bce = F.binary_cross_entropy_with_logits(logits, target)
-    p = torch.sigmoid(logits).flatten(1)
-    t = target.flatten(1)
-    dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
-    return bce_weight * bce + dice_weight * (1 - dice.mean())
+    return bce_weight * bce + dice_weight * (1 - soft_dice(logits, target, smooth).mean())
 
 
 class _BceDiceFn(torch.autograd.Function):
@@ -103,11 +108,11 @@ def _runs(logits: torch.Tensor, target: torch.Tensor, args: tuple) -> dict:
 
 
 def bce_dice(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 0.5, dice_weight: float = 1.0,
-             smooth: float = 1e-5) -> torch.Tensor:
+             smooth: float = 1e-5, fast: bool = True) -> torch.Tensor:
     """``bce_weight * BCE-with-logits + dice_weight * (1 - mean per-image soft Dice)`` by the kernel
-    where it applies and was timed faster for this shape, else by aten's operations."""
+    where ``fast``, it applies and it was timed faster for this shape, else by aten's operations."""
     args = (float(bce_weight), float(dice_weight), float(smooth))
-    if bce_dice_applies(logits, target):
+    if fast and bce_dice_applies(logits, target):
         key = f"bce_dice|{tuple(logits.shape)}|t{torch.get_num_threads()}"
         if PLAN.kernel_or_aten(key, lambda: _runs(logits, target, args), _time_methods) == "kernel":
             return _BceDiceFn.apply(logits, target, *args)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
+from ..ops.seg_loss import bce_dice, soft_dice
 
 __all__ = ["soft_dice", "BCEDiceLoss", "DiceLoss", "BCELoss", "FocalLoss", "LOSSES", "build_loss"]
 
@@ -23,13 +24,6 @@ def _check(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
     if logits.shape != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have the same shape")
     return logits.float(), target.float()
-
-
-def soft_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
-    """Per-image soft Dice ``(N,)`` of ``sigmoid(logits)`` against ``target``."""
-    p = torch.sigmoid(logits).flatten(1)
-    t = target.flatten(1)
-    return (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
 
 
 class BCEDiceLoss(nn.Module):
@@ -42,13 +36,7 @@ class BCEDiceLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = _check(logits, target)
-        if self.fast:
-            from ..ops.seg_loss import bce_dice
-
-            return bce_dice(logits, target, self.bce_weight, self.dice_weight, self.smooth)
-        bce = F.binary_cross_entropy_with_logits(logits, target)
-        dice = soft_dice(logits, target, self.smooth).mean()
-        return self.bce_weight * bce + self.dice_weight * (1 - dice)
+        return bce_dice(logits, target, self.bce_weight, self.dice_weight, self.smooth, fast=self.fast)
 
 
 class DiceLoss(nn.Module):
