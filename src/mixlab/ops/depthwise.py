@@ -22,6 +22,8 @@ Anything else runs through ``F.conv2d`` unchanged (CUDA keeps cuDNN).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -278,6 +280,24 @@ def _forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding, 
 # 5x5 layer, bf16: 2.0 against 3.5 ms, 2 EPYC cores), but that is one machine's measurement: the
 # first backward of each new shape times both and keeps the faster, in the same plan.
 
+def _aten_dgrad_sums_in_low_precision(g: torch.Tensor) -> bool:
+    """Whether aten's depthwise input gradient would sum ``g``'s bf16 / fp16 products in that
+    dtype: on a CPU where oneDNN has no bf16 path (no AVX-512, e.g. AMD EPYC Zen 3) aten takes
+    its generic backward, which did (relative error 0.011-0.022 against fp64 for 5x5-11x11
+    kernels, bf16, where the flipped forward's was 0.002, as on CPUs with oneDNN's path)."""
+    return (g.device.type == "cpu" and g.dtype in (torch.bfloat16, torch.float16)
+            and not _onednn_low_precision_supported(g.dtype))
+
+
+@functools.cache
+def _onednn_low_precision_supported(dtype: torch.dtype) -> bool:
+    ops = torch.ops.mkldnn
+    try:
+        return bool(ops._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else ops._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN: aten's generic path
+        return False
+
+
 def _flipped_padding(padding, kernel, dilation) -> tuple[int, int] | None:
     pad = tuple(d * (k - 1) - p for p, k, d in zip(padding, kernel, dilation))
     return pad if min(pad) >= 0 else None
@@ -292,6 +312,10 @@ def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dila
     flipped = _flipped_padding(padding, kernel, dilation)
 
     def aten():
+        if _aten_dgrad_sums_in_low_precision(g):  # (only where no flipped form exists: a padding past the kernel)
+            return torch.ops.aten.convolution_backward(g.float(), x.float(), w.float(), None, [1, 1], list(padding),
+                                                       list(dilation), False, [0, 0], x.shape[1],
+                                                       [True, False, False])[0].to(g.dtype)
         return torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], list(padding), list(dilation), False,
                                                    [0, 0], x.shape[1], [True, False, False])[0]
 
@@ -306,7 +330,9 @@ def _input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding, dila
         return plus(aten())  # (nothing is timed or looked up while tracing)
     # with ``add``, each candidate is timed with its sum: inside the kernel it is nearly free, after
     # aten's it is one more pass (ConvMixer's 5x5, bf16: 2.0 against 1.8 + 0.6 ms)
-    runs = {"aten": lambda: plus(aten()), "flipped_forward": lambda: plus(via_forward())}
+    runs = {"flipped_forward": lambda: plus(via_forward())}
+    if not _aten_dgrad_sums_in_low_precision(g):
+        runs = {"aten": lambda: plus(aten()), **runs}
     lib = load_kernel()
     if _kernel_forward_ok(lib, x, kernel, dilation) and g.dtype == w.dtype == x.dtype:
         runs["flipped_kernel"] = lambda: _kernel_forward(lib, g.contiguous(memory_format=torch.channels_last),
