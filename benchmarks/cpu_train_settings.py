@@ -48,8 +48,14 @@ def main() -> None:
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--window-seconds", type=float, default=2.0)
+    ap.add_argument("--precisions", default="bf16,fp32",
+                    help="comma-separated, of bf16 and fp32 (e.g. fp32 alone on a CPU without native bf16, "
+                         "where a bf16 step can take minutes)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    precisions = tuple(p.strip() for p in args.precisions.split(","))
+    if not precisions or set(precisions) - {"bf16", "fp32"}:
+        ap.error(f"--precisions takes bf16, fp32 or both (comma-separated), got {args.precisions!r}")
     tune_malloc()
     flush_denormals()  # as the CLI does, before torch's first parallel operation
     info = mixlab.model_info(args.model)
@@ -71,8 +77,8 @@ def main() -> None:
     # builds it on the CPU (optimizer.fused=auto); plain torch's its default loop. One more row gives
     # mixlab's ops with torch's default loop, to tell the two apart.
     settings = [dict(precision=p, channels_last=cl, fast_depthwise=fd, fused_optimizer=fd)
-                for p, cl, fd in itertools.product(("bf16", "fp32"), (True, False), (True, False))]
-    settings.insert(1, dict(precision="bf16", channels_last=True, fast_depthwise=True, fused_optimizer=False))
+                for p, cl, fd in itertools.product(precisions, (True, False), (True, False))]
+    settings.insert(1, dict(precision=precisions[0], channels_last=True, fast_depthwise=True, fused_optimizer=False))
     steps, runs = [], []
     for s in settings:
         m = __import__("copy").deepcopy(base)
