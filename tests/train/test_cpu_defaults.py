@@ -113,6 +113,30 @@ def test_a_busy_cpu_is_reported_and_not_cached(fake_timer, monkeypatch, capsys):
     assert not cd._cache_path().exists()
 
 
+def test_a_verdict_is_not_reused_on_another_cpu_of_the_same_name(fake_timer, monkeypatch):
+    # two machines that both say "AMD EPYC" (a Zen 3 with AVX2, a Zen 5 with AVX512-BF16) sharing a cache folder
+    monkeypatch.setattr(cd, "_cpu_flags_digest", lambda: "zen5")
+    assert cd.resolve_cpu_settings(_cfg(), _model(), _batch, nn.CrossEntropyLoss(), total_steps=10_000)["how"] \
+        == "measured"
+    monkeypatch.setattr(cd, "_cpu_flags_digest", lambda: "zen3")
+    assert cd.resolve_cpu_settings(_cfg(), _model(), _batch, nn.CrossEntropyLoss(), total_steps=10_000)["how"] \
+        == "measured"
+    assert len(json.loads(cd._cache_path().read_text())) == 2
+    monkeypatch.setattr(cd, "_cpu_flags_digest", lambda: "zen5")
+    assert cd.resolve_cpu_settings(_cfg(), _model(), _batch, nn.CrossEntropyLoss(), total_steps=10_000)["how"] \
+        == "cached"
+
+
+@pytest.mark.parametrize("flags, isa", [("fpu avx avx2 fma", "AVX2"), ("avx2 avx512f avx512bw", "AVX-512"),
+                                        ("avx2 avx512f avx512_bf16", "AVX512-BF16"),
+                                        ("avx512f avx512_bf16 amx_bf16 amx_tile", "AMX-BF16")])
+def test_cpu_name_says_family_model_and_vector_instructions(flags, isa):
+    text = (f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+            f"model name\t: AMD EPYC\nflags\t\t: {flags}\n\nprocessor\t: 1\ncpu family\t: 99\n")
+    assert cd.describe_cpuinfo(text) == f"AMD EPYC (family 25, model 1, {isa})"
+    assert cd.describe_cpuinfo("model name\t: Some CPU\n") == "Some CPU"
+
+
 def test_real_timing_leaves_model_and_rng_untouched():
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -6,7 +6,8 @@ ran at 143 images/s on one 2-core machine and 62 on another, and channels_last w
 layout on one and the slower on the other. So for every setting the user left on ``auto``,
 :func:`resolve_cpu_settings` times a few training steps of each combination on the real model
 and batch shape, keeps the fastest, prints one line with the figures, and caches the verdict
-per (model, batch shape, CPU model, torch version, threads) in ``$MIXLAB_CACHE/cpu_defaults.json``.
+per (model, batch shape, CPU model and feature flags, torch version, threads) in
+``$MIXLAB_CACHE/cpu_defaults.json``.
 
 - Explicit settings (``--precision``, ``--set channels_last=...``, ``--set fast_depthwise=...``)
   are never overridden.
@@ -42,15 +43,40 @@ COMPILE_PAYBACK = 2.0  # compile when the time it saves over the run exceeds thi
 
 
 def cpu_model_name() -> str:
+    """The CPU's model name, with its family / model numbers and widest vector instructions where
+    /proc/cpuinfo gives them: virtual machines often report a bare "AMD EPYC" for processors as
+    different as a Zen 3 (AVX2, bf16 emulated) and a Zen 5 (AVX-512 with bf16 dot products)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    import platform
+        import platform
 
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    return describe_cpuinfo(text)
+
+
+def describe_cpuinfo(text: str) -> str:
+    """:func:`cpu_model_name` from the text of a /proc/cpuinfo (its first processor's lines)."""
+    info = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    isa = next((name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"),
+                                        ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+    detail = [f"family {info['cpu family']}, model {info['model']}" if "cpu family" in info and "model" in info
+              else None, isa]
+    detail = ", ".join(d for d in detail if d)
+    name = info.get("model name", "unknown CPU")
+    return f"{name} ({detail})" if detail else name
+
+
+def _cpu_flags_digest() -> str:
+    import hashlib
+
+    from ..ops.kernel_build import cpu_identity
+
+    return hashlib.sha256(cpu_identity().encode()).hexdigest()[:16]
 
 
 def busy_cores(seconds: float = 0.3) -> float | None:
@@ -260,7 +286,9 @@ def resolve_cpu_settings(cfg: dict, model: nn.Module, make_batch, loss_fn, total
     fast_rs = any(isinstance(m, (PoolingBatchNorm2d, UpsamplingBatchNorm2d, UpsamplingConv2d)) for m in model.modules())
     fast_br = any(isinstance(m, BatchNormReLU2d) for m in model.modules())
     key = json.dumps([cfg["model"], cfg.get("model_kwargs") or {}, list(x.shape), str(x.dtype), cfg.get("task"),
-                      cpu_model_name(), torch.__version__, torch.get_num_threads(), candidates,
+                      # the model name and every feature flag: a bare name ("AMD EPYC") can stand for
+                      # CPUs whose fastest settings differ, in a cache folder they share
+                      cpu_model_name(), _cpu_flags_digest(), torch.__version__, torch.get_num_threads(), candidates,
                       str(cfg.get("compile", "auto"))] + (["fast_gelu"] if fast_gelu else [])
                      + (["fast_layernorm"] if fast_ln else []) + (["fast_pointwise"] if fast_pw else [])
                      + (["fast_resample"] if fast_rs else []) + (["fast_bn_relu"] if fast_br else []),
