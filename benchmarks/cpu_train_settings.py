@@ -2,12 +2,14 @@
 
 For each combination of precision (bf16 / fp32), layout (channels_last / NCHW) and mixlab's CPU
 ops or aten's (the fast depthwise convolution, the GELU kernels, GELU + BatchNorm fused where
-the model has such pairs, the LayerNorm kernel, the 1x1 convolution's weight gradient, BatchNorm + ReLU and the
-fused resampling layers, the BCE + Dice loss kernel of segmentation models, and torch's fused AdamW, as
-`mixlab train` uses them), the same model, batch and task loss; the settings are
-timed in turn, one window each per round, so drift in the machine falls on all alike. Prints
-images/s (median over rounds) and the ratio of each to the best plain-torch setting (aten's
-depthwise convolution), and writes a JSON with the command, commit, CPU, torch and date.
+the model has such pairs, the LayerNorm kernel, the 1x1 and dense KxK convolutions' weight
+gradients, BatchNorm + ReLU and the fused resampling layers, the BCE + Dice loss kernel of
+segmentation models, and torch's fused AdamW, as `mixlab train` uses them), the same model,
+batch and task loss; two more rows take mixlab's ops with torch's default AdamW and with aten's
+dense KxK convolution. The settings are timed in turn, one window each per round, so drift in the
+machine falls on all alike. Prints images/s (median over rounds) and the ratio of each to the
+best plain-torch setting (aten's ops throughout), and writes a JSON with the command, commit,
+CPU, torch and date.
 
     python benchmarks/cpu_train_settings.py --model convmixer_256_8 --batch-size 128 --img-size 32 \
         --json benchmarks/results/cpu-settings-convmixer.json
@@ -33,6 +35,7 @@ from mixlab.ops.depthwise import use_fast_depthwise
 from mixlab.ops.gelu import use_fast_gelu
 from mixlab.ops.layernorm import use_fast_layernorm
 from mixlab.ops.pointwise import use_fast_pointwise
+from mixlab.ops.dense_conv import use_fast_dense_conv
 from mixlab.ops.resample import use_fast_resample
 from mixlab.ops.bn_relu import use_fast_bn_relu
 from mixlab.runtime import flush_denormals, tune_malloc
@@ -76,13 +79,19 @@ def main() -> None:
     # the optimizer (AdamW) as each side builds it: mixlab's settings torch's fused form, as `mixlab train`
     # builds it on the CPU (optimizer.fused=auto); plain torch's its default loop. One more row gives
     # mixlab's ops with torch's default loop, to tell the two apart.
-    settings = [dict(precision=p, channels_last=cl, fast_depthwise=fd, fused_optimizer=fd)
+    settings = [dict(precision=p, channels_last=cl, fast_depthwise=fd, fused_optimizer=fd, dense_conv=fd)
                 for p, cl, fd in itertools.product(precisions, (True, False), (True, False))]
-    settings.insert(1, dict(precision=precisions[0], channels_last=True, fast_depthwise=True, fused_optimizer=False))
+    settings.insert(1, dict(precision=precisions[0], channels_last=True, fast_depthwise=True, fused_optimizer=False,
+                            dense_conv=True))
+    # and one with mixlab's ops but aten's dense KxK convolution, to show that op's share
+    settings.insert(2, dict(precision=precisions[0], channels_last=True, fast_depthwise=True, fused_optimizer=True,
+                            dense_conv=False))
     steps, runs = [], []
     for s in settings:
         m = __import__("copy").deepcopy(base)
         n_fast = (use_fast_resample(m) + use_fast_depthwise(m) + sum(use_fast_gelu(m)) + use_fast_bn_relu(m) + use_fast_layernorm(m) + use_fast_pointwise(m)) if s["fast_depthwise"] else 0
+        if s["dense_conv"] and s["fast_depthwise"]:
+            n_fast += use_fast_dense_conv(m)
         if s["fast_depthwise"] and n_fast == 0:
             continue  # no eligible depthwise convolution or GELU: the same as the aten setting
         fmt = torch.channels_last if s["channels_last"] else torch.contiguous_format
@@ -126,6 +135,8 @@ def label(s: dict) -> dict:
     ops = "mixlab ops" if s["fast_depthwise"] else "aten"
     if s["fast_depthwise"] and not s["fused_optimizer"]:
         ops += ", torch's default AdamW"
+    if s["fast_depthwise"] and not s["dense_conv"]:
+        ops += ", aten's dense conv"
     return dict(label=f"{s['precision']}, {'channels_last' if s['channels_last'] else 'NCHW'}, {ops}")
 
 

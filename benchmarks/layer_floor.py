@@ -1,12 +1,12 @@
 """How much of a training step its dense convolutions and linear layers alone take: each one
-timed by itself at the shape it sees in the step (forward, then backward), bf16 and
-channels-last as `mixlab train` runs them on the CPU, summed. These are matrix products that
-aten (oneDNN) runs near the CPU's peak; what the step spends beyond their sum is everything else
+timed by itself at the shape it sees in the step (forward, then backward), bf16 (or
+``--precision fp32``) and channels-last as `mixlab train` runs them on the CPU, summed. These
+are matrix products that aten (oneDNN, MKL) runs near the CPU's peak; what the step spends beyond their sum is everything else
 (depthwise convolutions, normalisation, activations, resampling, losses, the optimizer, copies):
 the part that mixlab's kernels and fusions can shrink. Grouped (e.g. depthwise) convolutions are
 left out of the sum and counted.
 
-    python benchmarks/layer_floor.py --model convmlp_s --batch-size 32 [--img-size 224] [--json out.json]
+    python benchmarks/layer_floor.py --model convmlp_s --batch-size 32 [--img-size 224] [--precision fp32] [--json out.json]
 
 Run it alone on the machine.
 """
@@ -25,6 +25,9 @@ from bench_layernorm import best_ms  # benchmarks/ (run as python benchmarks/...
 from text_report import provenance_fields
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def layer_inputs(model: nn.Module, x: torch.Tensor) -> list:
     """(name, module, input shape) of every Conv2d and Linear, in call order (a training-mode
     forward: in evaluation UNeXt folds BatchNorm into its convolutions and calls them functionally)."""
@@ -38,8 +41,7 @@ def layer_inputs(model: nn.Module, x: torch.Tensor) -> list:
     return seen
 
 
-def time_layer(m: nn.Module, shape: tuple, first: bool, repeats: int) -> dict:
-    dt = torch.bfloat16
+def time_layer(m: nn.Module, shape: tuple, first: bool, repeats: int, dt: torch.dtype = torch.bfloat16) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(dt)
     w = m.weight.detach().to(dt)
@@ -72,6 +74,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--img-size", type=int)
     ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="fp32 on a CPU without native bf16 (where `mixlab train` picks fp32)")
     ap.add_argument("--json")
     args = ap.parse_args()
     tune_malloc()
@@ -88,16 +92,17 @@ def main() -> None:
         if isinstance(m, nn.Conv2d) and m.groups > 1:
             grouped += 1
             continue
-        r = dict(layer=name, kind=type(m).__name__, input=list(shape), **time_layer(m, shape, i == 0, args.repeats))
+        r = dict(layer=name, kind=type(m).__name__, input=list(shape), **time_layer(m, shape, i == 0, args.repeats,
+                                                                                     DTYPES[args.precision]))
         rows.append(r)
         print(f"  {name:44s} {str(shape):24s} fwd {r['fwd_ms']:6.2f}  bwd {r['bwd_ms']:6.2f} ms", flush=True)
     fwd, bwd, gflop = (sum(r[k] for r in rows) for k in ("fwd_ms", "bwd_ms", "gflop"))
-    print(f"{args.model}, batch {args.batch_size}, {size}x{size}, bf16 channels_last: {len(rows)} dense conv/linear "
+    print(f"{args.model}, batch {args.batch_size}, {size}x{size}, {args.precision} channels_last: {len(rows)} dense conv/linear "
           f"layers ({grouped} grouped convolutions left out) alone take {fwd:.1f} ms forward + {bwd:.1f} ms backward = {fwd + bwd:.1f} ms a step "
           f"({gflop:.1f} GFLOP, {gflop / (fwd + bwd) * 1e3:.0f} GFLOP/s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(**head, model=args.model, batch_size=args.batch_size, img_size=size, rows=rows,
+            json.dump(dict(**head, model=args.model, precision=args.precision, batch_size=args.batch_size, img_size=size, rows=rows,
                            grouped_convs_left_out=grouped,
                            total_fwd_ms=fwd, total_bwd_ms=bwd, gflop=gflop), f, indent=2)
 

@@ -23,6 +23,7 @@ from mixlab.analysis.profile import input_hw_of
 from mixlab.ops.gelu import use_fast_gelu
 from mixlab.ops.layernorm import use_fast_layernorm
 from mixlab.ops.pointwise import use_fast_pointwise
+from mixlab.ops.dense_conv import use_fast_dense_conv
 from mixlab.ops.resample import use_fast_resample
 from mixlab.ops.bn_relu import use_fast_bn_relu
 from mixlab.runtime import flush_denormals, tune_malloc
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--aten-gelu", action="store_true", help="keep aten's GELU (and BatchNorm)")
     ap.add_argument("--aten-layernorm", action="store_true", help="keep aten's LayerNorm")
     ap.add_argument("--aten-pointwise", action="store_true", help="keep aten's 1x1 convolution backward")
+    ap.add_argument("--aten-dense-conv", action="store_true", help="keep aten's dense KxK convolution backward")
     ap.add_argument("--aten-bn-relu", action="store_true", help="keep aten's BatchNorm and ReLU unfused")
     ap.add_argument("--aten-resample", action="store_true", help="keep aten's BatchNorm/pool/upsample layers unfused")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -64,6 +66,8 @@ def main() -> None:
         use_fast_layernorm(model)
     if not args.aten_pointwise:
         use_fast_pointwise(model)
+    if not args.aten_dense_conv:
+        use_fast_dense_conv(model)
     cfg = BenchConfig(mode="train", batch_size=args.batch_size, img_size=hw, precision=args.precision,
                       channels_last=not args.nchw, compile=args.compile, task=mixlab.model_info(args.model).task)
     runner = StepRunner(model, cfg, getattr(model, "in_chans", 3), int(model.num_classes))
@@ -75,6 +79,7 @@ def main() -> None:
              f"{args.model}: batch {args.batch_size}, {hw[0]}x{hw[1]}, {args.precision}, "
              f"{'NCHW' if args.nchw else 'channels_last'}, {'aten' if args.aten_depthwise else 'fast'} depthwise conv, "
              f"{'aten' if args.aten_gelu else 'mixlab'} GELU, {'aten' if args.aten_layernorm else 'mixlab'} LayerNorm, {'aten' if args.aten_pointwise else 'mixlab'} 1x1 conv, "
+             f"{'aten' if args.aten_dense_conv else 'mixlab'} dense conv, "
              f"{'compiled' if args.compile else 'eager'}: {1000 * seconds:.1f} ms/step, "
              f"{args.batch_size / seconds:.1f} images/s",
              "operators over 3 profiled steps (divide by 3 for one step):",

@@ -204,7 +204,7 @@ def test_fast_gelu_is_on_by_default_off_when_asked_and_resumed_as_recorded(make_
         resolve_config(model="convmixer_256_8", overrides=["fast_gelu=sometimes"])
 
 
-@pytest.mark.parametrize("key", ["fast_layernorm", "fast_pointwise"])
+@pytest.mark.parametrize("key", ["fast_layernorm", "fast_pointwise", "fast_dense_conv"])
 def test_cpu_ops_are_on_by_default_off_when_asked_and_resumed_as_recorded(make_folder_dataset, tmp_path, key):
     from mixlab.ops.layernorm import fast_layernorm_available
 

@@ -190,6 +190,7 @@ def build_timm_model(spec: str, kwargs: dict) -> nn.Module:
 def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_size=None, device: str = "cpu",
                      precision: str = "fp32", channels_last: bool = False, compile: bool = False,
                      fast_depthwise: bool = True, fast_gelu: bool = True, fast_layernorm: bool = True, fast_pointwise: bool = True,
+                     fast_dense_conv: bool = True,
                      fast_resample: bool = True, fast_bn_relu: bool = True, num_classes: int | None = None,
                      model_kwargs: dict | None = None,
                      vs: str | None = None, vs_kwargs: dict | None = None, warmup: int = 3, windows: int = 5,
@@ -199,9 +200,9 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
     ``fast_depthwise``: on the CPU, run ``name`` with mixlab's fast depthwise convolution (the
     ``vs`` model always keeps aten's); ``fast_gelu``: likewise with mixlab's GELU kernels
     (:mod:`mixlab.ops.gelu`), ``fast_layernorm`` with its LayerNorm kernel (:mod:`mixlab.ops.layernorm`), ``fast_pointwise`` with
-    its 1x1 convolution (:mod:`mixlab.ops.pointwise`), ``fast_resample`` with its fused resampling layers (:mod:`mixlab.ops.resample`), ``fast_bn_relu`` with its BatchNorm + ReLU (:mod:`mixlab.ops.bn_relu`). Returns :func:`bench_pair`'s dict with the model, the versions,
+    its 1x1 convolution (:mod:`mixlab.ops.pointwise`), ``fast_dense_conv`` with its dense KxK convolution (:mod:`mixlab.ops.dense_conv`), ``fast_resample`` with its fused resampling layers (:mod:`mixlab.ops.resample`), ``fast_bn_relu`` with its BatchNorm + ReLU (:mod:`mixlab.ops.bn_relu`). Returns :func:`bench_pair`'s dict with the model, the versions,
     threads and CPU, ``fast_depthwise_convs`` (layers switched) and ``fast_gelu`` ([GELU +
-    BatchNorm pairs fused, GELUs alone]), ``fast_layernorms`` (LayerNorms switched), ``fast_pointwise_convs``, ``fast_resample_layers``, ``fast_bn_relu_pairs``, ``fused_residual_blocks`` (:mod:`mixlab.ops.residual`).
+    BatchNorm pairs fused, GELUs alone]), ``fast_layernorms`` (LayerNorms switched), ``fast_pointwise_convs``, ``fast_dense_convs``, ``fast_resample_layers``, ``fast_bn_relu_pairs``, ``fused_residual_blocks`` (:mod:`mixlab.ops.residual`).
     ``memory_check``:
     refuse a batch whose step would not fit in the memory free (estimated first)."""
     from ..registry import create_model, model_info
@@ -248,6 +249,11 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
         from ..ops.pointwise import use_fast_pointwise
 
         pws = use_fast_pointwise(model)
+    dcs = 0
+    if fast_dense_conv and not device.startswith("cuda"):
+        from ..ops.dense_conv import use_fast_dense_conv
+
+        dcs = use_fast_dense_conv(model)
     from ..ops.residual import FusedResidual
 
     # the blocks run fused only in training, eagerly, on channels-last tensors, with mixlab's depthwise conv
@@ -281,7 +287,7 @@ def bench_registered(name: str, mode: str = "train", batch_size: int = 128, img_
     out.update(model=name, vs=vs, torch=torch.__version__, malloc_tuned=malloc_tuned(),
                denormals_flushed=denormals_flushed(),
                threads=torch.get_num_threads(), fast_depthwise_convs=fast_dw, fast_gelu=list(gelus),
-               fast_layernorms=lns, fast_pointwise_convs=pws, fast_resample_layers=rss, fast_bn_relu_pairs=brs,
+               fast_layernorms=lns, fast_pointwise_convs=pws, fast_dense_convs=dcs, fast_resample_layers=rss, fast_bn_relu_pairs=brs,
                fused_residual_blocks=fused_res,
                cpu=cpu_model_name())
     return out

@@ -27,6 +27,10 @@ def configure(p):
                    help="on the CPU, run mixlab's model with mixlab's 1x1 convolution (weight gradient by matrix "
                         "product where faster; mixlab.ops.pointwise; default on, as `mixlab train` uses it; the --vs "
                         "model always keeps aten's)")
+    p.add_argument("--fast-dense-conv", choices=["on", "off"], default="on",
+                   help="on the CPU, run mixlab's model with mixlab's dense KxK convolution (weight gradient by a "
+                        "gathered matrix product where faster; mixlab.ops.dense_conv; default on, as `mixlab train` "
+                        "uses it; the --vs model always keeps aten's)")
     p.add_argument("--fast-resample", choices=["on", "off"], default="on",
                    help="on the CPU, run mixlab's model with its resampling layers fused where it names them (UNeXt: "
                         "BatchNorm + max-pool + ReLU, BatchNorm + upsample + ReLU + skip, upsample + ReLU + 1x1 "
@@ -59,6 +63,7 @@ def run(args) -> int:
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
         fast_depthwise=args.fast_depthwise == "on", fast_gelu=args.fast_gelu == "on",
         fast_layernorm=args.fast_layernorm == "on", fast_pointwise=args.fast_pointwise == "on",
+        fast_dense_conv=args.fast_dense_conv == "on",
         fast_resample=args.fast_resample == "on", fast_bn_relu=args.fast_bn_relu == "on",
         num_classes=args.num_classes,
         model_kwargs=parse_kv(args.model_kwargs), vs=args.vs, vs_kwargs=parse_kv(args.vs_kwargs) if args.vs else None,
@@ -77,6 +82,7 @@ def run(args) -> int:
           f"{f', mixlab GELU ({alone})' if alone else ''}"
           f"{f', mixlab LayerNorm ({lns})' if (lns := out.get('fast_layernorms')) else ''}"
           f"{f', mixlab 1x1 conv ({pws})' if (pws := out.get('fast_pointwise_convs')) else ''}"
+          f"{f', mixlab dense conv ({dcs})' if (dcs := out.get('fast_dense_convs')) else ''}"
           f"{f', mixlab resampling ({rss} layers)' if (rss := out.get('fast_resample_layers')) else ''}"
           f"{f', BatchNorm + ReLU fused ({brs} pairs)' if (brs := out.get('fast_bn_relu_pairs')) else ''}"
           f"  (torch {out['torch']}, {out['threads']} threads, malloc tuning {'on' if out['malloc_tuned'] else 'off'}, "

@@ -277,12 +277,14 @@ def resolve_cpu_settings(cfg: dict, model: nn.Module, make_batch, loss_fn, total
     from ..ops.gelu import FastGELU, GeluBatchNorm2d
     from ..ops.layernorm import FastLayerNorm, FastLayerNorm2d
     from ..ops.pointwise import PointwiseConv2d
+    from ..ops.dense_conv import DenseConv2d
     from ..ops.resample import PoolingBatchNorm2d, UpsamplingBatchNorm2d, UpsamplingConv2d
     from ..ops.bn_relu import BatchNormReLU2d
 
     fast_gelu = any(isinstance(m, (FastGELU, GeluBatchNorm2d)) for m in model.modules())  # timed with them
     fast_ln = any(isinstance(m, (FastLayerNorm, FastLayerNorm2d)) for m in model.modules())
     fast_pw = any(isinstance(m, PointwiseConv2d) for m in model.modules())
+    fast_dc = any(isinstance(m, DenseConv2d) for m in model.modules())
     fast_rs = any(isinstance(m, (PoolingBatchNorm2d, UpsamplingBatchNorm2d, UpsamplingConv2d)) for m in model.modules())
     fast_br = any(isinstance(m, BatchNormReLU2d) for m in model.modules())
     key = json.dumps([cfg["model"], cfg.get("model_kwargs") or {}, list(x.shape), str(x.dtype), cfg.get("task"),
@@ -291,6 +293,7 @@ def resolve_cpu_settings(cfg: dict, model: nn.Module, make_batch, loss_fn, total
                       cpu_model_name(), _cpu_flags_digest(), torch.__version__, torch.get_num_threads(), candidates,
                       str(cfg.get("compile", "auto"))] + (["fast_gelu"] if fast_gelu else [])
                      + (["fast_layernorm"] if fast_ln else []) + (["fast_pointwise"] if fast_pw else [])
+                     + (["fast_dense_conv"] if fast_dc else [])
                      + (["fast_resample"] if fast_rs else []) + (["fast_bn_relu"] if fast_br else []),
                      sort_keys=True)
     hit = _read_cache().get(key)
@@ -351,6 +354,7 @@ def describe(p: dict) -> str:
     fused = (", mixlab's GELU kernels" if p.get("fast_gelu") else "") + (
         ", mixlab's LayerNorm kernel" if p.get("fast_layernorm") else "") + (
         ", mixlab's 1x1 conv" if p.get("fast_pointwise") else "") + (
+        ", mixlab's dense conv" if p.get("fast_dense_conv") else "") + (
         ", mixlab's resampling kernels" if p.get("fast_resample") else "") + (
         ", mixlab's BatchNorm + ReLU" if p.get("fast_bn_relu") else "")
     return (f"{p['precision']}, {'channels_last' if p['channels_last'] else 'NCHW'}, "

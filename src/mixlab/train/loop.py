@@ -170,6 +170,7 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack, console
         f"{', mixlab GELU kernels' if picked.get('fast_gelu') else ''}"
         f"{', mixlab LayerNorm kernel' if picked.get('fast_layernorm') else ''}"
         f"{', mixlab 1x1 conv' if picked.get('fast_pointwise') else ''}"
+        f"{', mixlab dense conv' if picked.get('fast_dense_conv') else ''}"
         f"{', mixlab resampling kernels' if picked.get('fast_resample') else ''}"
         f"{', mixlab BatchNorm + ReLU' if picked.get('fast_bn_relu') else ''}"
         f"{', compiled' if picked.get('compile') else ''}, {torch.get_num_threads()} threads"
@@ -180,6 +181,7 @@ def _run(task, cfg: dict, out_dir: Path, resume: bool, stack: ExitStack, console
                    channels_last=picked["channels_last"], fast_depthwise=picked["fast_depthwise"],
                    fast_gelu=bool(picked.get("fast_gelu")),
                    fast_layernorm=bool(picked.get("fast_layernorm")), fast_pointwise=bool(picked.get("fast_pointwise")),
+                   fast_dense_conv=bool(picked.get("fast_dense_conv")),
                    fast_resample=bool(picked.get("fast_resample")), fast_bn_relu=bool(picked.get("fast_bn_relu")),
                    denormals_flushed=denormals_flushed(),
                    settings_picked=picked, **task.run_summary(cfg))

@@ -1,5 +1,5 @@
 """The run's device and its speed settings: device, precision, channels_last, fast depthwise
-convolution, mixlab's GELU, LayerNorm, BatchNorm + ReLU and resampling kernels and 1x1 convolution, torch.compile (measured on the CPU by :mod:`mixlab.train.cpu_defaults`)."""
+convolution, mixlab's GELU, LayerNorm, BatchNorm + ReLU and resampling kernels, 1x1 and dense KxK convolutions, torch.compile (measured on the CPU by :mod:`mixlab.train.cpu_defaults`)."""
 from __future__ import annotations
 
 import torch
@@ -51,6 +51,7 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
     # after the GELU pairs and the resampling layers, which take their BatchNorms (as mixlab bench orders them)
     fast_bn_relu = _fast_bn_relu(cfg, model, device, say)
     fast_pointwise = _fast_pointwise(cfg, model, device, say)
+    fast_dense_conv = _fast_dense_conv(cfg, model, device, say)
     if device.type == "cpu":
         p = resolve_cpu_settings(cfg, model, batch, loss_fn, total_steps, say, measure=not dist.enabled)
     else:  # CUDA keeps cuDNN's depthwise convolution
@@ -61,6 +62,7 @@ def pick_run_settings(cfg: dict, model: nn.Module, device: torch.device, dist: D
     p["fast_gelu"] = fast_gelu
     p["fast_layernorm"] = fast_layernorm
     p["fast_pointwise"] = fast_pointwise
+    p["fast_dense_conv"] = fast_dense_conv
     p["fast_resample"] = fast_resample
     p["fast_bn_relu"] = fast_bn_relu
     cfg["picked"] = p
@@ -94,6 +96,14 @@ def _fast_pointwise(cfg: dict, model: nn.Module, device: torch.device, say) -> b
     from ..ops.pointwise import use_fast_pointwise
 
     return _cpu_kernel(cfg, "fast_pointwise", model, device, say, lambda: True, use_fast_pointwise, "")
+
+
+def _fast_dense_conv(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
+    """Whether this run's dense KxK convolutions take their weight gradient from
+    :mod:`mixlab.ops.dense_conv` (pure torch: available wherever torch is)."""
+    from ..ops.dense_conv import use_fast_dense_conv
+
+    return _cpu_kernel(cfg, "fast_dense_conv", model, device, say, lambda: True, use_fast_dense_conv, "")
 
 
 def _fast_bn_relu(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:

@@ -263,7 +263,7 @@ _COMMON: dict[str, Callable] = {
     "drop_path_rate": number(0, 1, hi_open=True, null=True), "clip_grad": number(0, lo_open=True, null=True),
     "ema.enabled": boolean, "ema.decay": number(0, 1, lo_open=True, hi_open=True),
     "device": device, "precision": choice("auto", "fp32", "bf16", "fp16"), "channels_last": auto_bool,
-    "fast_depthwise": auto_bool, "fast_gelu": auto_bool, "fast_layernorm": auto_bool, "fast_pointwise": auto_bool, "fast_resample": auto_bool, "fast_bn_relu": auto_bool, "autotune": boolean, "picked": mapping(), "compile": auto_bool,
+    "fast_depthwise": auto_bool, "fast_gelu": auto_bool, "fast_layernorm": auto_bool, "fast_pointwise": auto_bool, "fast_dense_conv": auto_bool, "fast_resample": auto_bool, "fast_bn_relu": auto_bool, "autotune": boolean, "picked": mapping(), "compile": auto_bool,
     "num_threads": whole(lo=1, null=True), "select": choice("best_val", "last"), "progress": boolean,
     "description": text(), "recipe": text(), "task": choice("classification", "segmentation"),
     "init": path, "freeze_backbone": boolean, "log.every_n_steps": whole(lo=1), "memory_check": boolean,
