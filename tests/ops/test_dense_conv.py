@@ -1,5 +1,6 @@
-"""mixlab.ops.dense_conv: the dense KxK convolution's weight gradient by each method against an
-fp64 reference and aten, the module swap, where it steps aside, and the per-shape choice."""
+"""mixlab.ops.dense_conv: the dense KxK convolution by each method (aten's; the gathered weight
+gradient; Winograd's for fp32 3x3 stride 1) against an fp64 reference and aten, the module swap,
+where it steps aside, and the per-shape choices."""
 import copy
 import json
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from mixlab.ops import dense_conv as dc
 from mixlab.ops.dense_conv import DenseConv2d, dense_conv_weight_grad, restore_dense_conv, use_fast_dense_conv
+from mixlab.ops.winograd import winograd_available
 
 CL = torch.channels_last
 
@@ -76,7 +78,7 @@ def test_bad_shapes_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="of one batch"):
         dense_conv_weight_grad(x, torch.randn(3, 4, 8, 8), 3, 1, 1)
     with pytest.raises(ValueError, match="dense conv method"):
-        dc.set_dense_conv_method("winograd")
+        dc.set_dense_conv_method("fft")
 
 
 def _grads(conv, x, dy, autocast=False):
@@ -89,9 +91,11 @@ def _grads(conv, x, dy, autocast=False):
 
 
 @pytest.mark.parametrize("m", dc.METHODS)
-@pytest.mark.parametrize("conv_args", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
+@pytest.mark.parametrize("conv_args", [dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=0),
+                                       dict(kernel_size=3, stride=2, padding=1),
                                        dict(kernel_size=5, padding=4, dilation=2), dict(kernel_size=(3, 1))])
-def test_module_equals_conv2d_in_every_gradient(method, m, conv_args):
+def test_module_equals_conv2d_in_every_gradient(method, kernel_cache, monkeypatch, m, conv_args):
+    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
     torch.manual_seed(0)
     ref = nn.Conv2d(5, 7, **conv_args)
     fast = copy.deepcopy(ref)
@@ -100,8 +104,10 @@ def test_module_equals_conv2d_in_every_gradient(method, m, conv_args):
     dy = torch.randn(ref(x).shape)
     method(m)
     got, want = _grads(fast, x, dy), _grads(ref, x, dy)
+    # Winograd's transforms cost fp32 digits (within ~1e-5 of the largest entry: test_winograd.py)
+    tol = 2e-5 if m == "winograd" else 1e-5
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
 
 
 def test_module_under_autocast_runs_bf16_like_aten(method):
@@ -153,23 +159,31 @@ def test_swap_keeps_state_and_restores():
     assert restore_dense_conv(model) == n and not any(type(m) is DenseConv2d for m in model.modules())
 
 
-def test_method_is_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
+def test_methods_are_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(dc.PLAN, "_choices", None)
     calls = []
-    monkeypatch.setattr(dc, "time_each", lambda runs: calls.append(sorted(runs)) or {"aten": 3.0, "im2col": 1.0})
-    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
-    use_fast_dense_conv(conv)
+    fake = {"aten": 3.0, "im2col": 1.0, "winograd": 2.0}
+    monkeypatch.setattr(dc, "time_each", lambda runs: calls.append(sorted(runs)) or {k: fake[k] for k in runs})
+    strided, winograd_ok = nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+    use_fast_dense_conv(nn.Sequential(strided, winograd_ok))
     x = torch.randn(2, 4, 9, 9).contiguous(memory_format=CL).requires_grad_()
     for _ in range(3):
-        conv(x).sum().backward()
-    assert calls == [["aten", "im2col"]]
+        strided(x).sum().backward()
+    assert calls == [["aten", "im2col"]]  # Winograd's is for stride 1 alone; the forward is aten's
     plan = json.loads(dc.PLAN.path().read_text())
     assert list(plan.values()) == ["im2col"]
-    assert list(plan)[0].startswith("(2, 4, 9, 9)|(6, 4, 3, 3)|s(2, 2)|p(1, 1)|d(1, 1)|float32")
+    assert list(plan)[0].startswith("backward|dx1|(2, 4, 9, 9)|(6, 4, 3, 3)|s(2, 2)|p(1, 1)|d(1, 1)|float32")
     monkeypatch.setattr(dc.PLAN, "_choices", None)  # a new process reads the verdict
-    conv(x).sum().backward()
+    strided(x).sum().backward()
     assert len(calls) == 1
+    if not winograd_available():
+        return
+    for _ in range(2):
+        winograd_ok(x).sum().backward()
+    assert calls[1:] == [["aten", "winograd"], ["aten", "im2col", "winograd"]]
+    plan = json.loads(dc.PLAN.path().read_text())
+    assert sorted(plan.values()) == ["im2col", "im2col", "winograd"]  # the forward: Winograd's
 
 
 @pytest.mark.parametrize("m", dc.METHODS)

@@ -37,15 +37,18 @@ from torch import nn
 
 from .depthwise import _is_nhwc
 from .kernel_build import Plan, time_each
+from .winograd import LIBRARY as WINOGRAD
+from .winograd import winograd_applies, winograd_available, winograd_conv3x3, winograd_conv3x3_backward
 from .module_swap import by_exact_type, swap_classes
 
 __all__ = ["DenseConv2d", "use_fast_dense_conv", "restore_dense_conv", "set_dense_conv_method",
            "dense_conv_weight_grad"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
-METHODS = ("aten", "im2col")
-# bump when the im2col method changes, so that stored choices are timed again
-PLAN = Plan("dense_conv_plan", identity=lambda: "im2col-1")
+METHODS = ("aten", "im2col", "winograd")  # backward
+FORWARD_METHODS = ("aten", "winograd")
+# the im2col method's version and the Winograd kernel's source: a changed one is timed again
+PLAN = Plan("dense_conv_plan", identity=lambda: "im2col-1|" + WINOGRAD.source_text())
 _method_override: str | None = None
 # Output positions per chunk: enough rows for MKL's product to run at full speed (1024-4096 timed
 # within 5% of each other on ConvMLP-S's layers), few enough that the column buffer stays in cache.
@@ -54,8 +57,10 @@ _MAX_COLUMN_BYTES = 32 << 20
 
 
 def set_dense_conv_method(method: str | None) -> None:
-    """Force one weight-gradient method ('aten' or 'im2col') for every call; None (default)
-    times them per shape."""
+    """Force one method for every call; None (default) times them per shape. 'aten': aten's
+    forward and backward; 'im2col': aten's forward and input gradient, the gathered weight
+    gradient; 'winograd': :mod:`mixlab.ops.winograd` for the forward and both gradients where it
+    applies (fp32 3x3 stride 1), 'im2col' elsewhere."""
     global _method_override
     if method is not None and method not in METHODS:
         raise ValueError(f"dense conv method must be one of {METHODS} or None, got {method!r}")
@@ -135,26 +140,69 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _weight_grad(method: str, x, g, w, stride, padding, dilation, with_bias: bool):
-    """(dweight, dbias or None) by ``method``; dweight in ``w``'s memory format."""
+def _winograd_ok(x, w, stride, padding, dilation) -> bool:
+    return winograd_applies(x, w, stride, padding, dilation) and winograd_available()
+
+
+def _backward(method: str, x, g, w, stride, padding, dilation, input_grad: bool, with_bias: bool):
+    """(dx or None, dweight, dbias or None) in ``x``'s dtype (dweight, dbias: fp32 from the
+    im2col and Winograd methods), dweight in ``w``'s memory format."""
+    fmt = torch.channels_last if _is_nhwc(w) else torch.contiguous_format
+    if method == "winograd":
+        gx, gw = winograd_conv3x3_backward(x, w, g, padding[0], input_grad=input_grad)
+        gb = g.sum((0, 2, 3), dtype=torch.float32) if with_bias else None
+        return gx, gw.contiguous(memory_format=fmt), gb
+    gx = None
+    if input_grad:
+        gx = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0], 1,
+                                                 [True, False, False])[0]
     if method == "aten":
         _, gw, gb = torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]] if with_bias else None, stride, padding,
                                                         dilation, False, [0, 0], 1, [False, True, with_bias])
-        return gw, gb
+        return gx, gw, gb
     gw, gb = dense_conv_weight_grad(x, g, w.shape[2:], stride, padding, dilation, with_bias)
-    fmt = torch.channels_last if _is_nhwc(w) else torch.contiguous_format
-    return gw.contiguous(memory_format=fmt), gb
+    return gx, gw.contiguous(memory_format=fmt), gb
 
 
-def _choose(x, g, w, stride, padding, dilation, with_bias: bool) -> str:
+def _forward(method: str, x, w, b, stride, padding, dilation):
+    if method == "winograd":
+        return winograd_conv3x3(x, w, b, padding[0])
+    return F.conv2d(x, w, b, stride, padding, dilation)
+
+
+def _key(x, w, stride, padding, dilation, with_bias: bool) -> str:
+    return (f"{tuple(x.shape)}|{tuple(w.shape)}|s{tuple(stride)}|p{tuple(padding)}|d{tuple(dilation)}|"
+            f"{str(x.dtype)[6:]}|bias{int(with_bias)}|t{torch.get_num_threads()}")
+
+
+def _choose_forward(x, w, b, stride, padding, dilation) -> str:
+    """'aten' or 'winograd' for this forward: the stored choice, else timed now and stored."""
+    if not _winograd_ok(x, w, stride, padding, dilation):
+        return "aten"
     if _method_override is not None:
-        return _method_override
-    key = (f"{tuple(x.shape)}|{tuple(w.shape)}|s{tuple(stride)}|p{tuple(padding)}|d{tuple(dilation)}|"
-           f"{str(x.dtype)[6:]}|bias{int(with_bias)}|t{torch.get_num_threads()}")
+        return "winograd" if _method_override == "winograd" else "aten"
+    key = "forward|" + _key(x, w, stride, padding, dilation, b is not None)
     method = PLAN.get(key)
-    if method not in METHODS:
-        times = time_each({m: (lambda m=m: _weight_grad(m, x, g, w, stride, padding, dilation, with_bias))
-                           for m in METHODS})
+    if method not in FORWARD_METHODS:
+        with torch.no_grad():
+            times = time_each({m: (lambda m=m: _forward(m, x, w, b, stride, padding, dilation))
+                               for m in FORWARD_METHODS})
+        method = min(times, key=times.get)
+        PLAN.set(key, method)
+    return method
+
+
+def _choose_backward(x, g, w, stride, padding, dilation, input_grad: bool, with_bias: bool) -> str:
+    """The backward method: the stored choice, else the candidates (Winograd's where it applies)
+    timed now and the fastest stored."""
+    candidates = [m for m in METHODS if m != "winograd" or _winograd_ok(x, w, stride, padding, dilation)]
+    if _method_override is not None:
+        return _method_override if _method_override in candidates else "im2col"
+    key = f"backward|dx{int(input_grad)}|" + _key(x, w, stride, padding, dilation, with_bias)
+    method = PLAN.get(key)
+    if method not in candidates:
+        times = time_each({m: (lambda m=m: _backward(m, x, g, w, stride, padding, dilation, input_grad, with_bias))
+                           for m in candidates})
         method = min(times, key=times.get)
         PLAN.set(key, method)
     return method
@@ -163,11 +211,14 @@ def _choose(x, g, w, stride, padding, dilation, with_bias: bool) -> str:
 class _DenseConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, compute_dtype, stride, padding, dilation):
+        stride, padding, dilation = list(stride), list(padding), list(dilation)
         with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
-            out = F.conv2d(xc, wc, bias.to(compute_dtype) if bias is not None else None, stride, padding, dilation)
+            bc = bias.to(compute_dtype) if bias is not None else None
+            out = _forward(_choose_forward(xc, wc, bc, stride, padding, dilation), xc, wc, bc, stride, padding,
+                           dilation)
         ctx.save_for_backward(xc, wc)
-        ctx.conv = (list(stride), list(padding), list(dilation))
+        ctx.conv = (stride, padding, dilation)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return out
 
@@ -178,16 +229,15 @@ class _DenseConv2dFn(torch.autograd.Function):
         stride, padding, dilation = ctx.conv
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         g = grad_out.to(xc.dtype).contiguous(memory_format=torch.channels_last)
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.convolution_backward(g, xc, wc, None, stride, padding, dilation, False, [0, 0], 1,
-                                                     [True, False, False])[0].to(x_dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            with_bias = bool(ctx.needs_input_grad[2])
-            method = _choose(xc, g, wc, stride, padding, dilation, with_bias)
-            gw, gb = _weight_grad(method, xc, g, wc, stride, padding, dilation, with_bias)
-            gw = gw.to(w_dtype) if ctx.needs_input_grad[1] else None
-            gb = gb.to(b_dtype) if with_bias else None
+        input_grad = bool(ctx.needs_input_grad[0])
+        with_bias = bool(ctx.needs_input_grad[2])
+        if not (input_grad or ctx.needs_input_grad[1] or with_bias):
+            return None, None, None, None, None, None, None
+        method = _choose_backward(xc, g, wc, stride, padding, dilation, input_grad, with_bias)
+        gx, gw, gb = _backward(method, xc, g, wc, stride, padding, dilation, input_grad, with_bias)
+        gx = gx.to(x_dtype) if input_grad else None
+        gw = gw.to(w_dtype) if ctx.needs_input_grad[1] else None
+        gb = gb.to(b_dtype) if with_bias else None
         return gx, gw, gb, None, None, None, None
 
 

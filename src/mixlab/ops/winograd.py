@@ -1,0 +1,137 @@
+"""A 3x3 stride-1 convolution by Winograd's F(4x4, 3x3) on the CPU: forward, input gradient and
+weight gradient, for fp32 channels-last maps.
+
+Each 4x4 block of the output is computed from the 6x6 block of the input around it with 36
+multiplications per channel pair instead of 144 (Lavin & Gray, "Fast Algorithms for
+Convolutional Neural Networks", CVPR 2016). The tile transforms are mixlab's kernel
+(``winograd_kernels.cpp``); the 36 matrix products between them are ``torch.bmm`` (MKL):
+
+* forward: ``V = B^T d B`` for every input tile, ``M[k] = V[k] @ U[k]`` with ``U = G w G^T``,
+  ``y = A^T m A``;
+* backward: ``Mg = A dy A^T`` (the output transform's adjoint), ``dV[k] = Mg[k] @ U[k]^T`` then
+  ``dx = B dv B^T`` summed over the overlapping tiles, and ``dU[k] = V[k]^T @ Mg[k]`` then
+  ``dw = G^T du G`` (``V`` recomputed from the input rather than kept from the forward: 2.25x
+  the input's size).
+
+Why: on CPUs where oneDNN's 3x3 convolutions run at the matrix unit's speed, a quarter of the
+multiplications is the way to go faster. On 2 AMD EPYC (Zen 3, AVX2) cores, ConvMLP-S's
+128 -> 128-channel 3x3 convolution on 56x56 maps at batch 32 (fp32, channels_last) took
+... (see ``benchmarks/bench_dense_conv.py`` and ``benchmarks/results/cpu-dense-conv-2026-11-30``).
+
+Accuracy: the transforms' constants (up to 8 and 1/24) cost some fp32 precision: the outputs
+and gradients are within about 1e-5 of an fp64 reference relative to their largest entry, against
+about 1e-6 for the direct convolution. :mod:`mixlab.ops.dense_conv` offers this method beside
+aten's and times them per shape.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from .kernel_build import KernelLibrary
+
+__all__ = ["winograd_available", "winograd_applies", "winograd_conv3x3", "winograd_conv3x3_backward"]
+
+_P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+LIBRARY = KernelLibrary(
+    Path(__file__).with_name("winograd_kernels.cpp"), "mixlab_winograd", "Winograd 3x3 convolution",
+    ("mixlab_winograd_abi_version", 1),
+    {"mixlab_winograd_input_tf": (_I, [_P, _P, _L, _L, _L, _L, _L, _I]),
+     "mixlab_winograd_output_tf": (_I, [_P, _P, _P, _L, _L, _L, _L, _L, _I]),
+     "mixlab_winograd_grad_tf": (_I, [_P, _P, _L, _L, _L, _L, _L, _I]),
+     "mixlab_winograd_input_grad_tf": (_I, [_P, _P, _L, _L, _L, _L, _L, _I])},
+    "MIXLAB_FAST_WINOGRAD_BUILD", "3x3 convolutions run as aten's (and the im2col weight gradient)")
+
+_F64 = torch.float64
+_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                   [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=_F64)
+
+
+def winograd_available() -> bool:
+    """Whether the transform kernel is loaded (building it on first call)."""
+    return LIBRARY.load() is not None
+
+
+def winograd_applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> bool:
+    """Whether :func:`winograd_conv3x3` computes this convolution: fp32 CPU tensors, a 3x3 kernel
+    of one group, stride 1, dilation 1, the same padding on every side, an output of at least 1x1."""
+    p = tuple(padding)
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 4
+            and tuple(weight.shape[2:]) == (3, 3) and weight.shape[1] == x.shape[1] and tuple(stride) == (1, 1)
+            and tuple(dilation) == (1, 1) and p[0] == p[1] and x.shape[2] + 2 * p[0] >= 3
+            and x.shape[3] + 2 * p[0] >= 3)
+
+
+def _geometry(x: torch.Tensor, p: int) -> tuple[int, int, int, int]:
+    n, _, h, w = x.shape
+    ho, wo = h + 2 * p - 2, w + 2 * p - 2
+    return ho, wo, n * ((ho + 3) // 4) * ((wo + 3) // 4), n
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _input_tf(lib, x: torch.Tensor, p: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    tiles = _geometry(x, p)[2]
+    v = torch.empty(36, tiles, c)
+    lib.mixlab_winograd_input_tf(x.data_ptr(), v.data_ptr(), n, h, w, c, p, torch.get_num_threads())
+    return v
+
+
+def _weight_tf(weight: torch.Tensor) -> torch.Tensor:
+    """U[k] (C_in, C_out) for the 36 positions k = 6a + b: (G w G^T)[a, b], computed in fp64."""
+    co, ci = weight.shape[:2]
+    u = torch.einsum("ai,ocij,bj->abco", _G, weight.double(), _G)
+    return u.reshape(36, ci, co).float()
+
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int
+                     ) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, 1, padding)`` for fp32 CPU tensors and a 3x3 kernel (see
+    :func:`winograd_applies`), channels_last out."""
+    lib = LIBRARY.load()
+    if lib is None:
+        raise RuntimeError(f"the Winograd kernel is unavailable: {LIBRARY.unavailable_reason()}")
+    x = _nhwc(x)
+    n, _, h, w = x.shape
+    co = weight.shape[0]
+    ho, wo, tiles, _ = _geometry(x, padding)
+    m = torch.bmm(_input_tf(lib, x, padding), _weight_tf(weight))
+    y = torch.empty(n, co, ho, wo, memory_format=torch.channels_last)
+    b = bias.float().contiguous() if bias is not None else None
+    lib.mixlab_winograd_output_tf(m.data_ptr(), y.data_ptr(), b.data_ptr() if b is not None else None, n, h, w, co,
+                                  padding, torch.get_num_threads())
+    return y
+
+
+def winograd_conv3x3_backward(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, padding: int,
+                              input_grad: bool = True, weight_grad: bool = True
+                              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx channels_last or None, dweight (C_out, C_in, 3, 3) or None) of :func:`winograd_conv3x3`."""
+    lib = LIBRARY.load()
+    if lib is None:
+        raise RuntimeError(f"the Winograd kernel is unavailable: {LIBRARY.unavailable_reason()}")
+    x, g = _nhwc(x), _nhwc(grad_out.float())
+    n, c, h, w = x.shape
+    co = weight.shape[0]
+    ho, wo, tiles, _ = _geometry(x, padding)
+    if tuple(g.shape) != (n, co, ho, wo):
+        raise ValueError(f"an output gradient of shape {tuple(g.shape)} does not fit this 3x3 convolution of a "
+                         f"{tuple(x.shape)} input (padding {padding}): it wants {(n, co, ho, wo)}")
+    threads = torch.get_num_threads()
+    mg = torch.empty(36, tiles, co)
+    lib.mixlab_winograd_grad_tf(g.data_ptr(), mg.data_ptr(), n, h, w, co, padding, threads)
+    dx = dw = None
+    if input_grad:
+        dv = torch.bmm(mg, _weight_tf(weight).transpose(1, 2))
+        dx = torch.zeros(n, h, w, c).permute(0, 3, 1, 2)  # channels_last
+        lib.mixlab_winograd_input_grad_tf(dv.data_ptr(), dx.data_ptr(), n, h, w, c, padding, threads)
+        del dv
+    if weight_grad:
+        du = torch.bmm(_input_tf(lib, x, padding).transpose(1, 2), mg)  # (36, C_in, C_out)
+        dw = torch.einsum("ai,abco,bj->ocij", _G, du.view(6, 6, c, co).double(), _G).float()
+    return dx, dw
