@@ -21,11 +21,36 @@
 // on data pointers, threads from torch's own OpenMP pool.
 #include <omp.h>
 
-#include <cstring>
 
 namespace {
 
 constexpr int L = 16;  // channels per pass
+
+// Lane vectors in and out: w (<= L) channels, the rest of a loaded vector zero. A fixed-size
+// loop for whole vectors (inlined as vector moves; a library copy with a run-time size was a
+// call per 64 bytes and took most of the transforms' time).
+inline void load(float* dst, const float* src, long w) {
+    if (w == L) {
+#pragma omp simd
+        for (int l = 0; l < L; ++l) dst[l] = src[l];
+    } else {
+        for (int l = 0; l < L; ++l) dst[l] = l < w ? src[l] : 0.f;
+    }
+}
+
+inline void zero(float* dst) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) dst[l] = 0.f;
+}
+
+inline void store(float* dst, const float* src, long w) {
+    if (w == L) {
+#pragma omp simd
+        for (int l = 0; l < L; ++l) dst[l] = src[l];
+    } else {
+        for (long l = 0; l < w; ++l) dst[l] = src[l];
+    }
+}
 
 // out[k] = (B^T v)[k] for k < 6, v[r] a lane vector, rows of v at stride vs, of out at stride os
 inline void bt6(const float* v, long vs, float* out, long os) {
@@ -92,10 +117,10 @@ struct Geometry {
     long tiles() const { return N * TH * TW; }
 };
 
-int input_tf(const float* x, float* V, Geometry g, long C, int nt) {
-    const long T = g.tiles();
+int input_tf(const float* x, float* V, Geometry g, long C, long t0, long t1, int nt) {
+    const long T = t1 - t0;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (long t = 0; t < T; ++t) {
+    for (long t = t0; t < t1; ++t) {
         const long n = t / (g.TH * g.TW), i = (t / g.TW) % g.TH, j = t % g.TW;
         alignas(64) float d[36 * L], r[36 * L], o[36 * L];
         for (long c0 = 0; c0 < C; c0 += L) {
@@ -106,38 +131,29 @@ int input_tf(const float* x, float* V, Geometry g, long C, int nt) {
                     const long col = 4 * j - g.p + b;
                     float* dst = d + (a * 6 + b) * L;
                     if (row < 0 || row >= g.H || col < 0 || col >= g.W) {
-                        std::memset(dst, 0, sizeof(float) * L);
+                        zero(dst);
                     } else {
-                        const float* src = x + ((n * g.H + row) * g.W + col) * C + c0;
-                        if (w == L) {
-                            std::memcpy(dst, src, sizeof(float) * L);
-                        } else {
-                            std::memset(dst, 0, sizeof(float) * L);
-                            std::memcpy(dst, src, sizeof(float) * w);
-                        }
+                        load(dst, x + ((n * g.H + row) * g.W + col) * C + c0, w);
                     }
                 }
             }
             for (int b = 0; b < 6; ++b) bt6(d + b * L, 6 * L, r + b * L, 6 * L);  // columns: r = B^T d
             for (int a = 0; a < 6; ++a) bt6(r + a * 6 * L, L, o + a * 6 * L, L);  // rows: o = r B
-            for (int k = 0; k < 36; ++k) std::memcpy(V + (k * T + t) * C + c0, o + k * L, sizeof(float) * w);
+            for (int k = 0; k < 36; ++k) store(V + (k * T + t - t0) * C + c0, o + k * L, w);
         }
     }
     return 0;
 }
 
-int output_tf(const float* M, float* y, const float* bias, Geometry g, long Co, int nt) {
-    const long T = g.tiles();
+int output_tf(const float* M, float* y, const float* bias, Geometry g, long Co, long t0, long t1, int nt) {
+    const long T = t1 - t0;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (long t = 0; t < T; ++t) {
+    for (long t = t0; t < t1; ++t) {
         const long n = t / (g.TH * g.TW), i = (t / g.TW) % g.TH, j = t % g.TW;
         alignas(64) float m[36 * L], r[24 * L], o[16 * L];
         for (long c0 = 0; c0 < Co; c0 += L) {
             const long w = Co - c0 < L ? Co - c0 : L;
-            for (int k = 0; k < 36; ++k) {
-                if (w < L) std::memset(m + k * L, 0, sizeof(float) * L);
-                std::memcpy(m + k * L, M + (k * T + t) * Co + c0, sizeof(float) * w);
-            }
+            for (int k = 0; k < 36; ++k) load(m + k * L, M + (k * T + t - t0) * Co + c0, w);
             for (int b = 0; b < 6; ++b) at6(m + b * L, 6 * L, r + b * L, 6 * L);  // r (4x6) = A^T m
             for (int a = 0; a < 4; ++a) at6(r + a * 6 * L, L, o + a * 4 * L, L);  // o (4x4) = r A
             for (int a = 0; a < 4; ++a) {
@@ -148,10 +164,13 @@ int output_tf(const float* M, float* y, const float* bias, Geometry g, long Co, 
                     if (col >= g.Wo) break;
                     float* dst = y + ((n * g.Ho + row) * g.Wo + col) * Co + c0;
                     const float* src = o + (a * 4 + b) * L;
-                    if (bias) {
+                    if (bias && w == L) {
+#pragma omp simd
+                        for (int l = 0; l < L; ++l) dst[l] = src[l] + bias[c0 + l];
+                    } else if (bias) {
                         for (long l = 0; l < w; ++l) dst[l] = src[l] + bias[c0 + l];
                     } else {
-                        std::memcpy(dst, src, sizeof(float) * w);
+                        store(dst, src, w);
                     }
                 }
             }
@@ -160,10 +179,10 @@ int output_tf(const float* M, float* y, const float* bias, Geometry g, long Co, 
     return 0;
 }
 
-int grad_tf(const float* dy, float* Mg, Geometry g, long Co, int nt) {
-    const long T = g.tiles();
+int grad_tf(const float* dy, float* Mg, Geometry g, long Co, long t0, long t1, int nt) {
+    const long T = t1 - t0;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (long t = 0; t < T; ++t) {
+    for (long t = t0; t < t1; ++t) {
         const long n = t / (g.TH * g.TW), i = (t / g.TW) % g.TH, j = t % g.TW;
         alignas(64) float d[16 * L], r[24 * L], o[36 * L];
         for (long c0 = 0; c0 < Co; c0 += L) {
@@ -174,40 +193,37 @@ int grad_tf(const float* dy, float* Mg, Geometry g, long Co, int nt) {
                     const long col = 4 * j + b;
                     float* dst = d + (a * 4 + b) * L;
                     if (row >= g.Ho || col >= g.Wo) {
-                        std::memset(dst, 0, sizeof(float) * L);
+                        zero(dst);
                     } else {
-                        if (w < L) std::memset(dst, 0, sizeof(float) * L);
-                        std::memcpy(dst, dy + ((n * g.Ho + row) * g.Wo + col) * Co + c0, sizeof(float) * w);
+                        load(dst, dy + ((n * g.Ho + row) * g.Wo + col) * Co + c0, w);
                     }
                 }
             }
             for (int b = 0; b < 4; ++b) a4(d + b * L, 4 * L, r + b * L, 4 * L);  // r (6x4) = A d
             for (int a = 0; a < 6; ++a) a4(r + a * 4 * L, L, o + a * 6 * L, L);  // o (6x6) = r A^T
-            for (int k = 0; k < 36; ++k) std::memcpy(Mg + (k * T + t) * Co + c0, o + k * L, sizeof(float) * w);
+            for (int k = 0; k < 36; ++k) store(Mg + (k * T + t - t0) * Co + c0, o + k * L, w);
         }
     }
     return 0;
 }
 
-// dx must hold zeros (or what the tiles' gradients add to). Tile rows i and i + 2 touch disjoint
-// input rows, so the even tile rows run in parallel, then the odd ones; a task walks its row's
-// tiles in order (neighbours overlap by two columns).
-int input_grad_tf(const float* dV, float* dx, Geometry g, long C, int nt) {
-    const long T = g.tiles();
+// dx must hold zeros (or what the tiles' gradients add to); [t0, t1) whole tile rows. Tile rows
+// i and i + 2 of an image touch disjoint input rows (and rows of two images never meet), so the
+// rows with even i run in parallel, then those with odd i; a task walks its row's tiles in order
+// (neighbours overlap by two columns).
+int input_grad_tf(const float* dV, float* dx, Geometry g, long C, long t0, long t1, int nt) {
+    const long T = t1 - t0, r0 = t0 / g.TW, r1 = t1 / g.TW;
     for (int parity = 0; parity < 2; ++parity) {
-        const long rows_of_parity = (g.TH - parity + 1) / 2;
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (long task = 0; task < g.N * rows_of_parity; ++task) {
-            const long n = task / rows_of_parity, i = 2 * (task % rows_of_parity) + parity;
+        for (long R = r0; R < r1; ++R) {
+            const long n = R / g.TH, i = R % g.TH;
+            if (i % 2 != parity) continue;
             alignas(64) float v[36 * L], r[36 * L], o[36 * L];
             for (long j = 0; j < g.TW; ++j) {
-                const long t = (n * g.TH + i) * g.TW + j;
+                const long t = R * g.TW + j;
                 for (long c0 = 0; c0 < C; c0 += L) {
                     const long w = C - c0 < L ? C - c0 : L;
-                    for (int k = 0; k < 36; ++k) {
-                        if (w < L) std::memset(v + k * L, 0, sizeof(float) * L);
-                        std::memcpy(v + k * L, dV + (k * T + t) * C + c0, sizeof(float) * w);
-                    }
+                    for (int k = 0; k < 36; ++k) load(v + k * L, dV + (k * T + t - t0) * C + c0, w);
                     for (int b = 0; b < 6; ++b) b6(v + b * L, 6 * L, r + b * L, 6 * L);  // r = B v
                     for (int a = 0; a < 6; ++a) b6(r + a * 6 * L, L, o + a * 6 * L, L);  // o = r B^T
                     for (int a = 0; a < 6; ++a) {
@@ -218,7 +234,12 @@ int input_grad_tf(const float* dV, float* dx, Geometry g, long C, int nt) {
                             if (col < 0 || col >= g.W) continue;
                             float* dst = dx + ((n * g.H + row) * g.W + col) * C + c0;
                             const float* src = o + (a * 6 + b) * L;
-                            for (long l = 0; l < w; ++l) dst[l] += src[l];
+                            if (w == L) {
+#pragma omp simd
+                                for (int l = 0; l < L; ++l) dst[l] += src[l];
+                            } else {
+                                for (long l = 0; l < w; ++l) dst[l] += src[l];
+                            }
                         }
                     }
                 }
@@ -235,25 +256,41 @@ Geometry geometry(long N, long H, long W, long p) {
     return g;
 }
 
+
+// The tiles t0 .. t1 - 1 (of N * TH * TW; t = (n * TH + i) * TW + j) to and from [36][t1 - t0][channels]
+// matrices: the caller walks the map a block of tile rows at a time, so that the matrices and
+// the products between them stay in the cache. Returns 2 for a range that is not whole tile rows
+// inside the map.
+bool bad_range(const Geometry& g, long t0, long t1) {
+    return t0 < 0 || t1 > g.tiles() || t0 >= t1 || t0 % g.TW != 0 || t1 % g.TW != 0;
+}
+
 }  // namespace
 
 extern "C" {
 
-int mixlab_winograd_abi_version(void) { return 1; }
+int mixlab_winograd_abi_version(void) { return 2; }
 
 // every function: N, H, W the input map's size, p the padding on each side (output Ho = H + 2p - 2)
-int mixlab_winograd_input_tf(const float* x, float* V, long N, long H, long W, long C, long p, int nt) {
-    return input_tf(x, V, geometry(N, H, W, p), C, nt < 1 ? 1 : nt);
+int mixlab_winograd_input_tf(const float* x, float* V, long N, long H, long W, long C, long p, long t0, long t1,
+                             int nt) {
+    const Geometry g = geometry(N, H, W, p);
+    return bad_range(g, t0, t1) ? 2 : input_tf(x, V, g, C, t0, t1, nt < 1 ? 1 : nt);
 }
 int mixlab_winograd_output_tf(const float* M, float* y, const float* bias, long N, long H, long W, long Co, long p,
-                              int nt) {
-    return output_tf(M, y, bias, geometry(N, H, W, p), Co, nt < 1 ? 1 : nt);
+                              long t0, long t1, int nt) {
+    const Geometry g = geometry(N, H, W, p);
+    return bad_range(g, t0, t1) ? 2 : output_tf(M, y, bias, g, Co, t0, t1, nt < 1 ? 1 : nt);
 }
-int mixlab_winograd_grad_tf(const float* dy, float* Mg, long N, long H, long W, long Co, long p, int nt) {
-    return grad_tf(dy, Mg, geometry(N, H, W, p), Co, nt < 1 ? 1 : nt);
+int mixlab_winograd_grad_tf(const float* dy, float* Mg, long N, long H, long W, long Co, long p, long t0, long t1,
+                            int nt) {
+    const Geometry g = geometry(N, H, W, p);
+    return bad_range(g, t0, t1) ? 2 : grad_tf(dy, Mg, g, Co, t0, t1, nt < 1 ? 1 : nt);
 }
-int mixlab_winograd_input_grad_tf(const float* dV, float* dx, long N, long H, long W, long C, long p, int nt) {
-    return input_grad_tf(dV, dx, geometry(N, H, W, p), C, nt < 1 ? 1 : nt);
+int mixlab_winograd_input_grad_tf(const float* dV, float* dx, long N, long H, long W, long C, long p, long t0,
+                                  long t1, int nt) {
+    const Geometry g = geometry(N, H, W, p);
+    return bad_range(g, t0, t1) ? 2 : input_grad_tf(dV, dx, g, C, t0, t1, nt < 1 ? 1 : nt);
 }
 
 }  // extern "C"
