@@ -1,33 +1,39 @@
-"""A dense (one-group) KxK convolution whose weight gradient is the faster of aten's and a
-gathered matrix product on the CPU.
+"""A dense (one-group) KxK convolution whose forward and backward are the fastest of aten's
+and mixlab's methods on this CPU, chosen per shape.
 
 On CPUs without AVX-512, oneDNN computes the weight gradient of a 3x3 convolution at well under
 the speed of its forward: ConvMLP-S's layers at batch 32, fp32, channels_last, on 2 AMD EPYC
-(Zen 3, AVX2) cores: 128 -> 128 channels on 56x56 took 160 ms forward and 370-490 ms for the
-weight gradient; 32 -> 64 channels on 112x112 took 80-100 ms and 275-300 ms. The dense
-convolutions' backward is the largest part of that model's step there.
+(Zen 3, AVX2) cores: 128 -> 128 channels on 56x56 took 155 ms forward, 155 ms for the input
+gradient and 310-490 ms for the weight gradient; 32 -> 64 channels on 112x112 took 80, 80 and
+260-300 ms. The dense convolutions were two thirds of that model's step there. The methods:
 
-The weight gradient is one matrix product: ``dW[(i, j, c_in), c_out] = sum over (n, y, x) of
-x_padded[n, s*y + d*i, s*x + d*j, c_in] * g[n, y, x, c_out]``. The ``im2col`` method gathers
-the K*K shifted windows of the input (channels_last rows, so each window is a strided slice)
-into a column buffer a chunk of output rows at a time (~4096 positions: the buffer stays in the
-last-level cache), and accumulates ``columns^T @ g_rows`` for each chunk into an fp32 result with
-MKL's matrix product; the bias gradient is summed from the same rows while they are in cache.
-On the machine above it took 270-280 ms and 155 ms for those two layers (1.4-1.8x aten's), and
-0.6-0.7x aten's time for the 3x3 stride-2 downsampling convolutions; on 32 -> 32 channels on
-112x112 the two were even. The first backward of each shape times both methods and keeps the
-faster (stored per CPU, torch version and threads in the kernel cache folder, as the other ops'
-choices are), so a CPU where oneDNN's is faster keeps oneDNN's.
+* ``aten``: oneDNN's forward and backward.
+* ``im2col`` (backward): aten's input gradient; the weight gradient as one matrix product,
+  ``dW[(i, j, c_in), c_out] = sum over (n, y, x) of x_padded[n, s*y + d*i, s*x + d*j, c_in] *
+  g[n, y, x, c_out]``: the K*K shifted windows of the input (channels_last rows, so each window
+  is a strided slice) gathered into a column buffer a chunk of ~4096 output positions at a time
+  (the buffer stays in the last-level cache), ``columns^T @ g_rows`` accumulated over the chunks
+  in fp32 by MKL, the bias gradient summed from the same rows while they are in cache. Any
+  kernel, stride, padding and dilation; fp32 and bf16 (bf16: each chunk's product accumulates in
+  fp32 and is rounded once, the chunks summed in fp32). On the machine above: 220 and 135-150 ms
+  for those two layers' weight gradients, 0.6-0.7x aten's time on the 3x3 stride-2 downsampling
+  convolutions.
+* ``winograd`` (forward and backward, fp32 3x3 stride 1): :mod:`mixlab.ops.winograd`'s F(4x4, 3x3),
+  a quarter of the multiplications: forward + backward 226 against 539 ms and 161 against 297 ms
+  for those two layers. Its results are within about 1e-5 of an fp64 reference relative to their
+  largest entry (aten's: about 1e-6).
 
-The forward and the input gradient are aten's, unchanged. bf16: each chunk's product is
-computed in bf16 with fp32 accumulation (rounded to bf16 once per chunk) and the chunks are
-summed in fp32.
+The first forward of each shape times the forward methods and the first backward the backward
+ones (interleaved rounds, the best of each), and each choice is kept (stored per CPU, torch
+version and threads in the kernel cache folder, as the other ops' choices are): a CPU where
+oneDNN's is faster keeps oneDNN's. ``benchmarks/bench_dense_conv.py`` times them all for a
+model's layers.
 
 :func:`use_fast_dense_conv` switches a model's dense ``nn.Conv2d`` layers (one group, a kernel
 larger than 1x1, numeric padding, zero padding mode, no hooks) to :class:`DenseConv2d` in place
 (same parameters and state_dict keys); :func:`restore_dense_conv` switches them back. Anything
-but a CPU tensor in channels_last of fp32 or bf16 that needs a gradient, and anything under
-``torch.compile``, runs ``F.conv2d`` unchanged.
+but a CPU tensor in channels_last of fp32 or bf16 that needs a gradient (evaluation and
+inference among them), and anything under ``torch.compile``, runs ``F.conv2d`` unchanged.
 """
 from __future__ import annotations
 
@@ -242,8 +248,8 @@ class _DenseConv2dFn(torch.autograd.Function):
 
 
 class DenseConv2d(nn.Conv2d):
-    """A one-group KxK ``nn.Conv2d`` whose weight gradient is the faster of aten's and a gathered
-    matrix product on this machine; ``isinstance(m, nn.Conv2d)`` holds."""
+    """A one-group KxK ``nn.Conv2d`` computed in training by the fastest of aten's, the gathered
+    weight gradient and Winograd's on this machine; ``isinstance(m, nn.Conv2d)`` holds."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
