@@ -61,7 +61,7 @@ def main() -> None:
         wino = dc._winograd_ok(x, w, *conv)
         fwd = {meth: (lambda meth=meth: dc._forward(meth, x, w, b, *conv)) for meth in dc.FORWARD_METHODS
                if meth != "winograd" or wino}
-        bwd = {meth: (lambda meth=meth: dc._backward(meth, x, dy, w, *conv, input_grad, b is not None))
+        bwd = {meth: (lambda meth=meth: dc._backward(meth, x, dy, w, *conv, input_grad, True, b is not None))
                for meth in dc.METHODS if meth != "winograd" or wino}
         t_fwd, t_bwd = time_each(fwd, args.rounds), time_each(bwd, args.rounds)
         xr, wr = x.double().requires_grad_(input_grad), w.double().requires_grad_()

@@ -96,6 +96,8 @@ def _grads(conv, x, dy, autocast=False):
                                        dict(kernel_size=5, padding=4, dilation=2), dict(kernel_size=(3, 1))])
 def test_module_equals_conv2d_in_every_gradient(method, kernel_cache, monkeypatch, m, conv_args):
     monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
+    if m == "winograd" and not winograd_available():
+        pytest.skip("the Winograd kernel is not built here")
     torch.manual_seed(0)
     ref = nn.Conv2d(5, 7, **conv_args)
     fast = copy.deepcopy(ref)
@@ -110,8 +112,11 @@ def test_module_equals_conv2d_in_every_gradient(method, kernel_cache, monkeypatc
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
 
 
-def test_module_under_autocast_runs_bf16_like_aten(method):
-    method("im2col")
+@pytest.mark.parametrize("m", ["im2col", "winograd"])  # Winograd's is fp32 alone: bf16 takes im2col
+def test_module_under_autocast_runs_bf16_like_aten(method, monkeypatch, m):
+    monkeypatch.setattr(dc, "winograd_conv3x3", lambda *a: pytest.fail("Winograd's forward ran in bf16"))
+    monkeypatch.setattr(dc, "winograd_conv3x3_backward", lambda *a, **k: pytest.fail("Winograd's backward ran"))
+    method(m)
     torch.manual_seed(1)
     ref = nn.Conv2d(16, 24, 3, padding=1)
     fast = copy.deepcopy(ref)
@@ -173,7 +178,7 @@ def test_methods_are_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
     assert calls == [["aten", "im2col"]]  # Winograd's is for stride 1 alone; the forward is aten's
     plan = json.loads(dc.PLAN.path().read_text())
     assert list(plan.values()) == ["im2col"]
-    assert list(plan)[0].startswith("backward|dx1|(2, 4, 9, 9)|(6, 4, 3, 3)|s(2, 2)|p(1, 1)|d(1, 1)|float32")
+    assert list(plan)[0].startswith("backward|dx1|dw1|w0|(2, 4, 9, 9)|(6, 4, 3, 3)|s(2, 2)|p(1, 1)|d(1, 1)|float32")
     monkeypatch.setattr(dc.PLAN, "_choices", None)  # a new process reads the verdict
     strided(x).sum().backward()
     assert len(calls) == 1
@@ -184,12 +189,22 @@ def test_methods_are_timed_once_per_shape_and_kept(monkeypatch, tmp_path):
     assert calls[1:] == [["aten", "winograd"], ["aten", "im2col", "winograd"]]
     plan = json.loads(dc.PLAN.path().read_text())
     assert sorted(plan.values()) == ["im2col", "im2col", "winograd"]  # the forward: Winograd's
+    # a choice made where Winograd's kernel could not run is timed again where it can (and kept apart)
+    monkeypatch.setattr(dc, "winograd_available", lambda: False)
+    winograd_ok(x).sum().backward()
+    assert calls[3:] == [["aten", "im2col"]]
+    monkeypatch.setattr(dc, "winograd_available", lambda: True)
+    winograd_ok(x).sum().backward()
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("m", dc.METHODS)
-def test_swapped_model_trains_as_the_original(method, m):
+def test_swapped_model_trains_as_the_original(method, kernel_cache, monkeypatch, m):
     import mixlab
 
+    monkeypatch.setenv("MIXLAB_KERNEL_CACHE", str(kernel_cache))
+    if m == "winograd" and not winograd_available():
+        pytest.skip("the Winograd kernel is not built here")
     method(m)
     torch.manual_seed(0)
     a = mixlab.create_model("convmlp_s", num_classes=4).to(memory_format=CL)
@@ -208,3 +223,20 @@ def test_swapped_model_trains_as_the_original(method, m):
             opt.step()
             losses.append(loss.item())
         assert abs(losses[0] - losses[1]) <= 1e-5, losses
+
+
+def test_frozen_weight_gets_no_weight_gradient(method, monkeypatch):
+    method("im2col")
+    monkeypatch.setattr(dc, "dense_conv_weight_grad", lambda *a, **k: pytest.fail("a weight gradient was computed"))
+    torch.manual_seed(3)
+    ref = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    fast = copy.deepcopy(ref)
+    use_fast_dense_conv(fast)
+    for conv in (ref, fast):
+        conv.weight.requires_grad_(False)
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=CL)
+    dy = torch.randn(ref(x).shape)
+    got, want = _grads(fast, x, dy), _grads(ref, x, dy)
+    assert got[2] is None and want[2] is None
+    for a, b in ((got[1], want[1]), (got[3], want[3])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

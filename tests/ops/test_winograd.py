@@ -24,9 +24,12 @@ def _rel(a, ref):
 
 # (N, C_in, C_out, H, W, padding)
 @pytest.mark.parametrize("case", [(2, 3, 5, 9, 11, 1), (1, 20, 7, 8, 8, 0), (2, 17, 33, 7, 5, 2), (3, 16, 16, 13, 6, 1),
-                                  (1, 32, 48, 4, 4, 1), (1, 5, 3, 1, 1, 1), (2, 4, 4, 3, 3, 0), (1, 8, 8, 30, 2, 1)])
+                                  (1, 32, 48, 4, 4, 1), (1, 5, 3, 1, 1, 1), (2, 4, 4, 3, 3, 0), (1, 8, 8, 30, 2, 1),
+                                  (3, 6, 5, 21, 17, 1)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_output_and_gradients_equal_fp64_reference(case, bias):
+@pytest.mark.parametrize("block_bytes", [4 << 20, 1, 36 * 4 * 48 * 3 * 2])  # whole map; a tile row; ~2 rows
+def test_output_and_gradients_equal_fp64_reference(monkeypatch, case, bias, block_bytes):
+    monkeypatch.setattr(wg, "_BLOCK_BYTES", block_bytes)
     n, ci, co, h, w, p = case
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, ci, h, w, generator=g, dtype=torch.float64)
@@ -57,6 +60,7 @@ def test_applies_only_where_it_computes_the_convolution():
     assert not wg.winograd_applies(x, w, (1, 1), (0, 1), (1, 1))  # unequal padding
     assert not wg.winograd_applies(x.bfloat16(), w.bfloat16(), (1, 1), (1, 1), (1, 1))  # fp32 only
     assert not wg.winograd_applies(x, torch.randn(6, 4, 5, 5), (1, 1), (2, 2), (1, 1))  # 3x3 only
+    assert not wg.winograd_applies(x[:0], w, (1, 1), (1, 1), (1, 1))  # an empty batch
     with pytest.raises(ValueError, match="does not fit this 3x3 convolution"):
         wg.winograd_conv3x3_backward(x, w, torch.randn(1, 6, 7, 7), 1)
 

@@ -28,9 +28,9 @@ def configure(p):
                         "product where faster; mixlab.ops.pointwise; default on, as `mixlab train` uses it; the --vs "
                         "model always keeps aten's)")
     p.add_argument("--fast-dense-conv", choices=["on", "off"], default="on",
-                   help="on the CPU, run mixlab's model with mixlab's dense KxK convolution (weight gradient by a "
-                        "gathered matrix product where faster; mixlab.ops.dense_conv; default on, as `mixlab train` "
-                        "uses it; the --vs model always keeps aten's)")
+                   help="on the CPU, run mixlab's model with mixlab's dense KxK convolution (the fastest of aten's, "
+                        "a gathered weight gradient and Winograd's 3x3 per shape; mixlab.ops.dense_conv; default on, "
+                        "as `mixlab train` uses it; the --vs model always keeps aten's)")
     p.add_argument("--fast-resample", choices=["on", "off"], default="on",
                    help="on the CPU, run mixlab's model with its resampling layers fused where it names them (UNeXt: "
                         "BatchNorm + max-pool + ReLU, BatchNorm + upsample + ReLU + skip, upsample + ReLU + 1x1 "

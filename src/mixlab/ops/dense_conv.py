@@ -20,8 +20,9 @@ gradient and 310-490 ms for the weight gradient; 32 -> 64 channels on 112x112 to
   convolutions.
 * ``winograd`` (forward and backward, fp32 3x3 stride 1): :mod:`mixlab.ops.winograd`'s F(4x4, 3x3),
   a quarter of the multiplications: forward + backward 226 against 539 ms and 161 against 297 ms
-  for those two layers. Its results are within about 1e-5 of an fp64 reference relative to their
-  largest entry (aten's: about 1e-6).
+  for those two layers. Its outputs and gradients are within about 1e-5 of an fp64 reference
+  relative to their largest entry (aten's outputs and input gradients: about 1e-6, its weight
+  gradients 2e-6-2e-5; im2col's weight gradients 3e-7-2e-6).
 
 The first forward of each shape times the forward methods and the first backward the backward
 ones (interleaved rounds, the best of each), and each choice is kept (stored per CPU, torch
@@ -138,7 +139,7 @@ def dense_conv_weight_grad(x: torch.Tensor, g: torch.Tensor, kernel_size, stride
             acc += torch.mm(a, g_rows)
         if with_bias:
             acc_b += g_rows.sum(0, dtype=torch.float32)
-    gw = acc.t().view(co, kh, kw, c).permute(0, 3, 1, 2)  # channels_last strides
+    gw = acc.t().contiguous().view(co, kh, kw, c).permute(0, 3, 1, 2)  # channels_last
     return gw, acc_b
 
 
@@ -150,24 +151,26 @@ def _winograd_ok(x, w, stride, padding, dilation) -> bool:
     return winograd_applies(x, w, stride, padding, dilation) and winograd_available()
 
 
-def _backward(method: str, x, g, w, stride, padding, dilation, input_grad: bool, with_bias: bool):
-    """(dx or None, dweight, dbias or None) in ``x``'s dtype (dweight, dbias: fp32 from the
-    im2col and Winograd methods), dweight in ``w``'s memory format."""
+def _backward(method: str, x, g, w, stride, padding, dilation, input_grad: bool, weight_grad: bool,
+              with_bias: bool):
+    """(dx, dweight, dbias), each None where not asked for, dx in ``x``'s dtype (dweight, dbias:
+    fp32 from the im2col and Winograd methods), dweight in ``w``'s memory format."""
     fmt = torch.channels_last if _is_nhwc(w) else torch.contiguous_format
+    if method == "aten":
+        return torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]] if with_bias else None, stride, padding,
+                                                   dilation, False, [0, 0], 1, [input_grad, weight_grad, with_bias])
+    gb = g.sum((0, 2, 3), dtype=torch.float32) if with_bias else None
     if method == "winograd":
-        gx, gw = winograd_conv3x3_backward(x, w, g, padding[0], input_grad=input_grad)
-        gb = g.sum((0, 2, 3), dtype=torch.float32) if with_bias else None
-        return gx, gw.contiguous(memory_format=fmt), gb
-    gx = None
+        gx, gw = winograd_conv3x3_backward(x, w, g, padding[0], input_grad=input_grad, weight_grad=weight_grad)
+        return gx, gw.contiguous(memory_format=fmt) if weight_grad else None, gb
+    gx = gw = None
     if input_grad:
         gx = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0], 1,
                                                  [True, False, False])[0]
-    if method == "aten":
-        _, gw, gb = torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]] if with_bias else None, stride, padding,
-                                                        dilation, False, [0, 0], 1, [False, True, with_bias])
-        return gx, gw, gb
-    gw, gb = dense_conv_weight_grad(x, g, w.shape[2:], stride, padding, dilation, with_bias)
-    return gx, gw.contiguous(memory_format=fmt), gb
+    if weight_grad:  # the bias gradient from the same pass over the rows
+        gw, gb = dense_conv_weight_grad(x, g, w.shape[2:], stride, padding, dilation, with_bias)
+        gw = gw.contiguous(memory_format=fmt)
+    return gx, gw, gb
 
 
 def _forward(method: str, x, w, b, stride, padding, dilation):
@@ -198,16 +201,22 @@ def _choose_forward(x, w, b, stride, padding, dilation) -> str:
     return method
 
 
-def _choose_backward(x, g, w, stride, padding, dilation, input_grad: bool, with_bias: bool) -> str:
+def _choose_backward(x, g, w, stride, padding, dilation, input_grad: bool, weight_grad: bool,
+                     with_bias: bool) -> str:
     """The backward method: the stored choice, else the candidates (Winograd's where it applies)
     timed now and the fastest stored."""
-    candidates = [m for m in METHODS if m != "winograd" or _winograd_ok(x, w, stride, padding, dilation)]
+    winograd_ok = _winograd_ok(x, w, stride, padding, dilation)
+    candidates = [m for m in METHODS if m != "winograd" or winograd_ok]
     if _method_override is not None:
         return _method_override if _method_override in candidates else "im2col"
-    key = f"backward|dx{int(input_grad)}|" + _key(x, w, stride, padding, dilation, with_bias)
+    # whether Winograd's could run is part of the key: a choice made without it (no compiler yet,
+    # a failed build) is timed again where it can run
+    key = (f"backward|dx{int(input_grad)}|dw{int(weight_grad)}|w{int(winograd_ok)}|"
+           + _key(x, w, stride, padding, dilation, with_bias))
     method = PLAN.get(key)
     if method not in candidates:
-        times = time_each({m: (lambda m=m: _backward(m, x, g, w, stride, padding, dilation, input_grad, with_bias))
+        times = time_each({m: (lambda m=m: _backward(m, x, g, w, stride, padding, dilation, input_grad, weight_grad,
+                                                     with_bias))
                            for m in candidates})
         method = min(times, key=times.get)
         PLAN.set(key, method)
@@ -235,14 +244,13 @@ class _DenseConv2dFn(torch.autograd.Function):
         stride, padding, dilation = ctx.conv
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         g = grad_out.to(xc.dtype).contiguous(memory_format=torch.channels_last)
-        input_grad = bool(ctx.needs_input_grad[0])
-        with_bias = bool(ctx.needs_input_grad[2])
-        if not (input_grad or ctx.needs_input_grad[1] or with_bias):
+        input_grad, weight_grad, with_bias = (bool(n) for n in ctx.needs_input_grad[:3])
+        if not (input_grad or weight_grad or with_bias):
             return None, None, None, None, None, None, None
-        method = _choose_backward(xc, g, wc, stride, padding, dilation, input_grad, with_bias)
-        gx, gw, gb = _backward(method, xc, g, wc, stride, padding, dilation, input_grad, with_bias)
+        method = _choose_backward(xc, g, wc, stride, padding, dilation, input_grad, weight_grad, with_bias)
+        gx, gw, gb = _backward(method, xc, g, wc, stride, padding, dilation, input_grad, weight_grad, with_bias)
         gx = gx.to(x_dtype) if input_grad else None
-        gw = gw.to(w_dtype) if ctx.needs_input_grad[1] else None
+        gw = gw.to(w_dtype) if weight_grad else None
         gb = gb.to(b_dtype) if with_bias else None
         return gx, gw, gb, None, None, None, None
 

@@ -43,6 +43,9 @@ def run_settings(log_every: int, omit: tuple = (), **changes) -> dict:
         # 1x1 convolutions whose weight gradient is a matrix product where that is faster on the
         # CPU (mixlab.ops.pointwise): auto (on the CPU; timed against aten per shape) | true | false
         "fast_pointwise": "auto",
+        # one-group KxK convolutions by the fastest of aten's, a gathered weight gradient and
+        # Winograd's F(4x4, 3x3) on the CPU (mixlab.ops.dense_conv): auto (on the CPU; timed per
+        # shape) | true | false
         "fast_dense_conv": "auto",
         # BatchNorm + max-pool + ReLU, BatchNorm + upsample + ReLU + skip, and upsample + ReLU + 1x1
         # conv as one op each on the CPU where a model names them (mixlab.ops.resample; UNeXt):

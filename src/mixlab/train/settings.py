@@ -99,8 +99,9 @@ def _fast_pointwise(cfg: dict, model: nn.Module, device: torch.device, say) -> b
 
 
 def _fast_dense_conv(cfg: dict, model: nn.Module, device: torch.device, say) -> bool:
-    """Whether this run's dense KxK convolutions take their weight gradient from
-    :mod:`mixlab.ops.dense_conv` (pure torch: available wherever torch is)."""
+    """Whether this run's dense KxK convolutions run as :mod:`mixlab.ops.dense_conv` (the fastest
+    of aten's, a gathered weight gradient and Winograd's per shape; available wherever torch is:
+    without a C++ compiler Winograd's is left out)."""
     from ..ops.dense_conv import use_fast_dense_conv
 
     return _cpu_kernel(cfg, "fast_dense_conv", model, device, say, lambda: True, use_fast_dense_conv, "")
