@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mixlab
 from mixlab.ops import dense_conv as dc
 from mixlab.ops.kernel_build import time_each
 from mixlab.runtime import flush_denormals, tune_malloc
-from layer_floor import DTYPES, layer_inputs  # benchmarks/ (run as python benchmarks/...)
+from layer_floor import DTYPES, layer_inputs, model_and_input  # benchmarks/ (run as python benchmarks/...)
 from text_report import provenance_fields
 
 
@@ -36,11 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     tune_malloc()
     flush_denormals()
-    info = mixlab.model_info(args.model)
-    size = args.img_size or info.input_size[1]
-    torch.manual_seed(0)
-    model = mixlab.create_model(args.model, **({"num_classes": 1} if info.task == "segmentation" else {}))
-    x0 = torch.randn(args.batch_size, getattr(model, "in_chans", 3), size, size)
+    model, x0, size = model_and_input(args.model, args.batch_size, args.img_size)
     dt = DTYPES[args.precision]
     head = provenance_fields()
     print(", ".join(f"{k} {v}" for k, v in head.items()))

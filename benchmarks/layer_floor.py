@@ -41,6 +41,16 @@ def layer_inputs(model: nn.Module, x: torch.Tensor) -> list:
     return seen
 
 
+def model_and_input(name: str, batch_size: int, img_size: int | None) -> tuple[nn.Module, torch.Tensor, int]:
+    """The registered model (one output channel for a segmentation model), seeded, a random batch
+    of its input, and the side (``img_size`` or the model's own)."""
+    info = mixlab.model_info(name)
+    size = img_size or info.input_size[1]
+    torch.manual_seed(0)
+    model = mixlab.create_model(name, **({"num_classes": 1} if info.task == "segmentation" else {}))
+    return model, torch.randn(batch_size, getattr(model, "in_chans", 3), size, size), size
+
+
 def time_layer(m: nn.Module, shape: tuple, first: bool, repeats: int, dt: torch.dtype = torch.bfloat16) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(dt)
@@ -80,11 +90,7 @@ def main() -> None:
     args = ap.parse_args()
     tune_malloc()
     flush_denormals()
-    info = mixlab.model_info(args.model)
-    size = args.img_size or info.input_size[1]
-    torch.manual_seed(0)
-    model = mixlab.create_model(args.model, **({"num_classes": 1} if info.task == "segmentation" else {}))
-    x = torch.randn(args.batch_size, getattr(model, "in_chans", 3), size, size)
+    model, x, size = model_and_input(args.model, args.batch_size, args.img_size)
     head = provenance_fields()
     print(", ".join(f"{k} {v}" for k, v in head.items()))
     rows, grouped = [], 0

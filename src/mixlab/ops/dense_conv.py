@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .depthwise import _is_nhwc
+from .depthwise import _is_nhwc, _pair
 from .kernel_build import Plan, time_each
 from .winograd import LIBRARY as WINOGRAD
 from .winograd import winograd_applies, winograd_available, winograd_conv3x3, winograd_conv3x3_backward
@@ -143,10 +143,6 @@ def dense_conv_weight_grad(x: torch.Tensor, g: torch.Tensor, kernel_size, stride
     return gw, acc_b
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 def _winograd_ok(x, w, stride, padding, dilation) -> bool:
     return winograd_applies(x, w, stride, padding, dilation) and winograd_available()
 
@@ -159,18 +155,18 @@ def _backward(method: str, x, g, w, stride, padding, dilation, input_grad: bool,
     if method == "aten":
         return torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]] if with_bias else None, stride, padding,
                                                    dilation, False, [0, 0], 1, [input_grad, weight_grad, with_bias])
-    gb = g.sum((0, 2, 3), dtype=torch.float32) if with_bias else None
     if method == "winograd":
         gx, gw = winograd_conv3x3_backward(x, w, g, padding[0], input_grad=input_grad, weight_grad=weight_grad)
-        return gx, gw.contiguous(memory_format=fmt) if weight_grad else None, gb
-    gx = gw = None
-    if input_grad:
-        gx = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0], 1,
-                                                 [True, False, False])[0]
-    if weight_grad:  # the bias gradient from the same pass over the rows
-        gw, gb = dense_conv_weight_grad(x, g, w.shape[2:], stride, padding, dilation, with_bias)
-        gw = gw.contiguous(memory_format=fmt)
-    return gx, gw, gb
+        gw = gw.contiguous(memory_format=fmt) if weight_grad else None
+    else:
+        gx = gw = None
+        if input_grad:
+            gx = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0], 1,
+                                                     [True, False, False])[0]
+        if weight_grad:  # the bias gradient comes from the same pass over the rows
+            gw, gb = dense_conv_weight_grad(x, g, w.shape[2:], stride, padding, dilation, with_bias)
+            return gx, gw.contiguous(memory_format=fmt), gb
+    return gx, gw, g.sum((0, 2, 3), dtype=torch.float32) if with_bias else None
 
 
 def _forward(method: str, x, w, b, stride, padding, dilation):
@@ -191,14 +187,9 @@ def _choose_forward(x, w, b, stride, padding, dilation) -> str:
     if _method_override is not None:
         return "winograd" if _method_override == "winograd" else "aten"
     key = "forward|" + _key(x, w, stride, padding, dilation, b is not None)
-    method = PLAN.get(key)
-    if method not in FORWARD_METHODS:
-        with torch.no_grad():
-            times = time_each({m: (lambda m=m: _forward(m, x, w, b, stride, padding, dilation))
-                               for m in FORWARD_METHODS})
-        method = min(times, key=times.get)
-        PLAN.set(key, method)
-    return method
+    # (called from the autograd Function's forward: gradients are off while it times)
+    return PLAN.fastest(key, FORWARD_METHODS, lambda: time_each(
+        {m: (lambda m=m: _forward(m, x, w, b, stride, padding, dilation)) for m in FORWARD_METHODS}))
 
 
 def _choose_backward(x, g, w, stride, padding, dilation, input_grad: bool, weight_grad: bool,
@@ -213,14 +204,9 @@ def _choose_backward(x, g, w, stride, padding, dilation, input_grad: bool, weigh
     # a failed build) is timed again where it can run
     key = (f"backward|dx{int(input_grad)}|dw{int(weight_grad)}|w{int(winograd_ok)}|"
            + _key(x, w, stride, padding, dilation, with_bias))
-    method = PLAN.get(key)
-    if method not in candidates:
-        times = time_each({m: (lambda m=m: _backward(m, x, g, w, stride, padding, dilation, input_grad, weight_grad,
-                                                     with_bias))
-                           for m in candidates})
-        method = min(times, key=times.get)
-        PLAN.set(key, method)
-    return method
+    return PLAN.fastest(key, candidates, lambda: time_each(
+        {m: (lambda m=m: _backward(m, x, g, w, stride, padding, dilation, input_grad, weight_grad, with_bias))
+         for m in candidates}))
 
 
 class _DenseConv2dFn(torch.autograd.Function):

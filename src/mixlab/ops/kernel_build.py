@@ -236,11 +236,16 @@ class Plan:
 
         if self.forced is not None:
             return self.forced
+        if self.get(key) not in ("kernel", "aten") and torch.is_inference_mode_enabled():
+            return "kernel"
+        return self.fastest(key, ("kernel", "aten"), lambda: time_methods(make_runs))
+
+    def fastest(self, key: str, candidates, time_candidates) -> str:
+        """The stored choice for ``key`` where it is one of ``candidates``, else the fastest of
+        ``time_candidates()`` ({name: seconds}, timed now), stored."""
         method = self.get(key)
-        if method not in ("kernel", "aten"):
-            if torch.is_inference_mode_enabled():
-                return "kernel"
-            times = time_methods(make_runs)
+        if method not in candidates:
+            times = time_candidates()
             method = min(times, key=times.get)
             self.set(key, method)
         return method

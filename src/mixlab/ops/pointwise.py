@@ -134,13 +134,9 @@ def _choose(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, with_bias: bool) 
     # whether the kernel could run is part of the key: a choice made without it is timed again where it can
     key = (f"{tuple(x.shape)}|{tuple(w.shape)}|{str(x.dtype)[6:]}|bias{int(with_bias)}|"
            f"t{torch.get_num_threads()}|k{int(kernel_ok)}")
-    method = PLAN.get(key)
-    if method not in METHODS:
-        times = time_each({m: (lambda m=m: _weight_grad(m, x, g, w, with_bias)) for m in METHODS
-                           if m != "kernel" or kernel_ok})
-        method = min(times, key=times.get)
-        PLAN.set(key, method)
-    return method
+    candidates = [m for m in METHODS if m != "kernel" or kernel_ok]
+    return PLAN.fastest(key, candidates, lambda: time_each(
+        {m: (lambda m=m: _weight_grad(m, x, g, w, with_bias)) for m in candidates}))
 
 
 class _PointwiseConv2dFn(torch.autograd.Function):

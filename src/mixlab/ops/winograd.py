@@ -153,8 +153,9 @@ def winograd_conv3x3_backward(x: torch.Tensor, weight: torch.Tensor, grad_out: t
     dx = torch.zeros(n, h, w, c, dtype=torch.float32).permute(0, 3, 1, 2) if input_grad else None  # channels_last
     du = torch.zeros(36, c, co, dtype=torch.float32) if weight_grad else None
     blocks = list(_blocks(x, p, max(c, co)))
-    mg_buf, v_buf = _buffer(blocks, co), _buffer(blocks, c)
+    mg_buf = _buffer(blocks, co)
     dv_buf = _buffer(blocks, c) if input_grad else None
+    v_buf = _buffer(blocks, c) if weight_grad else None
     for t0, t1 in blocks:
         mg = _block(mg_buf, t0, t1, co)
         _call(lib.mixlab_winograd_grad_tf, g.data_ptr(), mg.data_ptr(), n, h, w, co, p, t0, t1, threads)
